@@ -1,0 +1,3 @@
+"""tre_edu: Trust Region Entropy for PPO on language models."""
+
+__version__ = "0.1.0"
