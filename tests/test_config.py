@@ -68,7 +68,9 @@ def test_base_chain(tmp_path):
 
 
 def test_every_shipped_config_resolves():
-    files = sorted((ROOT / "configs").rglob("*.yaml"))
+    # top-level recipes are complete on their own; configs/paper/ pieces are merged (tests/test_recipes.py) and
+    # configs/accelerate/ holds `accelerate launch` files, not training configs.
+    files = sorted((ROOT / "configs").glob("*.yaml"))
     assert files, "configs/ should ship recipes"
     for f in files:
         if f.name.startswith("_"):

@@ -35,7 +35,9 @@ SHORT_FLAGS = {
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML config (see configs/)")
+    p.add_argument(
+        "--config", "-c", action="append", help="YAML config (see configs/); repeat to merge files left to right"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field, repeatable")
     p.add_argument("--kind", help="regularizer: none, entropy, tre-k, tre-p, forking, kl-cov, clip-cov")
     p.add_argument("--coef", type=float, help="regularizer coefficient (paper units: 0.001 for TRE)")
@@ -65,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        print(estimate_memory(cfg).report())
+        print(estimate_memory(cfg, processes=args.processes, fsdp=False if args.no_fsdp else None).report())
         return 0
     from tre_edu.pipeline import run_training
 
@@ -122,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and a memory estimate")
+    p.add_argument("--processes", type=int, default=1, help="dry run: N GPUs (FSDP if N > 1)")
+    p.add_argument("--no-fsdp", dest="no_fsdp", action="store_true", help="dry run: DDP, no sharding")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sft", help="supervised warm start of the tiny model on solver-made solutions")

@@ -161,6 +161,9 @@ class PPOConfig:
     top_k: int = 0
     max_new_tokens: int = 64
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
+    rollout_batch_size: int = 0  # responses sampled at once (0: the whole batch); bounds the KV cache
+    rollout_backend: str = "hf"  # hf (the library's KV-cached sampler) | vllm (optional extra: pip install tre_edu[vllm])
+    vllm_gpu_memory_utilization: float = 0.4
 
     def validate(self) -> None:
         for n in ("steps", "prompts_per_step", "samples_per_prompt", "ppo_epochs", "minibatch_size"):
@@ -190,6 +193,9 @@ class PPOConfig:
         _num("ppo.temperature", self.temperature, 0, lo_open=True)
         _num("ppo.top_p", self.top_p, 0, 1, lo_open=True)
         _in("ppo.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _pos_int("ppo.rollout_batch_size", self.rollout_batch_size, 0)
+        _in("ppo.rollout_backend", self.rollout_backend, ("hf", "vllm"))
+        _num("ppo.vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0, 1, lo_open=True)
         batch = self.prompts_per_step * self.samples_per_prompt
         _check(
             self.minibatch_size <= batch and batch % self.minibatch_size == 0,
@@ -372,7 +378,18 @@ def load_yaml_dict(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
-    cfg = TrainConfig.from_dict(load_yaml_dict(path)) if path else TrainConfig().validate()
+def load_config(
+    path: str | Path | list[str | Path] | None = None, overrides: list[str] | dict | None = None
+) -> TrainConfig:
+    """Load YAML config(s) and apply dotted overrides.
+
+    ``path`` may be one file, a list of files merged left to right (e.g. a task base, a method, a model:
+    ``["configs/paper/math.yaml", "configs/paper/methods/tre-k.yaml", "configs/paper/models/qwen2.5-7b.yaml"]``),
+    or None for the defaults.
+    """
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    data: dict = {}
+    for p in paths:
+        data = _merge(data, load_yaml_dict(p))
+    cfg = TrainConfig.from_dict(data)
     return cfg.replace(overrides) if overrides else cfg

@@ -1,20 +1,32 @@
-"""Back-of-the-envelope GPU memory arithmetic for a run (``tre-edu train --dry-run``).
+"""Back-of-the-envelope GPU memory arithmetic for a run (``tre-edu train --dry-run [--processes N]``).
 
-The estimate counts the big items only and says so; it is meant to choose GPUs, micro-batch sizes and whether to
-shard (FSDP) or offload, not to predict the allocator's peak to the megabyte.
+The estimate counts the big items only and says so; it is meant to choose GPUs, micro-batch sizes and whether
+to shard (FSDP) or offload, not to predict the allocator's peak to the megabyte.
 
-Per process, for a model of P parameters trained with AdamW in mixed precision and sharded over N processes (FSDP
-full shard; N = 1 means no sharding):
+Per process, for a model of P parameters trained with AdamW, sharded over N processes (FSDP full shard; N = 1
+or DDP means no sharding, S = N with FSDP else 1)::
 
-    weights (bf16 compute copy)       2 P          (whole during forward of a layer; sharded at rest: 2 P / N)
-    fp32 master weights               4 P / N
-    gradients (fp32)                  4 P / N
-    Adam moments (fp32, two)          8 P / N
-    logits of one micro-batch         b T V x 4 bytes x ~3 (logits, log-softmax pieces, their gradient)
-    activations (checkpointed)        L b T h x 2 bytes x ~2, plus one layer's full activations
-    KV cache while sampling           2 L T b_roll d_kv x 2 bytes
+    weights (compute copy)            2 P / S   (bf16: mixed precision or bf16 parameters; 4 P / S in fp32)
+    fp32 master weights               4 P / S   (only with fp32 parameters + bf16 / fp16 autocast)
+    gradients                         4 P / S   (dtype of the parameters: 2 P / S for bf16 parameters)
+    AdamW moments (two)               8 P / S   (dtype of the parameters: 4 P / S for bf16 parameters)
+    logits of one micro-batch         b R V x 4 bytes x 3   (fp32 logits, log-softmax pieces, their gradient)
+    activations, checkpointed         L b T h x 2 bytes x 2 + one layer's (16 b T h x 2 bytes)
+    activations, not checkpointed     L x 16 b T h x 2 bytes
+    KV cache while sampling (hf)      2 L T d_kv x 2 bytes x rollout rows      (d_kv = h / heads x kv_heads)
 
-The actor and a separate critic (the paper's set-up) each pay the parameter items.
+with b = ``ppo.micro_batch_size``, R = ``ppo.max_new_tokens``, T = prompt + R tokens, V the vocabulary, L the
+layers, h the width. The actor and a separate critic (the paper's set-up) each pay the parameter items; the
+critic has no LM head logits. ``offload=True`` (FSDP CPU offload) moves master weights, gradients and AdamW
+moments to CPU memory: those rows are listed with "(CPU)" and left out of the GPU total. With
+``ppo.rollout_backend: vllm`` the KV cache row is vLLM's pool instead: ``vllm_gpu_memory_utilization`` x the
+GPU's memory (``gpu_gib``).
+
+Example (Qwen2.5-7B-Instruct, the MATH recipe, 8 processes with FSDP)::
+
+    >>> from tre_edu.config import load_config
+    >>> cfg = load_config(["configs/paper/math.yaml", "configs/paper/models/qwen2.5-7b.yaml"])
+    >>> print(estimate_memory(cfg, processes=8).report())  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -24,16 +36,29 @@ from typing import Any
 
 # Shapes of the models the paper's recipes use (from their public configs), so that a dry run works offline.
 KNOWN_SHAPES: dict[str, dict[str, int | bool]] = {
-    "Qwen/Qwen2.5-0.5B-Instruct": dict(hidden=896, layers=24, inter=4864, heads=14, kv_heads=2, vocab=151936, tied=True),
-    "Qwen/Qwen2.5-1.5B-Instruct": dict(hidden=1536, layers=28, inter=8960, heads=12, kv_heads=2, vocab=151936, tied=True),
-    "Qwen/Qwen2.5-3B-Instruct": dict(hidden=2048, layers=36, inter=11008, heads=16, kv_heads=2, vocab=151936, tied=True),
-    "Qwen/Qwen2.5-7B-Instruct": dict(hidden=3584, layers=28, inter=18944, heads=28, kv_heads=4, vocab=152064, tied=False),
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(
+        hidden=896, layers=24, inter=4864, heads=14, kv_heads=2, vocab=151936, tied=True
+    ),
+    "Qwen/Qwen2.5-1.5B-Instruct": dict(
+        hidden=1536, layers=28, inter=8960, heads=12, kv_heads=2, vocab=151936, tied=True
+    ),
+    "Qwen/Qwen2.5-3B-Instruct": dict(
+        hidden=2048, layers=36, inter=11008, heads=16, kv_heads=2, vocab=151936, tied=True
+    ),
+    "Qwen/Qwen2.5-7B-Instruct": dict(
+        hidden=3584, layers=28, inter=18944, heads=28, kv_heads=4, vocab=152064, tied=False
+    ),
 }
 GIB = 1024**3
+# Typical prompt lengths (tokens, chat template included) used for T = prompt + response; the tiny model's
+# compact prompts are a few tokens.
+PROMPT_TOKENS = {"math": 256, "countdown": 160, "hh": 512}
+CPU_TAG = " (CPU)"
 
 
 def shape_of(cfg: Any) -> dict[str, int | bool]:
-    """Model shape for a :class:`~tre_edu.config.TrainConfig`: the tiny model, a known id, or a local config."""
+    """Model shape for a :class:`~tre_edu.config.TrainConfig`: the tiny model, a known id, or a local
+    config."""
     m = cfg.model
     if m.name == "tiny" and cfg.init_from is None:
         vocab = 32 + m.tail_tokens  # the Countdown alphabet and specials are a few dozen tokens
@@ -58,66 +83,142 @@ def shape_of(cfg: Any) -> dict[str, int | bool]:
         layers=getattr(c, "num_hidden_layers", None) or c.n_layer,
         inter=getattr(c, "intermediate_size", None) or 4 * hidden,
         heads=getattr(c, "num_attention_heads", None) or c.n_head,
-        kv_heads=getattr(c, "num_key_value_heads", None) or getattr(c, "num_attention_heads", None) or c.n_head,
+        kv_heads=getattr(c, "num_key_value_heads", None)
+        or getattr(c, "num_attention_heads", None)
+        or c.n_head,
         vocab=c.vocab_size,
         tied=bool(getattr(c, "tie_word_embeddings", True)),
+        gpt2=getattr(c, "model_type", "") == "gpt2",
     )
 
 
 def count_params(s: dict[str, int | bool]) -> int:
+    """Parameters of a decoder of shape ``s`` (Qwen2 layout, or GPT-2 with ``gpt2=True``)."""
     h, L, inter, V = int(s["hidden"]), int(s["layers"]), int(s["inter"]), int(s["vocab"])
     d_kv = h // int(s["heads"]) * int(s["kv_heads"])
     if s.get("gpt2"):
         per_layer = 4 * h * h + 2 * h * inter + 9 * h  # qkv + proj, two MLP matrices, biases and norms
     else:
-        per_layer = 2 * h * h + 2 * h * d_kv + h + 2 * d_kv + 3 * h * inter + 2 * h  # Qwen2: q/k/v biases, SwiGLU
+        per_layer = (
+            2 * h * h + 2 * h * d_kv + h + 2 * d_kv + 3 * h * inter + 2 * h
+        )  # Qwen2: q/k/v biases, SwiGLU
     return V * h * (1 if s["tied"] else 2) + L * per_layer + h
 
 
 @dataclass
 class MemoryEstimate:
+    """Per-process memory rows in GiB; rows whose name ends with " (CPU)" are host memory (offload)."""
+
     params: int
     processes: int
     rows: dict[str, float] = field(default_factory=dict)  # GiB per process
+    sharded: bool = False
+    notes: list[str] = field(default_factory=list)
+    phase: dict[str, str] = field(default_factory=dict)  # row -> "train" | "sample" (absent: held throughout)
+
+    def _gpu(self, phase: str | None) -> float:
+        return sum(v for k, v in self.rows.items() if not k.endswith(CPU_TAG) and self.phase.get(k) == phase)
 
     @property
     def total_gib(self) -> float:
-        return sum(self.rows.values())
+        """Peak GPU memory per process (big items only; CPU rows excluded): what is held throughout plus the
+        larger of the training phase (logits, activations) and the sampling phase (KV cache, gathered
+        weights)."""
+        return self._gpu(None) + max(self._gpu("train"), self._gpu("sample"))
+
+    @property
+    def cpu_gib(self) -> float:
+        return sum(v for k, v in self.rows.items() if k.endswith(CPU_TAG))
+
+    def fits(self, gpu_gib: float, margin: float = 0.9) -> bool:
+        """Whether the estimate stays below ``margin`` x ``gpu_gib`` (allocator overhead, CUDA context,
+        spikes)."""
+        return self.total_gib <= margin * gpu_gib
 
     def report(self) -> str:
-        lines = [f"memory estimate per process ({self.processes} process(es), {self.params / 1e9:.3f} B params/model):"]
-        lines += [f"  {k:<44s} {v:8.2f} GiB" for k, v in self.rows.items()]
-        lines.append(f"  {'total (big items only)':<44s} {self.total_gib:8.2f} GiB")
+        layout = (
+            f"FSDP full shard over {self.processes}"
+            if self.sharded
+            else f"{self.processes} process(es), no sharding"
+        )
+        lines = [f"memory estimate per process ({layout}, {self.params / 1e9:.3f} B params/model):"]
+        tags = {"train": " [train]", "sample": " [sample]"}
+        lines += [
+            f"  {k + tags.get(self.phase.get(k, ''), ''):<64s} {v:9.2f} GiB" for k, v in self.rows.items()
+        ]
+        lines.append(f"  {'peak GPU = held + max([train], [sample])':<64s} {self.total_gib:9.2f} GiB")
+        if self.cpu_gib:
+            lines.append(f"  {'total CPU (offloaded)':<64s} {self.cpu_gib:9.2f} GiB")
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
-def estimate_memory(cfg: Any, processes: int = 1, fsdp: bool | None = None) -> MemoryEstimate:
-    """Estimate the per-process memory of PPO training for ``cfg`` (see the module docstring for the formulas)."""
+def estimate_memory(
+    cfg: Any, processes: int = 1, fsdp: bool | None = None, offload: bool = False, gpu_gib: float = 80.0
+) -> MemoryEstimate:
+    """Estimate the per-process memory of PPO training for ``cfg`` (see the module docstring for the
+    formulas).
+
+    Args:
+        cfg: a :class:`~tre_edu.config.TrainConfig`.
+        processes: number of processes (GPUs) the run is launched on.
+        fsdp: shard parameters, gradients and optimiser state (default: ``processes > 1``; False = DDP).
+        offload: FSDP CPU offload of master weights, gradients and AdamW state.
+        gpu_gib: memory of one GPU (used for vLLM's pool with ``rollout_backend: vllm``).
+    """
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"processes must be an int >= 1; got {processes!r}")
+    if not isinstance(gpu_gib, (int, float)) or gpu_gib <= 0:
+        raise ValueError(f"gpu_gib must be a number > 0; got {gpu_gib!r}")
     s = shape_of(cfg)
     P = count_params(s)
-    n = max(1, int(processes))
-    shard = n if (fsdp if fsdp is not None else n > 1) else 1
+    n = processes
+    sharded = bool(fsdp if fsdp is not None else n > 1)
+    shard = n if sharded else 1
     p = cfg.ppo
-    half = 2 if p.mixed_precision != "no" or cfg.model.dtype != "float32" else 4
+    param_bytes = 4 if cfg.model.dtype == "float32" else 2
+    autocast = p.mixed_precision != "no"
+    compute_bytes = 2 if (autocast or param_bytes == 2) else 4
     models = 2 if cfg.model.critic == "separate" else 1
-    prompt_len = 256 if cfg.model.name != "tiny" else 16
-    T = prompt_len + p.max_new_tokens
+    prompt_len = 16 if cfg.model.name == "tiny" else PROMPT_TOKENS.get(cfg.task.name, 256)
+    R = p.max_new_tokens
+    T = prompt_len + R
     b = p.micro_batch_size
     h, L, V = int(s["hidden"]), int(s["layers"]), int(s["vocab"])
     d_kv = h // int(s["heads"]) * int(s["kv_heads"])
-    rows = {
-        "weights (compute copy)": models * P * half / shard / GIB,
-        "fp32 master weights": (models * P * 4 / shard / GIB) if half == 2 else 0.0,
-        "gradients (fp32)": models * P * 4 / shard / GIB,
-        "AdamW moments (fp32 x2)": models * P * 8 / shard / GIB,
-        f"logits of a micro-batch ({b} x {p.max_new_tokens} x {V})": b * p.max_new_tokens * V * 4 * 3 / GIB,
-        "activations (checkpointed)" if cfg.model.gradient_checkpointing else "activations": (
-            (L * b * T * h * 2 * 2 + 16 * b * T * h * 2)
-            if cfg.model.gradient_checkpointing
-            else L * 16 * b * T * h * 2
+    cpu = CPU_TAG if offload else ""
+
+    rows: dict[str, float] = {}
+    rows["weights (compute copy)"] = models * P * compute_bytes / shard / GIB
+    if param_bytes == 4 and autocast:
+        rows["fp32 master weights" + cpu] = models * P * 4 / shard / GIB
+    rows[f"gradients ({'fp32' if param_bytes == 4 else 'bf16'})" + cpu] = (
+        models * P * param_bytes / shard / GIB
+    )
+    rows["AdamW moments (x2)" + cpu] = models * P * 2 * param_bytes / shard / GIB
+    phase: dict[str, str] = {}
+    key = f"logits of a micro-batch ({b} x {R} x {V})"
+    rows[key], phase[key] = b * R * V * 4 * 3 / GIB, "train"
+    act_rows = models * b * T * h * 2
+    if cfg.model.gradient_checkpointing:
+        key, value = "activations (checkpointed)", (act_rows * L * 2 + act_rows * 16) / GIB
+    else:
+        key, value = "activations", act_rows * L * 16 / GIB
+    rows[key], phase[key] = value, "train"
+    local = p.prompts_per_step * p.samples_per_prompt // n
+    notes = []
+    if p.rollout_backend == "vllm":
+        rows["vLLM engine (weights + KV pool)"] = p.vllm_gpu_memory_utilization * gpu_gib
+        notes.append(
+            f"vLLM takes vllm_gpu_memory_utilization x {gpu_gib:g} GiB; training must fit in the rest"
         )
-        / GIB,
-        "KV cache while sampling (one rollout batch)": 2 * L * T * d_kv * 2
-        * (p.prompts_per_step * p.samples_per_prompt // n) / GIB,
-    }  # fmt: skip
-    return MemoryEstimate(params=P, processes=n, rows=rows)
+    else:
+        rows_at_once = min(local, p.rollout_batch_size) if p.rollout_batch_size > 0 else local
+        key = f"KV cache while sampling ({rows_at_once} rows x {T} tokens)"
+        rows[key], phase[key] = 2 * L * T * d_kv * 2 * rows_at_once / GIB, "sample"
+        if sharded:
+            key = "whole actor gathered to sample (FSDP summon_full_params)"
+            rows[key], phase[key] = P * param_bytes / GIB, "sample"
+    if sharded:
+        notes.append("FSDP gathers one wrapped layer at a time while training")
+    return MemoryEstimate(params=P, processes=n, rows=rows, sharded=sharded, notes=notes, phase=phase)

@@ -45,6 +45,7 @@ def run_warm_start(cfg: TrainConfig, output_dir: str | Path, progress: bool = Tr
         seconds=cfg.sft.seconds,
         batch_size=cfg.sft.batch_size,
         lr=cfg.sft.lr,
+        style=cfg.task.style,
         seed=cfg.seed,
         eval_examples=evals,
         eval_every=cfg.sft.eval_every,

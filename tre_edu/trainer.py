@@ -39,7 +39,7 @@ import torch
 from tre_edu.config import TrainConfig
 from tre_edu.entropy import tail_metrics
 from tre_edu.ppo import compute_gae, kl_estimate, masked_mean, masked_whiten, policy_loss, value_loss
-from tre_edu.rollout import SamplingConfig, decode_responses, generate
+from tre_edu.rollout import Rollout, SamplingConfig, decode_responses, generate
 
 
 class Callback:
@@ -230,6 +230,14 @@ class PPOTrainer:
             [_lr_lambda(int(cfg.ppo.warmup_ratio * opt_steps)), _lr_lambda(int(cfg.ppo.critic_warmup_ratio * opt_steps))],
         )
         self.policy, self.optimizer = accelerator.prepare(policy, self.optimizer)
+        n_proc = accelerator.num_processes
+        if n_proc > 1 and (cfg.ppo.prompts_per_step % n_proc or cfg.ppo.minibatch_size % n_proc):
+            raise ValueError(
+                f"ppo.prompts_per_step ({cfg.ppo.prompts_per_step}) and ppo.minibatch_size "
+                f"({cfg.ppo.minibatch_size}) must be divisible by the number of processes ({n_proc})"
+            )
+        self._vllm: Any = None  # the vLLM engine (ppo.rollout_backend: vllm), built on first use
+        self._vllm_synced_step = -1
         self.sampling_generator = torch.Generator().manual_seed(cfg.seed + 12345)
 
         self.step = 0
@@ -254,7 +262,12 @@ class PPOTrainer:
 
     def optimizer_steps_per_ppo_step(self) -> int:
         p = self.config.ppo
-        return p.ppo_epochs * (self._local_batch() // p.minibatch_size)
+        return p.ppo_epochs * (self._local_batch() // self._local_minibatch())
+
+    def _local_minibatch(self) -> int:
+        """ppo.minibatch_size counts responses over all processes (as verl's ppo_mini_batch_size); each
+        process takes its share, DDP / FSDP average the gradients."""
+        return max(1, self.config.ppo.minibatch_size // max(1, self.accelerator.num_processes))
 
     def _local_batch(self) -> int:
         p = self.config.ppo
@@ -300,15 +313,7 @@ class PPOTrainer:
         prompt_ids = encode_prompts(self.tokenizer, self._prompt_texts(examples))
 
         t0 = time.perf_counter()
-        with self._rollout_context():
-            ro = generate(
-                self.actor,
-                prompt_ids,
-                self._sampling(),
-                eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-                generator=self.sampling_generator,
-            )
+        ro = self._generate(prompt_ids)
         t1 = time.perf_counter()
         responses = decode_responses(self.tokenizer, ro)
         scores = torch.tensor(self.task.reward(responses, examples), dtype=torch.float32)
@@ -333,7 +338,12 @@ class PPOTrainer:
         for s in range(0, B, mb):
             sl = slice(s, s + mb)
             with self.accelerator.autocast():
-                if p.advantage == "gae":
+                if p.rollout_backend == "vllm":  # vLLM's log-probs come from other kernels: recompute them
+                    out = policy(input_ids[sl], attn[sl], R, compute_values=p.advantage == "gae")
+                    old_logprobs[sl] = (out.logprobs.float().cpu() * mask[sl]).to(old_logprobs.dtype)
+                    if p.advantage == "gae":
+                        values[sl] = out.values.float().cpu()
+                elif p.advantage == "gae":
                     values[sl] = policy.values_only(input_ids[sl], attn[sl], R).float().cpu()
                 if self.ref_actor is not None:
                     ref = self._ref_logprobs(input_ids[sl], attn[sl], R)
@@ -384,6 +394,41 @@ class PPOTrainer:
             "scores": scores,
         }
 
+    def _generate(self, prompt_ids: list[list[int]]) -> Rollout:
+        """Sample one response per prompt with ``ppo.rollout_backend``.
+
+        hf: the library's sampler, ``ppo.rollout_batch_size`` rows at a time (0: all at once) to bound the KV
+        cache; the chunks are padded to a common prompt / response length and concatenated. vllm: the whole
+        batch goes to the vLLM engine (it schedules its own memory); the actor's weights are synced into it
+        first whenever they changed.
+        """
+        p = self.config.ppo
+        if p.rollout_backend == "vllm":
+            from tre_edu.vllm_rollout import VLLMRollout
+
+            if self._vllm is None:
+                self._vllm = VLLMRollout.for_trainer(self)
+            if self._vllm_synced_step != self.step:
+                with self._rollout_context():
+                    self._vllm.sync_weights(self.actor)
+                self._vllm_synced_step = self.step
+            return self._vllm.generate(prompt_ids, self._sampling())
+        chunk = p.rollout_batch_size or len(prompt_ids)
+        parts = []
+        with self._rollout_context():
+            for s in range(0, len(prompt_ids), chunk):
+                parts.append(
+                    generate(
+                        self.actor,
+                        prompt_ids[s : s + chunk],
+                        self._sampling(),
+                        eos_token_id=self.tokenizer.eos_token_id,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        generator=self.sampling_generator,
+                    )
+                )
+        return parts[0] if len(parts) == 1 else concat_rollouts(parts, self.tokenizer.pad_token_id)
+
     def _ref_logprobs(self, input_ids, attn, R):
         from tre_edu.entropy import token_logprobs
         from tre_edu.policy import position_ids_from_mask
@@ -403,8 +448,9 @@ class PPOTrainer:
         g = torch.Generator().manual_seed(self.config.seed * 7919 + self.step)
         for _epoch in range(p.ppo_epochs):
             order = torch.randperm(B, generator=g)
-            for s in range(0, B, p.minibatch_size):
-                mb_idx = order[s : s + p.minibatch_size]
+            mb_size = self._local_minibatch()
+            for s in range(0, B, mb_size):
+                mb_idx = order[s : s + mb_size]
                 mini_tokens = float(batch["mask"][mb_idx].sum().clamp(min=1.0))
                 self.optimizer.zero_grad(set_to_none=True)
                 for m in range(0, len(mb_idx), p.micro_batch_size):
@@ -622,6 +668,39 @@ class PPOTrainer:
             summary = {"step": self.step, "eval": self.eval_history[-1] if self.eval_history else {}}
             (path / "tre_edu_run.json").write_text(json.dumps(summary, indent=2))
         return path
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Concatenate rollouts sampled in chunks: prompts are left-padded and responses right-padded to the
+    longest (``P`` = max prompt length, ``R`` = max response length); padding has mask 0, log-prob 0.
+    The ``(B, ...)`` tensors of all parts are stacked in order on the first part's device."""
+    P = max(r.prompt_len for r in parts)
+    R = max(r.response_len for r in parts)
+    dev = parts[0].input_ids.device
+
+    def pad(x: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x.to(dev), (left, right), value=value)
+
+    ids, attn, resp, rmask, lps, outs = [], [], [], [], [], []
+    for r in parts:
+        left, right, n = P - r.prompt_len, R - r.response_len, r.prompt_len
+        prompt = pad(r.input_ids[:, :n], left, 0, pad_token_id)
+        ids.append(torch.cat([prompt, pad(r.input_ids[:, n:], 0, right, pad_token_id)], 1))
+        am = r.attention_mask
+        attn.append(torch.cat([pad(am[:, :n], left, 0, 0), pad(am[:, n:], 0, right, 0)], 1))
+        resp.append(pad(r.response, 0, right, pad_token_id))
+        rmask.append(pad(r.response_mask, 0, right, False))
+        lps.append(pad(r.logprobs, 0, right, 0.0))
+        outs.append(pad(r.outside_topk, 0, right, False))
+    return Rollout(
+        input_ids=torch.cat(ids),
+        attention_mask=torch.cat(attn),
+        prompt_len=P,
+        response=torch.cat(resp),
+        response_mask=torch.cat(rmask),
+        logprobs=torch.cat(lps),
+        outside_topk=torch.cat(outs),
+    )
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path:

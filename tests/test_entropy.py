@@ -1,0 +1,481 @@
+"""Tests of tre_edu.entropy: float64 references, invariances, gradients, masks, bad inputs, tail metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tre_edu import entropy as ent
+
+SETTINGS = settings(max_examples=15, deadline=None)
+
+
+# ---------------------------------------------------------------------------------- float64 references
+def ref_global(z: torch.Tensor) -> torch.Tensor:
+    z = z.double()
+    lp = torch.log_softmax(z, -1)
+    return -torch.where(lp > -math.inf, lp.exp() * lp, 0.0).sum(-1)
+
+
+def ref_region(z: torch.Tensor, p: float | None = None, k: int | None = None, cap: int | None = 256):
+    """(idx, keep) of the trust region, by a full float64 sort."""
+    z = z.double()
+    probs = torch.softmax(z, -1)
+    sp, idx = torch.sort(probs, -1, descending=True)
+    if k is not None:
+        keep = torch.zeros_like(sp, dtype=torch.bool)
+        keep[..., :k] = True
+        return idx, keep & (sp > 0)
+    before = torch.cumsum(sp, -1) - sp
+    keep = (before < p) & (sp > 0)
+    keep[..., 0] = True
+    if cap is not None:
+        keep[..., cap:] = False
+    return idx, keep
+
+
+def ref_tre(z: torch.Tensor, *, k=None, p=None, cap=256, rescale=True):
+    """Naive float64 H_TRE, differentiable w.r.t. a float64 z."""
+    V = z.shape[-1]
+    idx, keep = ref_region(z.detach(), p=p, k=k, cap=cap)
+    v = torch.gather(z.double(), -1, idx).masked_fill(~keep, -1e4)  # finite: no NaN gradients
+    lq = torch.log_softmax(v, -1)
+    h = -torch.where(keep, lq.exp() * lq, 0.0).sum(-1)
+    if rescale:
+        n = keep.sum(-1).clamp(min=2).double()
+        h = h * math.log(V) / torch.log(n)
+    return h
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
+    """|a - b| <= tol * max(1, |b|): relative above 1, absolute below."""
+    a, b = a.double(), b.double()
+    err = (a - b).abs() / b.abs().clamp(min=1.0)
+    assert torch.isfinite(a).all()
+    assert float(err.max()) <= tol, float(err.max())
+
+
+def logits_strategy(max_v: int = 3000):
+    @st.composite
+    def make(draw):
+        n = draw(st.integers(1, 4))
+        V = draw(st.integers(2, max_v))
+        scale = draw(st.sampled_from([0.1, 1.0, 5.0, 20.0]))
+        seed = draw(st.integers(0, 2**31 - 1))
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, V, generator=g) * scale
+        if draw(st.booleans()):  # a peaked distribution
+            z[:, 0] += draw(st.sampled_from([10.0, 30.0]))
+        return z
+
+    return make()
+
+
+# ---------------------------------------------------------------------------------- values
+@SETTINGS
+@given(logits_strategy())
+def test_global_entropy_matches_float64(z):
+    close(ent.global_entropy(z), ref_global(z))
+
+
+@SETTINGS
+@given(logits_strategy(), st.integers(2, 20))
+def test_tre_k_matches_float64(z, k):
+    k = min(k, z.shape[-1])
+    close(ent.trust_region_entropy(z, top_k=k), ref_tre(z, k=k))
+    close(ent.trust_region_entropy(z, top_k=k, rescale=False), ref_tre(z, k=k, rescale=False))
+
+
+@SETTINGS
+@given(logits_strategy(), st.sampled_from([0.5, 0.9, 0.99]))
+def test_tre_p_matches_float64(z, p):
+    close(ent.trust_region_entropy(z, top_p=p), ref_tre(z, p=p))
+    close(
+        ent.trust_region_entropy(z, top_p=p, max_candidates=None, rescale=False),
+        ref_tre(z, p=p, cap=None, rescale=False),
+    )
+
+
+@SETTINGS
+@given(logits_strategy(), st.floats(-100.0, 100.0))
+def test_invariant_to_adding_a_constant(z, c):
+    for f in (
+        ent.global_entropy,
+        lambda x: ent.trust_region_entropy(x, top_k=2),
+        lambda x: ent.trust_region_entropy(x, top_p=0.9),
+    ):
+        # shifting by c rounds the logits, so compare at a float32-level tolerance
+        close(f(z + c), f(z), tol=1e-4 * max(1.0, abs(c)))
+
+
+@SETTINGS
+@given(logits_strategy(), st.integers(0, 2**31 - 1))
+def test_invariant_to_permuting_the_vocabulary(z, seed):
+    perm = torch.randperm(z.shape[-1], generator=torch.Generator().manual_seed(seed))
+    for f in (
+        ent.global_entropy,
+        lambda x: ent.trust_region_entropy(x, top_k=2),
+        lambda x: ent.trust_region_entropy(x, top_p=0.9),
+        ent.min_entropy,
+    ):
+        close(f(z[:, perm]), f(z), tol=2e-6)
+
+
+def test_peaked_logits_large_magnitude_and_full_vocab():
+    V = 151_936
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand(3, V, generator=g) * 100 - 50  # |z| up to 50
+    z[0, 7] = 50.0  # peaked
+    z[1, :3] = torch.tensor([49.9, 49.5, 49.0])
+    close(ent.global_entropy(z), ref_global(z))
+    close(ent.trust_region_entropy(z, top_k=2), ref_tre(z, k=2))
+    close(ent.trust_region_entropy(z, top_p=0.99), ref_tre(z, p=0.99))
+    close(ent.min_entropy(z), -torch.log_softmax(z.double(), -1).amax(-1))
+    # extremely peaked: every entropy is ~0 but never negative / NaN
+    zp = torch.full((2, 1000), -50.0)
+    zp[:, 0] = 50.0
+    for h in (
+        ent.global_entropy(zp),
+        ent.trust_region_entropy(zp, top_k=2),
+        ent.trust_region_entropy(zp, top_p=0.99),
+    ):
+        assert torch.all(h >= 0) and torch.all(h < 1e-30)
+
+
+def test_uniform_over_trust_region_gives_log_v():
+    V = 1000
+    z = torch.full((2, V), -5.0)
+    z[0, :2] = 3.0
+    z[1, :2] = 3.0
+    h = ent.trust_region_entropy(z, top_k=2)
+    torch.testing.assert_close(h, torch.full((2,), math.log(V)))
+    z = torch.full((1, V), -math.inf)
+    z[0, :7] = 1.0  # nucleus of p = 0.99 over 7 equal tokens = all 7
+    torch.testing.assert_close(ent.trust_region_entropy(z, top_p=0.99), torch.tensor([math.log(V)]))
+    torch.testing.assert_close(
+        ent.trust_region_entropy(z, top_p=0.99, vocab_size=50), torch.tensor([math.log(50)])
+    )
+    # K = V is the global entropy
+    z = torch.randn(3, 50)
+    close(ent.trust_region_entropy(z, top_k=50), ent.global_entropy(z))
+
+
+def test_k1_is_min_entropy_unscaled():
+    z = torch.randn(4, 300) * 3
+    expected = -torch.log_softmax(z.double(), -1).amax(-1)
+    close(ent.trust_region_entropy(z, top_k=1), expected)
+    close(ent.min_entropy(z), expected)
+
+
+def test_tre_p_boundary_semantics():
+    # probabilities 0.5, 0.3, 0.15, 0.05 (float32-rounded, so stay 1e-4 away from the exact boundaries):
+    # p = 0.81 -> the token crossing p (rank 2: mass before 0.8 < p, after 0.95) is kept -> {0, 1, 2}
+    z = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)).float()
+    assert int(ent.nucleus_size(z, 0.81)) == 3
+    assert int(ent.nucleus_size(z, 0.7999)) == 2  # mass before rank 2 is 0.8, not < p
+    assert int(ent.nucleus_size(z, 0.4999)) == 1  # mass before rank 1 is 0.5, not < p
+    assert int(ent.nucleus_size(z, 0.5001)) == 2
+    assert int(ent.nucleus_size(z, 1e-9)) == 1  # first token always
+    assert int(ent.nucleus_size(z, 1.0)) == 4
+    h = ent.trust_region_entropy(z, top_p=0.81, rescale=False)
+    q = torch.tensor([0.5, 0.3, 0.15], dtype=torch.float64) / 0.95
+    close(h, -(q * q.log()).sum().view(1))
+    # |A_TR| = 1 -> 0 (not NaN from log 1 in the divisor)
+    assert float(ent.trust_region_entropy(z, top_p=0.4999)) == 0.0
+
+
+def test_tre_p_cap_at_max_candidates():
+    V = 5000
+    z = torch.zeros(2, V)  # uniform: the nucleus of 0.99 has 4950 tokens
+    assert int(ent.nucleus_size(z[:1], 0.99)) == 4950
+    assert int(ent.nucleus_size(z[:1], 0.99, max_candidates=256)) == 256
+    # capped: all 256 candidates are used (their mass 256/V < p); uniform over them -> log V after rescaling
+    close(ent.trust_region_entropy(z, top_p=0.99), torch.full((2,), math.log(V)))
+    close(ent.trust_region_entropy(z, top_p=0.99, rescale=False), torch.full((2,), math.log(256)))
+    close(
+        ent.trust_region_entropy(z, top_p=0.99, rescale=False, max_candidates=None),
+        torch.full((2,), math.log(4950)),
+    )
+    close(
+        ent.trust_region_entropy(z, top_p=0.99, rescale=False, max_candidates=10),
+        torch.full((2,), math.log(10)),
+    )
+
+
+# ---------------------------------------------------------------------------------- gradients
+def grad_of(f, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    z = z.detach().clone().requires_grad_()
+    (f(z) * w.to(z.dtype)).sum().backward()
+    return z.grad
+
+
+@SETTINGS
+@given(logits_strategy(2000), st.sampled_from(["global", "k2", "k5", "p"]))
+def test_gradients_match_float64_autograd(z, kind):
+    w = torch.randn(z.shape[0], generator=torch.Generator().manual_seed(1))
+    ours = {
+        "global": ent.global_entropy,
+        "k2": lambda x: ent.trust_region_entropy(x, top_k=min(2, x.shape[-1])),
+        "k5": lambda x: ent.trust_region_entropy(x, top_k=min(5, x.shape[-1])),
+        "p": lambda x: ent.trust_region_entropy(x, top_p=0.9),
+    }[kind]
+    ref = {
+        "global": ref_global,
+        "k2": lambda x: ref_tre(x, k=min(2, x.shape[-1])),
+        "k5": lambda x: ref_tre(x, k=min(5, x.shape[-1])),
+        "p": lambda x: ref_tre(x, p=0.9),
+    }[kind]
+    g = grad_of(ours, z, w)
+    g64 = grad_of(ref, z.double(), w)
+    assert g.dtype == torch.float32
+    scale = float(g64.abs().max().clamp(min=1.0))
+    assert float((g.double() - g64).abs().max()) <= 1e-5 * scale
+
+
+def test_global_gradient_formula_pushes_tail_up():
+    z = torch.randn(3, 500) * 2
+    z[:, 0] += 8
+    g = grad_of(ent.global_entropy, z, torch.ones(3))
+    pi = torch.softmax(z.double(), -1)
+    H = ref_global(z).unsqueeze(-1)
+    torch.testing.assert_close(g.double(), -pi * (pi.log() + H), atol=1e-7, rtol=1e-5)
+    assert bool((g[pi.log() < -H] > 0).all())  # every tail token is pushed up
+
+
+def test_tre_gradient_zero_outside_trust_region():
+    z = torch.randn(4, 800) * 3
+    for kw, (idx, keep) in (
+        ({"top_k": 2}, ref_region(z, k=2)),
+        ({"top_k": 7}, ref_region(z, k=7)),
+        ({"top_p": 0.9}, ref_region(z, p=0.9)),
+    ):
+        g = grad_of(lambda x, kw=kw: ent.trust_region_entropy(x, **kw), z, torch.ones(4))
+        inside = torch.zeros_like(g, dtype=torch.bool).scatter(-1, idx, keep)
+        assert bool((g[~inside] == 0).all())
+        assert bool((g[inside] != 0).any())
+
+
+def test_token_logprobs_values_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 700, generator=g) * 4
+    t = torch.randint(0, 700, (2, 3), generator=g)
+    ref = lambda x: torch.log_softmax(x.double(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    close(ent.token_logprobs(z, t), ref(z))
+    w = torch.randn(2, 3, generator=g)
+    torch.testing.assert_close(
+        grad_of(lambda x: ent.token_logprobs(x, t), z, w).double(),
+        grad_of(ref, z.double(), w),
+        atol=1e-6,
+        rtol=1e-5,
+    )
+    # strided input (like out.logits[:, :-1]) and bf16 input
+    big = torch.randn(2, 5, 700, generator=g)
+    sl = big[:, :-1]
+    t2 = torch.randint(0, 700, (2, 4), generator=g)
+    close(ent.token_logprobs(sl, t2), torch.log_softmax(sl.double(), -1).gather(-1, t2[..., None])[..., 0])
+    zb = z.bfloat16().requires_grad_()
+    out = ent.token_logprobs(zb, t)
+    assert out.dtype == torch.float32
+    close(out, ref(zb.detach().float()))
+    out.sum().backward()
+    assert zb.grad.dtype == torch.bfloat16 and torch.isfinite(zb.grad.float()).all()
+
+
+def test_strided_and_bf16_inputs_global_and_tre():
+    g = torch.Generator().manual_seed(3)
+    big = (torch.randn(2, 6, 400, generator=g) * 3).requires_grad_()
+    sl = big[:, 1:]
+    h = ent.global_entropy(sl)
+    close(h, ref_global(sl.detach()))
+    h.sum().backward()
+    ref = grad_of(ref_global, big.detach().double(), torch.ones(()))
+    ref[:, 0] = 0
+    torch.testing.assert_close(big.grad.double(), ref, atol=1e-6, rtol=1e-5)
+    zb = torch.randn(3, 400, generator=g).bfloat16()
+    zf = zb.float()
+    for f in (
+        ent.global_entropy,
+        lambda x: ent.trust_region_entropy(x, top_k=2),
+        lambda x: ent.trust_region_entropy(x, top_p=0.99),
+    ):
+        out = f(zb)
+        assert out.dtype == torch.float32
+        close(out, f(zf))
+    zb.requires_grad_()
+    ent.global_entropy(zb).sum().backward()
+    assert zb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        zb.grad.float(), grad_of(ent.global_entropy, zf, torch.ones(3)), atol=1e-2, rtol=1e-2
+    )
+
+
+# ---------------------------------------------------------------------------------- masked vocabulary
+def test_minus_inf_logits_are_valid():
+    z = torch.randn(3, 300) * 2
+    z[:, 100:] = -math.inf
+    z[1, 1:] = -math.inf  # a single valid token
+    zr = z.clone().requires_grad_()
+    for f, ref in (
+        (ent.global_entropy, ref_global),
+        (lambda x: ent.trust_region_entropy(x, top_k=2), lambda x: ref_tre(x, k=2)),
+        (lambda x: ent.trust_region_entropy(x, top_p=0.99), lambda x: ref_tre(x, p=0.99)),
+    ):
+        h = f(zr)
+        close(h, ref(z))
+        (g,) = torch.autograd.grad(h.sum(), zr)
+        assert torch.isfinite(g).all()
+        assert bool((g[:, 100:] == 0).all())
+    assert float(ent.global_entropy(z)[1]) == 0.0
+    t = torch.tensor([0, 0, 5])
+    lp = ent.token_logprobs(zr, t)
+    (g,) = torch.autograd.grad(lp.sum(), zr)
+    assert torch.isfinite(lp).all() and torch.isfinite(g).all()
+    assert torch.isfinite(ent.min_entropy(z)).all()
+    assert int(ent.nucleus_size(z, 0.999999, max_candidates=None)[1]) == 1
+    assert float(ent.tail_mass(z, 100).max()) == 0.0
+
+
+# ---------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_and_posinf_logits_raise(bad):
+    z = torch.randn(2, 50)
+    z[1, 7] = bad
+    for f in (
+        ent.global_entropy,
+        ent.min_entropy,
+        lambda x: ent.trust_region_entropy(x, top_k=2),
+        lambda x: ent.trust_region_entropy(x, top_p=0.9),
+        lambda x: ent.token_logprobs(x, torch.zeros(2, dtype=torch.long)),
+        lambda x: ent.tail_mass(x, 2),
+        lambda x: ent.nucleus_size(x, 0.9),
+        lambda x: ent.tail_metrics(x[None]),
+    ):
+        with pytest.raises(ValueError, match="logits"):
+            f(z)
+
+
+def test_all_minus_inf_row_raises():
+    z = torch.randn(2, 50)
+    z[0] = -math.inf
+    with pytest.raises(ValueError, match="entirely -inf"):
+        ent.global_entropy(z)
+    with pytest.raises(ValueError, match="entirely -inf"):
+        ent.trust_region_entropy(z, top_k=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "exactly one of top_k"),
+        ({"top_k": 2, "top_p": 0.9}, "exactly one of top_k"),
+        ({"top_k": 0}, r"top_k must be an integer in \[1, 50\]"),
+        ({"top_k": 51}, r"top_k must be an integer in \[1, 50\]"),
+        ({"top_k": 2.0}, "top_k must be an integer"),
+        ({"top_k": True}, "top_k must be an integer"),
+        ({"top_p": 0.0}, r"top_p must be a float in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be a float in \(0, 1\]"),
+        ({"top_p": -0.1}, r"top_p must be a float in \(0, 1\]"),
+        ({"top_p": 0.9, "max_candidates": 0}, "max_candidates must be an integer >= 1"),
+        ({"top_k": 2, "vocab_size": 1}, "vocab_size must be an integer >= 2"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ent.trust_region_entropy(torch.randn(3, 50), **kwargs)
+
+
+def test_other_bad_inputs_raise():
+    z = torch.randn(3, 50)
+    with pytest.raises(ValueError, match="k must be an integer in"):
+        ent.topk_mass(z, 0)
+    with pytest.raises(ValueError, match="k must be an integer in"):
+        ent.tail_mass(z, 51)
+    with pytest.raises(ValueError, match=r"p must be a float in \(0, 1\]"):
+        ent.nucleus_size(z, 0.0)
+    with pytest.raises(ValueError, match=r"p must be a float in \(0, 1\]"):
+        ent.nucleus_tail_mass(z, 2.0)
+    with pytest.raises(ValueError, match="tokens must be in"):
+        ent.token_logprobs(z, torch.tensor([0, 1, 50]))
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        ent.token_logprobs(z, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="floating"):
+        ent.global_entropy(torch.ones(3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="mask must be"):
+        ent.tail_metrics(z[None], torch.ones(2, 3))
+
+
+# ---------------------------------------------------------------------------------- masses & metrics
+def test_topk_mass_tail_mass_nucleus_tail_mass():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 1000, generator=g) * 3
+    z[0, :3] += 40  # tail ~ 1e-15: 1 - topk_mass would be 0
+    probs = torch.softmax(z.double(), -1)
+    sp = probs.sort(-1, descending=True).values
+    for k in (1, 3, 10):
+        close(ent.topk_mass(z, k), sp[:, :k].sum(-1))
+        tail = ent.tail_mass(z, k)
+        rel = ((tail.double() - sp[:, k:].sum(-1)).abs() / sp[:, k:].sum(-1)).max()
+        assert float(rel) < 1e-4
+    idx, keep = ref_region(z, p=0.9, cap=None)
+    out = (sp * ~keep).sum(-1)
+    assert float(((ent.nucleus_tail_mass(z, 0.9).double() - out).abs() / out).max()) < 1e-4
+    assert torch.equal(ent.nucleus_size(z, 0.9), keep.sum(-1))
+    # topk_mass is differentiable
+    zr = z.clone().requires_grad_()
+    ent.topk_mass(zr, 2).sum().backward()
+    assert torch.isfinite(zr.grad).all()
+
+
+def test_tail_metrics_hand_example():
+    V = 10
+    pr = torch.tensor([0.5, 0.3, 0.15, 0.05] + [0.0] * (V - 4), dtype=torch.float64)
+    z1 = torch.where(pr > 0, pr.log(), torch.tensor(-math.inf, dtype=torch.float64)).float()
+    z2 = torch.zeros(V)  # uniform
+    logits = torch.stack([torch.stack([z1, z2, z2])])  # (1, 3, V)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    m = ent.tail_metrics(logits, mask, p=0.81)
+    keys = {
+        "entropy/global",
+        "entropy/tre_k",
+        "entropy/tre_p",
+        "tail/top1_prob",
+        "tail/mass_outside_top2",
+        "tail/mass_outside_top10",
+        "tail/nucleus_size_p81",
+        "tail/mass_outside_nucleus_p81",
+    }
+    assert set(m) == keys
+    h1 = -(pr[:4] * pr[:4].log()).sum().item()
+    q = pr[:2] / 0.8
+    tre_k1 = -(q * q.log()).sum().item() * math.log(V) / math.log(2)
+    q3 = pr[:3] / 0.95
+    tre_p1 = -(q3 * q3.log()).sum().item() * math.log(V) / math.log(3)
+    # row 2 (uniform): nucleus of 0.81 = 9 tokens (mass before the 9th is 0.8 < 0.81)
+    expected = {
+        "entropy/global": (h1 + math.log(V)) / 2,
+        "entropy/tre_k": (tre_k1 + math.log(V)) / 2,
+        "entropy/tre_p": (tre_p1 + math.log(V)) / 2,
+        "tail/top1_prob": (0.5 + 0.1) / 2,
+        "tail/mass_outside_top2": (0.2 + 0.8) / 2,
+        "tail/mass_outside_top10": 0.0,
+        "tail/nucleus_size_p81": (3 + 9) / 2,
+        "tail/mass_outside_nucleus_p81": (0.05 + 0.1) / 2,
+    }
+    for key, val in expected.items():
+        assert m[key] == pytest.approx(val, rel=1e-5, abs=1e-6), key
+    default = ent.tail_metrics(logits, mask)
+    assert "tail/nucleus_size_p99" in default and "tail/mass_outside_nucleus_p99" in default
+    # bool mask, no mask
+    assert ent.tail_metrics(logits, mask.bool(), p=0.81) == pytest.approx(m)
+    assert ent.tail_metrics(logits[:, :2], None, p=0.81) == pytest.approx(m)
+
+
+def test_tail_metrics_all_masked_is_finite():
+    logits = torch.randn(2, 3, 20)
+    m = ent.tail_metrics(logits, torch.zeros(2, 3))
+    assert len(m) == 8
+    assert all(math.isfinite(v) and v == 0.0 for v in m.values())

@@ -1,0 +1,254 @@
+"""MATH task: boxed-answer extraction, answer equivalence, hostile output, the paper's prompt, loaders."""
+
+from __future__ import annotations
+
+import threading
+
+import datasets
+import pytest
+
+from tre_edu.tasks import get_task
+from tre_edu.tasks import math as mt
+
+# ----------------------------------------------------------------------------------------------------
+# last_boxed
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so the answer is \\boxed{5}.", "5"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("nested \\boxed{\\frac{\\sqrt{3}}{2}} end", "\\frac{\\sqrt{3}}{2}"),
+        ("first \\boxed{1} then \\boxed{2}", "2"),
+        ("\\fbox{7}", "7"),
+        ("\\boxed{3} and later \\fbox{4}", "4"),
+        ("$\\boxed 5$", "5"),
+        ("\\boxed {x+1}", "x+1"),
+        ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),
+        ("no box here", None),
+        ("", None),
+        ("\\boxed{unclosed", None),
+        ("\\boxed", None),
+    ],
+)
+def test_last_boxed(text, expected):
+    assert mt.last_boxed(text) == expected
+
+
+def test_last_boxed_non_string():
+    assert mt.last_boxed(None) is None  # type: ignore[arg-type]
+    assert mt.last_boxed(123) is None  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------------
+# score: equivalence
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pred, ref",
+    [
+        ("\\frac12", "\\frac{1}{2}"),
+        ("0.5", "\\frac{1}{2}"),
+        ("1/2", "\\frac{1}{2}"),
+        ("\\dfrac{1}{2}", "\\frac{1}{2}"),
+        ("\\tfrac{3}{8}", "0.375"),
+        ("x=3", "3"),
+        ("x = 3", "3"),
+        ("3", "x=3"),
+        ("(1, 2]", "(1,2]"),
+        ("[4,\\infty)", "[4, \\infty)"),
+        ("\\left( 2, 3 \\right)", "(2, 3)"),
+        ("5\\sqrt2", "5\\sqrt{2}"),
+        ("2\\sqrt{2}", "\\sqrt{8}"),
+        ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}"),
+        ("720^\\circ", "720"),
+        ("108", "108^{\\circ}"),
+        ("5\\text{ cm}", "5"),
+        ("1,000", "1000"),
+        ("25\\%", "25"),
+        ("\\text{(A)}", "(A)"),
+        ("3.", "3"),
+        ("(x+1)^2", "x^2+2x+1"),
+        ("\\{-1,0,1\\}", "\\{1, 0, -1\\}"),
+    ],
+)
+def test_score_equivalent(pred, ref):
+    assert mt.score(f"Thinking... so \\boxed{{{pred}}}", ref) == 1.0
+
+
+@pytest.mark.parametrize(
+    "pred, ref",
+    [("3", "4"), ("(1,2)", "[1,2]"), ("\\frac{1}{3}", "0.33"), ("2\\sqrt{2}", "\\sqrt{2}"), ("", "1")],
+)
+def test_score_not_equivalent(pred, ref):
+    assert mt.score(f"\\boxed{{{pred}}}", ref) == 0.0
+
+
+def test_score_uses_last_box_and_needs_a_box():
+    assert mt.score("\\boxed{4} no wait \\boxed{5}", "5") == 1.0
+    assert mt.score("\\boxed{5} no wait \\boxed{4}", "5") == 0.0
+    assert mt.score("The answer is 5.", "5") == 0.0
+
+
+def test_score_accepts_example_fields():
+    ex = {"problem": "p", "answer": "\\frac{1}{2}", "source": "bundled", "level": "Level 1"}
+    assert mt.score("\\boxed{0.5}", **ex) == 1.0
+
+
+def test_rules_without_math_verify():
+    assert mt.score("\\boxed{\\dfrac12}", "0.5", use_math_verify=False) == 1.0
+    assert mt.score("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", use_math_verify=False) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# hostile output
+# ----------------------------------------------------------------------------------------------------
+
+HOSTILE = [
+    "\\boxed{",
+    "\\boxed{{{{{{",
+    "}}}}}\\boxed{}",
+    "\\boxed{}",
+    "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}",
+    "\\boxed{" + "{" * 10_000,
+    "\\boxed{" + "9" * 5_000 + "}",
+    "\\boxed{\\frac{\\frac{}{}}{\\sqrt[}}",
+    "\\boxed{\\begin{pmatrix} 2 & \\\\ \\end{}}",  # (with a 1 inside, math-verify extracts the 1)
+    "\\boxed{\\left( \\right]]]\\\\}",
+    "\\boxed{$$$\\$\\%^_^_}",
+    "\\boxed" * 50_000,
+    "x" * 1_000_000,
+    "\\boxed{\x00\x01\udcff}",
+]
+
+
+@pytest.mark.parametrize("response", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_responses_score_zero(response):
+    assert mt.score(response, "1") == 0.0
+
+
+@pytest.mark.parametrize("bad", [None, 123, b"\\boxed{1}", ["\\boxed{1}"]])
+def test_non_string_inputs(bad):
+    assert mt.score(bad, "1") == 0.0
+    assert mt.score("\\boxed{1}", None) == 0.0
+    assert mt.MathTask().score("\\boxed{1}", bad) == 0.0
+
+
+def test_expensive_expression_is_time_bounded():
+    # a power tower that sympy cannot settle: math-verify's own timeout stops it
+    assert mt.score("\\boxed{10^{10^{10^{10}}}}", "1", timeout_s=1) == 0.0
+
+
+def test_score_in_worker_thread():
+    out = []
+    worker = threading.Thread(target=lambda: out.append(mt.score("\\boxed{2\\sqrt{2}}", "\\sqrt{8}")))
+    worker.start()
+    worker.join(30)
+    assert out == [1.0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# prompts
+# ----------------------------------------------------------------------------------------------------
+
+
+class _ChatTok:
+    chat_template = "fake"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        assert tokenize is False and add_generation_prompt is True
+        return "<user>" + messages[0]["content"] + "</user><assistant>"
+
+
+def test_prompt_is_the_papers():
+    task = mt.MathTask()
+    ex = {"problem": "What is $1+1$?", "answer": "2"}
+    paper = "What is $1+1$? Let's think step by step and output the final answer within \\boxed{}."
+    assert task.prompt(ex, style="plain") == paper
+    assert task.prompt(ex, style="compact") == paper
+    assert task.prompt(ex, _ChatTok(), style="chat") == "<user>" + paper + "</user><assistant>"
+    assert task.prompt(ex, None, style="chat") == paper  # no tokenizer: plain text
+    assert task.prompts([ex, ex], style="plain") == [paper, paper]
+    with pytest.raises(ValueError, match="style"):
+        task.prompt(ex, style="fancy")
+
+
+# ----------------------------------------------------------------------------------------------------
+# loaders
+# ----------------------------------------------------------------------------------------------------
+
+
+def _fail(*args, **kwargs):
+    raise ConnectionError("offline (test)")
+
+
+def test_offline_fallback_warns_and_uses_bundled(monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", _fail)
+    with pytest.warns(UserWarning, match="bundled"):
+        train = mt.load("train")
+    with pytest.warns(UserWarning, match="bundled"):
+        test = mt.load("test")
+    assert len(train) >= 20 and len(test) >= 10
+    assert all(e["source"] == "bundled" for e in train + test)
+    assert not {e["problem"] for e in train} & {e["problem"] for e in test}
+    # every bundled reference is reachable: the solution's own boxed answer scores 1
+    for e in train + test:
+        assert mt.score(f"\\boxed{{{e['answer']}}}", **e) == 1.0
+    with pytest.raises(RuntimeError, match="offline_ok"):
+        mt.load("train", offline_ok=False)
+
+
+def test_hub_path_lighteval(monkeypatch):
+    calls = []
+
+    def fake(name, split=None, **kw):
+        calls.append((name, split))
+        return datasets.Dataset.from_dict(
+            {
+                "problem": ["p1", "p2", "p3"],
+                "solution": ["so \\boxed{1} or \\boxed{\\frac{1}{2}}", "\\fbox{7}", "no answer here"],
+                "level": ["Level 1", "Level 2", "Level 3"],
+                "type": ["Algebra"] * 3,
+            }
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    rows = mt.load("test")
+    assert calls == [("DigitalLearningGmbH/MATH-lighteval", "test")]
+    assert [r["answer"] for r in rows] == ["\\frac{1}{2}", "7"]  # the row without a boxed answer is skipped
+    assert rows[0]["source"] == "DigitalLearningGmbH/MATH-lighteval" and rows[0]["level"] == "Level 1"
+    # seeded subset: deterministic, right size
+    assert mt.load("test", n=1, seed=3) == mt.load("test", n=1, seed=3)
+    assert len(mt.load("test", n=1)) == 1
+
+
+def test_hub_path_math500(monkeypatch):
+    calls = []
+
+    def fake(name, split=None, **kw):
+        calls.append((name, split))
+        return datasets.Dataset.from_dict(
+            {"problem": ["p"], "solution": ["... \\boxed{3}"], "answer": ["3"], "subject": ["Algebra"]}
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    task = get_task("math", dataset="math500")
+    rows = task.load("test")
+    assert calls == [("HuggingFaceH4/MATH-500", "test")]
+    assert rows == [{"problem": "p", "answer": "3", "source": "HuggingFaceH4/MATH-500", "subject": "Algebra"}]
+    assert task.reward(["\\boxed{3}", "\\boxed{4}"], rows * 2) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="split"):
+        task.load("train")
+    assert "MATH-500" in task.describe()
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="dataset"):
+        mt.make_task(dataset="gsm8k")
+    with pytest.raises(ValueError, match="split"):
+        mt.load("validation")
+    with pytest.raises(ValueError, match="n must"):
+        mt.subsample([1, 2], 0, 0)

@@ -1,0 +1,317 @@
+"""Batched sampling from a causal LM with a KV cache: the rollout half of PPO.
+
+One loop, written out (no ``model.generate``), so every detail PPO depends on is visible:
+
+- prompts are **left-padded** so all rows end at the same column and the next token is always the last column;
+- **position ids** come from the attention mask (:func:`tre_edu.policy.position_ids_from_mask`), in sampling
+  and in the training forward alike, so padding never changes a log-prob;
+- with the **KV cache** each step feeds one new token per row and reuses the keys / values of all earlier ones
+  (``use_cache=False`` recomputes the whole sequence every step: same tokens, much slower; kept for the
+  benchmark);
+- a row **stops at EOS**: the EOS token is part of the response (mask 1, it gets the final reward), every
+  later column is ``pad`` with mask 0; the loop ends as soon as every row is done;
+- the stored ``logprobs`` are ``log softmax(z)[token]`` of the *model* (temperature 1, no filtering), i.e.
+  exactly what the training forward recomputes as ``old_logprobs``; temperature / top-k / top-p only shape
+  *sampling*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tre_edu.policy import lm_forward_kwargs, output_cache, position_ids_from_mask
+
+__all__ = [
+    "Rollout",
+    "SamplingConfig",
+    "decode_responses",
+    "filter_logits",
+    "generate",
+    "pad_prompts",
+    "sample_tokens",
+]
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample responses.
+
+    max_new_tokens: response budget ``R_max >= 1``.
+    temperature: ``>= 0``; logits are divided by it before sampling; ``0`` means greedy (argmax, filters
+        ignored).
+    top_p: nucleus threshold in ``(0, 1]``; keep the smallest set of most likely tokens whose mass reaches
+        ``top_p`` (rank ``i`` is kept iff the mass strictly before it is ``< top_p``); ``1`` = off.
+    top_k: keep the ``top_k`` most likely tokens, ``0`` = off.
+    use_cache: reuse keys / values across steps (KV cache); ``False`` recomputes the whole prefix every step.
+    tail_metrics: also record per-step tail metrics of the model distribution (``Rollout.metrics``).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    use_cache: bool = True
+    tail_metrics: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an int >= 1; got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1; got {self.max_new_tokens!r}")
+        if not (
+            isinstance(self.temperature, (int, float))
+            and self.temperature >= 0
+            and self.temperature < float("inf")
+        ):
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 = greedy); got {self.temperature!r}"
+            )
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (1 = off); got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off); got {self.top_k!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses; ``P`` = padded prompt length, ``R`` = response columns (``<=
+    max_new_tokens``; fewer when every row stopped early).
+
+    input_ids: ``(B, P+R)`` long, ``[left-padded prompt | response]``; feed it to ``ActorCritic(..., R)``.
+    attention_mask: ``(B, P+R)`` long, 1 on real prompt tokens and valid response tokens.
+    prompt_len: ``P``.
+    response: ``(B, R)`` long, the sampled tokens (``pad`` after EOS).
+    response_mask: ``(B, R)`` bool, 1 up to and including EOS.
+    logprobs: ``(B, R)`` float32 ``log softmax(z_t)[a_t]`` under the model (temperature 1); 0 where masked.
+    outside_topk: ``(B, R)`` bool, the sampled token is not among the 2 most likely tokens of the model.
+    metrics: per-step tail metrics averaged over valid tokens (only with ``SamplingConfig.tail_metrics``).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    prompt_len: int
+    response: Tensor
+    response_mask: Tensor
+    logprobs: Tensor
+    outside_topk: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def response_len(self) -> int:
+        return self.response.shape[1]
+
+    @property
+    def lengths(self) -> Tensor:
+        """``(B,)`` long number of valid response tokens per row."""
+        return self.response_mask.long().sum(-1)
+
+
+def pad_prompts(
+    prompts: list[list[int]], pad_id: int, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Left-pad token-id lists to ``(ids (B, P) long, mask (B, P) long)``; ``P`` = longest prompt."""
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise ValueError(f"pad_id must be an int token id; got {pad_id!r} (set tokenizer.pad_token)")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"prompts must each have at least one token; prompt {lengths.index(0)} is empty")
+    B, P = len(prompts), max(lengths)
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, P - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Sampling logits ``(B, V)`` float32: ``z / T``, then top-k, then top-p; removed tokens get ``-inf``.
+
+    top-k keeps the ``k`` largest logits (ties at the k-th value are all kept). top-p keeps, in order of
+    probability, rank ``i`` iff the mass of the ranks before it is ``< top_p`` (so the most likely token is
+    always kept and the token that crosses ``top_p`` is kept too).
+    """
+    z = logits.float()
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to filter (0 = greedy, use argmax); got {temperature!r}")
+    if temperature != 1.0:
+        z = z / temperature
+    V = z.shape[-1]
+    if 0 < top_k < V:
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(sorted_z, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs  # exclusive cumulative mass
+        drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        z = z.masked_fill(drop, float("-inf"))
+    return z
+
+
+def sample_tokens(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row ``(B,)`` long from logits ``(B, V)``: argmax when ``cfg.temperature == 0``, otherwise
+    ``torch.multinomial`` on ``softmax(filter_logits(...))`` with ``generator``.
+
+    A generator on another device than the logits (e.g. a CPU generator with a CUDA model) is honoured by
+    drawing on the generator's device, so a seed gives the same samples wherever the model runs.
+    """
+    if cfg.greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), dim=-1)
+    if generator is not None and generator.device != probs.device:
+        return (
+            torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
+        )
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def generate(
+    actor: torch.nn.Module,
+    prompts: list[list[int]],
+    cfg: SamplingConfig,
+    *,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Rollout:
+    """Sample a response for every prompt.
+
+    Args:
+        actor: a Hugging Face causal LM (put in eval mode while sampling; its training flag is restored
+            after).
+        prompts: token ids of each prompt (no padding), ``B`` lists of length ``>= 1``.
+        cfg: :class:`SamplingConfig`.
+        eos_token_id: a row stops after emitting it (``None``: never stop early, always ``max_new_tokens``).
+        pad_token_id: id used for left padding of prompts and for the columns after EOS.
+        generator: ``torch.Generator`` for reproducible sampling.
+        progress: show a tqdm bar over the decoding steps.
+
+    Returns:
+        :class:`Rollout` (tensors on the model's device).
+    """
+    if not isinstance(cfg, SamplingConfig):
+        raise ValueError(f"cfg must be a SamplingConfig; got {type(cfg).__name__}")
+    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)):
+        raise ValueError(f"eos_token_id must be an int token id or None; got {eos_token_id!r}")
+    device = _model_device(actor)
+    prompt_ids, prompt_mask = pad_prompts(prompts, pad_token_id, device)
+    B, P = prompt_ids.shape
+    R = cfg.max_new_tokens
+
+    response = torch.full((B, R), pad_token_id, dtype=torch.long, device=device)
+    response_mask = torch.zeros((B, R), dtype=torch.bool, device=device)
+    logprobs = torch.zeros((B, R), dtype=torch.float32, device=device)
+    outside = torch.zeros((B, R), dtype=torch.bool, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    tail_sums: dict[str, float] = {}
+    tail_count = 0
+
+    ids, mask = prompt_ids, prompt_mask
+    cache: Any = None
+    steps = 0
+    was_training = actor.training
+    actor.eval()
+    try:
+        iterator: Any = range(R)
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc="sampling", leave=False)
+        for t in iterator:
+            position_ids = position_ids_from_mask(mask)
+            if cfg.use_cache:
+                # First step: the whole prompt; later steps: only the newest token, the cache holds the rest.
+                # The attention mask always covers cache + new tokens.
+                step_ids, step_pos = (
+                    (ids, position_ids) if cache is None else (ids[:, -1:], position_ids[:, -1:])
+                )
+                out = actor(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=step_pos,
+                    use_cache=True,
+                    **lm_forward_kwargs(actor, logits_to_keep=1, cache=cache),
+                )
+                cache = output_cache(out)
+            else:
+                out = actor(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                    **lm_forward_kwargs(actor, logits_to_keep=1),
+                )
+            z = out.logits[:, -1].float()  # (B, V) logits of the next token at temperature 1
+            token = sample_tokens(z, cfg, generator)
+            # old log-prob: log pi(a|s) = z[a] - logsumexp(z), of the model itself (no temperature /
+            # filtering)
+            lp = z.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+            # outside the top-2 <=> at least two tokens have a strictly larger logit
+            n_above = (z > z.gather(-1, token[:, None])).sum(-1)
+
+            valid = ~done
+            token = torch.where(valid, token, torch.full_like(token, pad_token_id))
+            response[:, t] = token
+            response_mask[:, t] = valid
+            logprobs[:, t] = torch.where(valid, lp, torch.zeros_like(lp))
+            outside[:, t] = valid & (n_above >= 2)
+            if cfg.tail_metrics:
+                n_valid = int(valid.sum())
+                if n_valid:
+                    from tre_edu.entropy import tail_metrics
+
+                    step_metrics = tail_metrics(z[:, None], valid[:, None].float())
+                    for k, v in step_metrics.items():
+                        tail_sums[k] = tail_sums.get(k, 0.0) + v * n_valid
+                    tail_count += n_valid
+
+            if eos_token_id is not None:
+                done = done | (valid & (token == eos_token_id))
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            mask = torch.cat([mask, valid[:, None].long()], dim=1)
+            steps = t + 1
+            if bool(done.all()):
+                break
+    finally:
+        actor.train(was_training)
+
+    response, response_mask = response[:, :steps], response_mask[:, :steps]
+    metrics = {k: v / tail_count for k, v in tail_sums.items()} if tail_count else {}
+    return Rollout(
+        input_ids=ids,
+        attention_mask=mask,
+        prompt_len=P,
+        response=response,
+        response_mask=response_mask,
+        logprobs=logprobs[:, :steps],
+        outside_topk=outside[:, :steps],
+        metrics=metrics,
+    )
+
+
+def decode_responses(tokenizer: Any, rollout: Rollout) -> list[str]:
+    """The text of each response: only its valid tokens (up to and including EOS), special tokens skipped."""
+    rows = [r[m].tolist() for r, m in zip(rollout.response.cpu(), rollout.response_mask.bool().cpu())]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)

@@ -1,0 +1,699 @@
+"""Plotly figure builders: numbers in, ``go.Figure`` out (``as_widget=True`` gives a ``go.FigureWidget``).
+
+Every builder makes the *same traces in the same order* whatever its arguments (a region of K tokens is a
+trace with K bars, never a trace that appears or disappears), so a panel can rebuild the figure for new slider
+values and copy the traces into a live ``FigureWidget`` (:func:`tre_edu.viz.panels.sync_figure`).
+All computation is delegated to :mod:`tre_edu.entropy` and :mod:`tre_edu.dynamics`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+from torch import Tensor
+
+from tre_edu import dynamics as dyn
+from tre_edu import entropy as ent
+
+COLORS = {
+    "global": "#d62728",  # red: the global entropy bonus
+    "tre-k": "#1f77b4",  # blue: TRE-K
+    "tre-p": "#2ca02c",  # green: TRE-P
+    "start": "#444444",
+    "outside": "#c7c7c7",
+    "down": "#1f77b4",
+}
+LABELS = {"global": "global entropy", "tre-k": "TRE-K", "tre-p": "TRE-P", "start": "start"}
+TEMPLATE = "plotly_white"
+
+
+def _finish(fig: go.Figure, as_widget: bool) -> go.Figure:
+    return go.FigureWidget(fig) if as_widget else fig
+
+
+def _region_sizes(logits: Tensor, k: int, p: float, max_candidates: int | None) -> tuple[int, int]:
+    v = logits.numel()
+    if not isinstance(k, int) or not 1 <= k <= v:
+        raise ValueError(f"k must be an int in [1, V={v}]; got {k!r}")
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"p must be in (0, 1]; got {p!r}")
+    n_p = int(ent.nucleus_size(logits.detach(), p, max_candidates=max_candidates))
+    return k, n_p
+
+
+def _polygon(x0: float, x1: float, y0: float, y1: float) -> tuple[list[float], list[float]]:
+    return [x0, x1, x1, x0, x0], [y0, y0, y1, y1, y0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Notebook 01: the trust region of one distribution
+# ---------------------------------------------------------------------------------------------------------
+
+
+def trust_region_figure(
+    logits: Tensor,
+    *,
+    k: int = 2,
+    p: float = 0.99,
+    n_bars: int = 20,
+    coef: float = 0.001,
+    max_candidates: int | None = 256,
+    n_points: int = 400,
+    height: int = 480,
+    width: int | None = None,
+    as_widget: bool = False,
+) -> go.Figure:
+    """Three panels for one next-token distribution ``logits`` of shape ``(V,)``.
+
+    1. The ``n_bars`` most likely tokens; the TRE-K region (the top K) highlighted, the TRE-P region marked.
+    2. Probability against rank on log-log axes with both trust regions shaded.
+    3. Global entropy, TRE-K and TRE-P: raw local entropy ``H_TR`` and rescaled
+       ``H_TRE = H_TR log V / log|A_TR|``.
+
+    Traces, in order: 0 "TRE-K region" (bars, exactly K of them when K <= n_bars), 1 "outside TRE-K" (bars),
+    2 "TRE-P region" (markers), 3 "p(rank)" (line), 4 "TRE-K region" (shading), 5 "TRE-P region" (shading),
+    6 "raw H_TR" (bars), 7 "rescaled" (bars), 8 "log V" (line).
+    """
+    dyn._check_logits(logits)
+    v = logits.numel()
+    k, n_p = _region_sizes(logits, k, p, max_candidates)
+    n_bars = min(n_bars, v)
+    probs = dyn.sorted_probs(logits)
+    ranks = np.arange(1, n_bars + 1)
+
+    h_glob = float(ent.global_entropy(logits))
+    h_k_raw = float(ent.trust_region_entropy(logits, top_k=k, rescale=False, max_candidates=max_candidates))
+    h_k = float(ent.trust_region_entropy(logits, top_k=k, rescale=True, max_candidates=max_candidates))
+    h_p_raw = float(ent.trust_region_entropy(logits, top_p=p, rescale=False, max_candidates=max_candidates))
+    h_p = float(ent.trust_region_entropy(logits, top_p=p, rescale=True, max_candidates=max_candidates))
+    f_k = dyn.rescale_factor(v, k)
+    f_p = dyn.rescale_factor(v, n_p)
+
+    fig = make_subplots(
+        rows=1,
+        cols=3,
+        column_widths=[0.34, 0.36, 0.30],
+        horizontal_spacing=0.07,
+        subplot_titles=(
+            f"top {n_bars} of V = {v:,} tokens",
+            "probability by rank (log-log)",
+            "entropy (nats)",
+        ),
+    )
+    in_k = ranks <= k
+    fig.add_trace(
+        go.Bar(
+            x=ranks[in_k],
+            y=probs[:n_bars][in_k],
+            name=f"TRE-K region (K = {k})",
+            marker_color=COLORS["tre-k"],
+            hovertemplate="rank %{x}<br>p = %{y:.3g}<extra>in TRE-K region</extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Bar(
+            x=ranks[~in_k],
+            y=probs[:n_bars][~in_k],
+            name="outside TRE-K",
+            marker_color=COLORS["outside"],
+            hovertemplate="rank %{x}<br>p = %{y:.3g}<extra>outside</extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    in_p = ranks <= n_p
+    fig.add_trace(
+        go.Scatter(
+            x=ranks[in_p],
+            y=probs[:n_bars][in_p] * 1.6,
+            mode="markers",
+            marker={"symbol": "triangle-down", "size": 8, "color": COLORS["tre-p"]},
+            name=f"TRE-P region (p = {p:.3g}, |A_TR| = {n_p})",
+            hovertemplate="rank %{x}<extra>in TRE-P region</extra>",
+        ),
+        row=1,
+        col=1,
+    )
+
+    grid = dyn.log_rank_grid(v, n=n_points)
+    y = probs[grid - 1]
+    y_min = max(float(y.min()) / 3, 1e-300)
+    fig.add_trace(
+        go.Scatter(
+            x=grid,
+            y=y,
+            mode="lines",
+            line={"color": COLORS["start"], "width": 2},
+            name="p(rank)",
+            hovertemplate="rank %{x}<br>p = %{y:.3g}<extra></extra>",
+        ),
+        row=1,
+        col=2,
+    )
+    for name, size, color in (("TRE-K region", k, COLORS["tre-k"]), ("TRE-P region", n_p, COLORS["tre-p"])):
+        xs, ys = _polygon(0.8, size + 0.4, y_min, 1.5)
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                fill="toself",
+                mode="lines",
+                line={"width": 0},
+                fillcolor=color,
+                opacity=0.22,
+                name=f"{name} (shaded, {size} tokens)",
+                hoverinfo="skip",
+            ),
+            row=1,
+            col=2,
+        )
+
+    cats = ["global H", f"TRE-K (K={k})", f"TRE-P (p={p:.3g})"]
+    fig.add_trace(
+        go.Bar(
+            x=cats,
+            y=[h_glob, h_k_raw, h_p_raw],
+            name="raw: H, H_TR",
+            marker_color=["#f4a3a3", "#9ec5e8", "#a8dba8"],
+            text=[f"{h_glob:.3f}", f"{h_k_raw:.3f}", f"{h_p_raw:.3f}"],
+            textposition="outside",
+            textfont={"size": 10},
+        ),
+        row=1,
+        col=3,
+    )
+    fig.add_trace(
+        go.Bar(
+            x=cats,
+            y=[h_glob, h_k, h_p],
+            name="rescaled: H_TRE = H_TR·log V / log|A_TR|",
+            marker_color=[COLORS["global"], COLORS["tre-k"], COLORS["tre-p"]],
+            text=[f"{h_glob:.3f}", f"{h_k:.3f}", f"{h_p:.3f}"],
+            textposition="outside",
+        ),
+        row=1,
+        col=3,
+    )
+    log_v = math.log(v)
+    fig.add_trace(
+        go.Scatter(
+            x=[cats[0], cats[-1]],
+            y=[log_v, log_v],
+            mode="lines",
+            line={"dash": "dash", "color": "#777"},
+            name=f"log V = {log_v:.2f} (max)",
+        ),
+        row=1,
+        col=3,
+    )
+
+    if k == 1:  # the official code's special case: min-entropy -log max pi, unscaled
+        f_k = 1.0
+        k_txt = "TRE-K: |A_TR| = 1, min-entropy −log max π (unscaled), effective coef"
+    else:
+        k_txt = f"TRE-K: |A_TR| = {k}, factor log V/log K = {f_k:.1f}, effective coef {coef:g}×{f_k:.1f} ="
+    title = f"{k_txt} {coef * f_k:.4f}<br>TRE-P: |A_TR| = {n_p}, factor {f_p:.1f}, effective {coef * f_p:.4f}"
+    fig.update_layout(
+        template=TEMPLATE,
+        height=height,
+        width=width,
+        barmode="group",
+        title={"text": title, "font": {"size": 13}, "x": 0.01},
+        legend={"orientation": "h", "y": -0.18, "x": 0.0, "font": {"size": 11}},
+        margin={"l": 55, "r": 20, "t": 80, "b": 40},
+    )
+    fig.update_xaxes(title_text="rank", row=1, col=1)
+    fig.update_yaxes(type="log", title_text="probability", exponentformat="power", dtick=1, row=1, col=1)
+    fig.update_xaxes(type="log", title_text="rank", exponentformat="power", row=1, col=2)
+    fig.update_yaxes(
+        type="log",
+        exponentformat="power",
+        dtick=2,
+        range=[math.log10(y_min), math.log10(1.5)],
+        row=1,
+        col=2,
+    )
+    fig.update_yaxes(range=[0, log_v * 1.15], row=1, col=3)
+    return _finish(fig, as_widget)
+
+
+def gradient_figure(
+    logits: Tensor,
+    *,
+    k: int = 2,
+    p: float = 0.99,
+    max_candidates: int | None = 256,
+    n_points: int = 300,
+    height: int = 480,
+    width: int | None = None,
+    as_widget: bool = False,
+) -> go.Figure:
+    """``dH/dz`` of every token by rank, for the global entropy, TRE-K and TRE-P (``logits``: shape ``(V,)``).
+
+    Top: ``|dH/dz|`` on log axes, coloured by sign (up = the bonus raises that logit). Bottom: the sign per
+    rank for each method (TRE is exactly 0 outside its trust region). The dotted line is the rank where
+    ``log pi = -H``: every global-entropy gradient beyond it is positive.
+
+    Traces, in order: 0 "global, up", 1 "global, down", 2 "TRE-K", 3 "TRE-P", 4/5/6 sign rows (+, 0, -),
+    7 and 8 the threshold lines.
+    """
+    dyn._check_logits(logits)
+    v = logits.numel()
+    k, n_p = _region_sizes(logits, k, p, max_candidates)
+    order = torch.argsort(logits.detach(), descending=True)
+    grads = {
+        m: dyn.entropy_gradient(logits, m, k=k, p=p, max_candidates=max_candidates)[order].double().numpy()
+        for m in dyn.METHODS
+    }
+    grid = dyn.log_rank_grid(v, n=n_points, dense_head=32)
+    idx = grid - 1
+    h = -dyn.sign_threshold(logits)
+    logp_sorted = torch.log_softmax(logits.detach().double(), -1)[order].numpy()
+    below = np.nonzero(logp_sorted < -h)[0]
+    thr_rank = int(below[0]) + 1 if below.size else v
+
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        row_heights=[0.68, 0.32],
+        vertical_spacing=0.06,
+        subplot_titles=("|dH/dz| per token (log scale)", "sign of dH/dz: + raises the logit, − lowers it"),
+    )
+    g = grads["global"][idx]
+    up, down = g > 0, g < 0
+    fig.add_trace(
+        go.Scatter(
+            x=grid[up],
+            y=g[up],
+            mode="markers",
+            marker={"color": COLORS["global"], "size": 5},
+            name="global entropy: dH/dz > 0 (raised)",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=grid[down],
+            y=-g[down],
+            mode="markers",
+            marker={"color": COLORS["global"], "size": 7, "symbol": "x"},
+            name="global entropy: dH/dz < 0 (lowered)",
+        ),
+        row=1,
+        col=1,
+    )
+    for m, symbol in (("tre-k", "diamond"), ("tre-p", "square")):
+        gm = grads[m][idx]
+        nz = gm != 0
+        n_zero = int((grads[m] == 0).sum())
+        fig.add_trace(
+            go.Scatter(
+                x=grid[nz],
+                y=np.abs(gm[nz]),
+                mode="markers",
+                marker={
+                    "color": COLORS[m],
+                    "size": 9,
+                    "symbol": symbol,
+                    "line": {"width": 1, "color": "white"},
+                },
+                name=f"{LABELS[m]}: |dH/dz| (exactly 0 for the other {n_zero:,} tokens)",
+            ),
+            row=1,
+            col=1,
+        )
+    rows_y, rows_x, rows_s = [], [], []
+    for m in dyn.METHODS:
+        s = np.sign(grads[m][idx])
+        rows_y.append(np.full(s.shape, LABELS[m], dtype=object))
+        rows_x.append(grid)
+        rows_s.append(s)
+    ys, xs, ss = np.concatenate(rows_y), np.concatenate(rows_x), np.concatenate(rows_s)
+    for sign, color, label in (
+        (1, COLORS["global"], "+"),
+        (0, COLORS["outside"], "0"),
+        (-1, COLORS["down"], "−"),
+    ):
+        sel = ss == sign
+        fig.add_trace(
+            go.Scatter(
+                x=xs[sel],
+                y=ys[sel],
+                mode="markers",
+                marker={"color": color, "size": 7, "symbol": "square"},
+                name=f"sign {label}",
+            ),
+            row=2,
+            col=1,
+        )
+    pos = np.abs(np.concatenate([g[g != 0], grads["tre-k"][idx], grads["tre-p"][idx]]))
+    pos = pos[pos > 0]
+    lo, hi = (float(pos.min()) / 3, float(pos.max()) * 3) if pos.size else (1e-12, 1.0)
+    for row, ys_line in ((1, [lo, hi]), (2, [LABELS["global"], LABELS["tre-p"]])):
+        fig.add_trace(
+            go.Scatter(
+                x=[thr_rank, thr_rank],
+                y=ys_line,
+                mode="lines",
+                line={"dash": "dot", "color": "#555"},
+                name=f"log π = −H (H = {h:.3f}): rank {thr_rank}",
+                showlegend=row == 1,
+            ),
+            row=row,
+            col=1,
+        )
+    fig.update_layout(
+        template=TEMPLATE,
+        height=height,
+        width=width,
+        legend={"font": {"size": 11}},
+        margin={"l": 60, "r": 20, "t": 40, "b": 40},
+    )
+    fig.update_xaxes(type="log", exponentformat="power", dtick=1, row=1, col=1)
+    fig.update_xaxes(type="log", exponentformat="power", dtick=1, title_text="rank", row=2, col=1)
+    fig.update_yaxes(type="log", exponentformat="power", range=[math.log10(lo), math.log10(hi)], row=1, col=1)
+    fig.update_yaxes(
+        categoryorder="array", categoryarray=[LABELS[m] for m in reversed(dyn.METHODS)], row=2, col=1
+    )
+    return _finish(fig, as_widget)
+
+
+def effective_coef_figure(
+    vocab_sizes: Sequence[int],
+    *,
+    ks: Sequence[int] = (2, 4, 16),
+    coef: float = 0.001,
+    height: int = 360,
+    as_widget: bool = False,
+) -> go.Figure:
+    """Effective coefficient ``coef · log V / log K`` of TRE-K against the vocabulary size V (log x axis)."""
+    vs = np.asarray(sorted(int(v) for v in vocab_sizes))
+    fig = go.Figure()
+    for k in ks:
+        fig.add_trace(
+            go.Scatter(
+                x=vs,
+                y=[coef * dyn.rescale_factor(int(v), k) for v in vs],
+                mode="lines+markers",
+                name=f"K = {k}",
+            )
+        )
+    fig.add_hline(y=coef, line_dash="dash", annotation_text=f"global entropy: {coef:g} (no rescaling)")
+    fig.update_layout(
+        template=TEMPLATE,
+        height=height,
+        title=f"effective weight of the TRE-K term, coef = {coef:g}",
+        xaxis={"type": "log", "title": "vocabulary size V", "exponentformat": "power"},
+        yaxis={"title": "coef · log V / log K", "rangemode": "tozero"},
+        margin={"l": 60, "r": 20, "t": 50, "b": 40},
+    )
+    return _finish(fig, as_widget)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Notebook 02: tail dilution under an entropy bonus
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _rank_curve(logits: Tensor, n_points: int) -> tuple[np.ndarray, np.ndarray]:
+    probs = dyn.sorted_probs(logits)
+    grid = dyn.log_rank_grid(probs.size, n=n_points)
+    return grid, probs[grid - 1]
+
+
+def rank_curves_figure(
+    curves: Mapping[str, Tensor],
+    *,
+    colors: Mapping[str, str] | None = None,
+    n_points: int = 300,
+    title: str = "probability by rank (log-log)",
+    height: int = 400,
+    as_widget: bool = False,
+) -> go.Figure:
+    """One log-log line of probability against rank per ``{label: logits (V,)}`` (in the mapping's order)."""
+    fig = go.Figure()
+    for label, logits in curves.items():
+        dyn._check_logits(logits, f"curves[{label!r}]")
+        x, y = _rank_curve(logits, n_points)
+        color = (colors or {}).get(label)
+        fig.add_trace(
+            go.Scatter(x=x, y=y, mode="lines", name=label, line={"color": color} if color else None)
+        )
+    fig.update_layout(
+        template=TEMPLATE,
+        height=height,
+        title=title,
+        xaxis={"type": "log", "title": "rank", "exponentformat": "power"},
+        yaxis={"type": "log", "title": "probability", "exponentformat": "power"},
+        margin={"l": 60, "r": 20, "t": 50, "b": 40},
+    )
+    return _finish(fig, as_widget)
+
+
+def tail_mass_figure(
+    results: Mapping[tuple[str, int], dyn.AscentResult],
+    *,
+    log_y: bool = True,
+    height: int = 420,
+    as_widget: bool = False,
+) -> go.Figure:
+    """Tail mass (outside the top-k) by ascent step, one line per ``(method, V)`` of ``dyn.ascent_sweep``.
+
+    Colour = method, line style = V (solid for the largest V).
+    """
+    vs = sorted({v for _, v in results})
+    dashes = ["dot", "dash", "dashdot", "longdash", "solid"]
+    style = {v: dashes[max(len(dashes) - len(vs) + i, 0)] for i, v in enumerate(vs)}
+    fig = go.Figure()
+    for (method, v), res in results.items():
+        fig.add_trace(
+            go.Scatter(
+                x=res.steps,
+                y=res.tail_mass,
+                mode="lines",
+                name=f"{LABELS.get(method, method)}, V = {v:,}",
+                line={"color": COLORS.get(method), "dash": style[v], "width": 2},
+            )
+        )
+    k = next(iter(results.values())).tail_k if results else 0
+    fig.update_layout(
+        template=TEMPLATE,
+        height=height,
+        title=f"mass outside the top {k} tokens during entropy ascent",
+        xaxis={"title": "ascent step"},
+        yaxis={"title": "tail mass", "type": "log" if log_y else "linear", "exponentformat": "power"},
+        margin={"l": 60, "r": 20, "t": 50, "b": 40},
+    )
+    return _finish(fig, as_widget)
+
+
+def clean_response_figure(
+    eps: Mapping[str, float],
+    *,
+    t_max: int = 8192,
+    mark_t: int | None = None,
+    colors: Mapping[str, str] | None = None,
+    height: int = 400,
+    as_widget: bool = False,
+) -> go.Figure:
+    """``P(clean) = (1 - eps)^T`` against the horizon T (log x), one line per ``{label: eps}``.
+
+    With ``mark_t`` a dotted vertical line and one marker per curve show the value at that T.
+    Traces: one line per label, then one marker trace per label, then the vertical line.
+    """
+    if t_max < 1:
+        raise ValueError(f"t_max must be >= 1; got {t_max}")
+    ts = np.unique(np.round(np.geomspace(1, t_max, 200)).astype(np.int64))
+    fig = go.Figure()
+    for label, e in eps.items():
+        color = (colors or {}).get(label)
+        fig.add_trace(
+            go.Scatter(
+                x=ts,
+                y=dyn.clean_response_probability(e, ts),
+                mode="lines",
+                name=f"{label} (ε = {e:.2g})",
+                line={"color": color} if color else None,
+            )
+        )
+    t_mark = int(mark_t) if mark_t is not None else int(ts[-1])
+    for label, e in eps.items():
+        color = (colors or {}).get(label)
+        val = float(dyn.clean_response_probability(e, t_mark)[0])
+        fig.add_trace(
+            go.Scatter(
+                x=[t_mark],
+                y=[val],
+                mode="markers+text",
+                text=[f"{val:.3g}"],
+                textposition="middle right",
+                marker={"size": 9, "color": color} if color else {"size": 9},
+                name=f"{label} at T = {t_mark}",
+                showlegend=False,
+                visible=mark_t is not None,
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=[t_mark, t_mark],
+            y=[0, 1],
+            mode="lines",
+            line={"dash": "dot", "color": "#555"},
+            name=f"T = {t_mark}",
+            visible=mark_t is not None,
+        )
+    )
+    fig.update_layout(
+        template=TEMPLATE,
+        height=height,
+        title="chance that a T-token response never samples a tail token: ∏(1 − ε_t)",
+        xaxis={"type": "log", "title": "response length T (tokens)", "exponentformat": "power"},
+        yaxis={"title": "P(clean response)", "range": [0, 1.05]},
+        margin={"l": 60, "r": 20, "t": 50, "b": 40},
+    )
+    return _finish(fig, as_widget)
+
+
+def tail_dilution_figure(
+    results: Mapping[str, dyn.AscentResult],
+    *,
+    horizon: int = 1024,
+    t_max: int = 8192,
+    coef: float | None = None,
+    n_points: int = 250,
+    height: int = 460,
+    width: int | None = None,
+    as_widget: bool = False,
+) -> go.Figure:
+    """Three panels for ``{method: AscentResult}`` runs that all start from the same logits ``(V,)``.
+
+    1. Probability by rank (log-log): the start and the end of each run.
+    2. Tail mass (outside the top ``tail_k``) over the ascent steps.
+    3. ``P(clean) = (1 - eps)^T`` against T, with ``eps`` = the tail mass at the end of each run (and at the
+       start); markers at ``T = horizon``.
+
+    Traces, in order: rank curves (start, then one per method), tail-mass lines (one per method),
+    clean-response lines (start, then one per method), clean-response markers at ``horizon`` (same order),
+    the ``T`` line.
+    """
+    if not results:
+        raise ValueError("results must hold at least one AscentResult")
+    if not 1 <= horizon <= t_max:
+        raise ValueError(f"horizon must be in [1, t_max={t_max}]; got {horizon}")
+    first = next(iter(results.values()))
+    v, tail_k = first.vocab_size, first.tail_k
+    n_steps = int(first.steps[-1])
+    fig = make_subplots(
+        rows=1,
+        cols=3,
+        horizontal_spacing=0.08,
+        subplot_titles=(
+            f"probability by rank, V = {v:,}",
+            f"mass outside the top {tail_k}",
+            f"P(clean response of T tokens), T = {horizon:,}",
+        ),
+    )
+    x, y = _rank_curve(first.initial_logits, n_points)
+    fig.add_trace(
+        go.Scatter(x=x, y=y, mode="lines", name="start", line={"color": COLORS["start"], "width": 3}),
+        row=1,
+        col=1,
+    )
+    for m, res in results.items():
+        x, y = _rank_curve(res.final_logits, n_points)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=y,
+                mode="lines",
+                name=f"{LABELS.get(m, m)} after {n_steps} steps",
+                line={"color": COLORS.get(m), "dash": "dash" if m != "global" else "solid"},
+            ),
+            row=1,
+            col=1,
+        )
+    for m, res in results.items():
+        fig.add_trace(
+            go.Scatter(
+                x=res.steps,
+                y=res.tail_mass,
+                mode="lines",
+                name=f"{LABELS.get(m, m)}: tail mass",
+                line={"color": COLORS.get(m), "width": 2},
+                showlegend=False,
+            ),
+            row=1,
+            col=2,
+        )
+    ts = np.unique(np.round(np.geomspace(1, t_max, 160)).astype(np.int64))
+    eps = {"start": float(first.tail_mass[0])}
+    eps.update({m: float(res.tail_mass[-1]) for m, res in results.items()})
+    for label, e in eps.items():
+        fig.add_trace(
+            go.Scatter(
+                x=ts,
+                y=dyn.clean_response_probability(e, ts),
+                mode="lines",
+                name=f"{LABELS.get(label, label)} (ε = {e:.2g})",
+                line={"color": COLORS.get(label), "dash": "dot" if label == "start" else "solid"},
+                showlegend=False,
+            ),
+            row=1,
+            col=3,
+        )
+    for label, e in eps.items():
+        val = float(dyn.clean_response_probability(e, horizon)[0])
+        fig.add_trace(
+            go.Scatter(
+                x=[horizon],
+                y=[val],
+                mode="markers",
+                marker={"size": 10, "color": COLORS.get(label)},
+                name=f"{LABELS.get(label, label)}: P(clean, T={horizon}) = {val:.3g}",
+                hovertemplate=f"{LABELS.get(label, label)}<br>ε = {e:.3g}<br>P = %{{y:.4g}}<extra></extra>",
+                showlegend=False,
+            ),
+            row=1,
+            col=3,
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=[horizon, horizon],
+            y=[0, 1.05],
+            mode="lines",
+            line={"dash": "dot", "color": "#555"},
+            name=f"T = {horizon}",
+            showlegend=False,
+        ),
+        row=1,
+        col=3,
+    )
+    p_clean = {lbl: float(dyn.clean_response_probability(e, horizon)[0]) for lbl, e in eps.items()}
+    summary = "  ·  ".join(
+        f"{LABELS.get(lbl, lbl)}: ε = {e:.2g}, P(clean) = {p_clean[lbl]:.3g}" for lbl, e in eps.items()
+    )
+    coef_txt = f"coef = {coef:g}, " if coef is not None else ""
+    fig.update_layout(
+        template=TEMPLATE,
+        height=height,
+        width=width,
+        title={"text": f"{coef_txt}T = {horizon:,}<br>{summary}", "font": {"size": 12}, "x": 0.01},
+        legend={"orientation": "h", "y": -0.2, "x": 0.0, "font": {"size": 11}},
+        margin={"l": 55, "r": 20, "t": 80, "b": 40},
+    )
+    fig.update_xaxes(type="log", exponentformat="power", title_text="rank", row=1, col=1)
+    fig.update_yaxes(type="log", exponentformat="power", row=1, col=1)
+    fig.update_xaxes(title_text="ascent step", row=1, col=2)
+    fig.update_yaxes(type="log", exponentformat="power", row=1, col=2)
+    fig.update_xaxes(type="log", exponentformat="power", title_text="T (tokens)", row=1, col=3)
+    fig.update_yaxes(range=[0, 1.05], row=1, col=3)
+    return _finish(fig, as_widget)

@@ -1,0 +1,242 @@
+"""ipywidgets panels: sliders that recompute with the library and update plotly ``FigureWidget``s in place.
+
+A panel is an ``ipywidgets.VBox`` (display it as the last expression of a cell). When a slider moves, the
+panel rebuilds the figure with the same builder from :mod:`tre_edu.viz.figures` and copies the new traces into
+the live ``FigureWidget`` inside one ``batch_update`` (:func:`sync_figure`): one message to the browser, no
+flicker. Sliders use ``continuous_update=False``: the work runs once, when the handle is released.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+from torch import Tensor
+
+from tre_edu import dynamics as dyn
+from tre_edu.viz import figures
+
+
+def sync_figure(widget: go.FigureWidget, new: go.Figure) -> None:
+    """Copy the traces, titles, annotations, shapes and axis ranges of ``new`` into ``widget`` in one update.
+
+    Both figures must come from the same builder (same number and order of traces).
+    """
+    if len(widget.data) != len(new.data):
+        raise ValueError(f"new must have the same traces as widget: {len(new.data)} != {len(widget.data)}")
+    with widget.batch_update():
+        for old_trace, new_trace in zip(widget.data, new.data):
+            props = new_trace.to_plotly_json()
+            props.pop("type", None)
+            props.pop("uid", None)
+            old_trace.update(props, overwrite=True)
+        widget.layout.title = new.layout.title
+        widget.layout.annotations = new.layout.annotations
+        widget.layout.shapes = new.layout.shapes
+        for name in new.layout.to_plotly_json():
+            if name.startswith(("xaxis", "yaxis")):
+                widget.layout[name].range = new.layout[name].range
+
+
+class TrustRegionPanel(widgets.VBox):
+    """Sliders "K" and "p" over one distribution ``logits`` (shape ``(V,)``): the trust region, the entropies
+    and their per-token gradients (:func:`~tre_edu.viz.figures.trust_region_figure` and
+    :func:`~tre_edu.viz.figures.gradient_figure`), updated in place.
+
+    Attributes: ``k_slider``, ``p_slider``, ``figure`` and ``gradient`` (``FigureWidget``; ``gradient`` is
+    ``None`` with ``show_gradient=False``).
+    """
+
+    def __init__(
+        self,
+        logits: Tensor,
+        *,
+        k: int = 2,
+        p: float = 0.99,
+        n_bars: int = 20,
+        coef: float = 0.001,
+        k_max: int = 16,
+        show_gradient: bool = True,
+        max_candidates: int | None = 256,
+        width: int | None = 960,
+    ) -> None:
+        dyn._check_logits(logits)
+        self.logits = logits.detach()
+        self.n_bars, self.coef, self.max_candidates, self.width = n_bars, coef, max_candidates, width
+        self.k_slider = widgets.IntSlider(
+            value=k,
+            min=1,
+            max=min(k_max, self.logits.numel()),
+            description="K",
+            continuous_update=False,
+            style={"description_width": "2em"},
+        )
+        self.p_slider = widgets.FloatSlider(
+            value=p,
+            min=0.5,
+            max=0.999,
+            step=0.001,
+            readout_format=".3f",
+            description="p",
+            continuous_update=False,
+            style={"description_width": "2em"},
+        )
+        self.figure = figures.trust_region_figure(self.logits, **self._kwargs(), as_widget=True)
+        self.gradient = (
+            figures.gradient_figure(self.logits, **self._grad_kwargs(), as_widget=True)
+            if show_gradient
+            else None
+        )
+        self.k_slider.observe(self._on_change, names="value")
+        self.p_slider.observe(self._on_change, names="value")
+        children = [widgets.HBox([self.k_slider, self.p_slider]), self.figure]
+        if self.gradient is not None:
+            children.append(self.gradient)
+        super().__init__(children=children)
+
+    def _kwargs(self) -> dict:
+        return {
+            "k": int(self.k_slider.value),
+            "p": float(self.p_slider.value),
+            "n_bars": self.n_bars,
+            "coef": self.coef,
+            "max_candidates": self.max_candidates,
+            "width": self.width,
+        }
+
+    def _grad_kwargs(self) -> dict:
+        return {
+            "k": int(self.k_slider.value),
+            "p": float(self.p_slider.value),
+            "max_candidates": self.max_candidates,
+            "width": self.width,
+        }
+
+    def _on_change(self, _change=None) -> None:
+        self.update()
+
+    def update(self) -> None:
+        """Recompute both figures for the current slider values."""
+        kw = self._kwargs()
+        sync_figure(self.figure, figures.trust_region_figure(self.logits, **kw))
+        if self.gradient is not None:
+            sync_figure(self.gradient, figures.gradient_figure(self.logits, **self._grad_kwargs()))
+
+
+class TailDilutionPanel(widgets.VBox):
+    """Sliders "V", "T" and "coef": entropy ascent (global vs TRE-K vs TRE-P) on ``realistic_logits(V)`` and
+    the chance of a clean response of T tokens (:func:`~tre_edu.viz.figures.tail_dilution_figure`).
+
+    V and coef rerun :func:`tre_edu.dynamics.entropy_ascent` for every method (results are cached); T only
+    moves the markers. Attributes: ``v_slider``, ``t_slider``, ``coef_slider``, ``figure``, ``status``.
+    """
+
+    def __init__(
+        self,
+        vocab_sizes: Sequence[int] = (1_000, 8_000, 32_000, 151_936),
+        horizons: Sequence[int] = (16, 64, 256, 1024, 4096, 8192),
+        *,
+        vocab_size: int | None = None,
+        horizon: int | None = None,
+        coef: float = 1.0,
+        coef_range: tuple[float, float] = (-1.5, 0.25),
+        steps: int = 150,
+        record_every: int = 5,
+        n_plausible: int = 5,
+        seed: int = 0,
+        methods: Sequence[str] = dyn.METHODS,
+        k: int = 2,
+        p: float = 0.99,
+        optimizer: str = "sgd",
+        lr: float = 1.0,
+        width: int | None = 960,
+    ) -> None:
+        if not vocab_sizes or not horizons:
+            raise ValueError("vocab_sizes and horizons must not be empty")
+        vocab_sizes, horizons = [int(v) for v in vocab_sizes], [int(t) for t in horizons]
+        vocab_size = vocab_sizes[-1] if vocab_size is None else int(vocab_size)
+        horizon = horizons[len(horizons) // 2] if horizon is None else int(horizon)
+        if vocab_size not in vocab_sizes:
+            raise ValueError(f"vocab_size must be one of vocab_sizes {vocab_sizes}; got {vocab_size}")
+        if horizon not in horizons:
+            raise ValueError(f"horizon must be one of horizons {horizons}; got {horizon}")
+        self.methods = tuple(dyn._check_method(m) for m in methods)
+        self.ascent_kwargs = {
+            "steps": steps,
+            "k": k,
+            "p": p,
+            "optimizer": optimizer,
+            "lr": lr,
+            "tail_k": n_plausible,
+            "record_every": record_every,
+        }
+        self.n_plausible, self.seed, self.width = n_plausible, seed, width
+        self.t_max = max(horizons)
+        self._cache: dict[tuple[int, float], dict[str, dyn.AscentResult]] = {}
+        self.v_slider = widgets.SelectionSlider(
+            options=[(f"{v:,}", v) for v in vocab_sizes],
+            value=vocab_size,
+            description="V",
+            continuous_update=False,
+            style={"description_width": "3em"},
+        )
+        self.t_slider = widgets.SelectionSlider(
+            options=[(f"{t:,}", t) for t in horizons],
+            value=horizon,
+            description="T",
+            continuous_update=False,
+            style={"description_width": "3em"},
+        )
+        self.coef_slider = widgets.FloatLogSlider(
+            value=coef,
+            base=10,
+            min=coef_range[0],
+            max=coef_range[1],
+            step=0.125,
+            readout_format=".3g",
+            description="coef",
+            continuous_update=False,
+            style={"description_width": "3em"},
+        )
+        self.status = widgets.HTML()
+        self.figure = figures.tail_dilution_figure(self._results(), **self._fig_kwargs(), as_widget=True)
+        for s in (self.v_slider, self.t_slider, self.coef_slider):
+            s.observe(self._on_change, names="value")
+        super().__init__(
+            children=[
+                widgets.HBox([self.v_slider, self.coef_slider, self.t_slider]),
+                self.status,
+                self.figure,
+            ]
+        )
+
+    def _fig_kwargs(self) -> dict:
+        return {
+            "horizon": int(self.t_slider.value),
+            "t_max": self.t_max,
+            "coef": float(self.coef_slider.value),
+            "width": self.width,
+        }
+
+    def _results(self) -> dict[str, dyn.AscentResult]:
+        key = (int(self.v_slider.value), round(float(self.coef_slider.value), 12))
+        if key not in self._cache:
+            t0 = time.perf_counter()
+            start = dyn.realistic_logits(key[0], self.n_plausible, self.seed)
+            self._cache[key] = {
+                m: dyn.entropy_ascent(start, m, coef=key[1], **self.ascent_kwargs) for m in self.methods
+            }
+            self.status.value = (
+                f"<small>{self.ascent_kwargs['steps']} ascent steps × {len(self.methods)} methods at "
+                f"V = {key[0]:,}: {time.perf_counter() - t0:.2f} s</small>"
+            )
+        return self._cache[key]
+
+    def _on_change(self, _change=None) -> None:
+        self.update()
+
+    def update(self) -> None:
+        """Recompute (or fetch from the cache) the runs for the current V and coef; redraw for T."""
+        sync_figure(self.figure, figures.tail_dilution_figure(self._results(), **self._fig_kwargs()))
