@@ -141,9 +141,7 @@ def main() -> None:
 
         return run
 
-    methods: list[
-        tuple[str, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
-    ] = [
+    methods: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = [
         ("global entropy", ent.global_entropy, naive_global),
         (
             f"TRE-K (K={args.k})",
@@ -181,10 +179,7 @@ def main() -> None:
             mem = _peak_extra_bytes(run, dev)
             row.append((statistics.median(ratios), None if mem is None else mem / logits_bytes))
         fmt_m = lambda m: "n/a" if m is None else f"{m:.2f}x"  # noqa: E731
-        print(
-            f"{name:<20} {row[0][0]:>12.2f}x {row[1][0]:>10.2f}x "
-            f"{fmt_m(row[0][1]):>12} {fmt_m(row[1][1]):>10}"
-        )
+        print(f"{name:<20} {row[0][0]:>12.2f}x {row[1][0]:>10.2f}x {fmt_m(row[0][1]):>12} {fmt_m(row[1][1]):>10}")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,7 @@ import torch
 from tre_edu.rollout import SamplingConfig, generate
 
 
-def tiny_causal_lm(
-    vocab_size: int, n_embd: int = 128, n_layer: int = 4, n_head: int = 4, n_positions: int = 256
-):
+def tiny_causal_lm(vocab_size: int, n_embd: int = 128, n_layer: int = 4, n_head: int = 4, n_positions: int = 256):
     """A randomly initialised GPT-2-style causal LM (no hub), tied embeddings, no dropout."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -107,9 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     rows = []
     for vocab in args.vocab:
         n_pos = args.prompt_len + max(args.new_tokens) + 8
-        model = tiny_causal_lm(vocab, n_embd=args.width, n_layer=args.layers, n_positions=n_pos).to(
-            args.device
-        )
+        model = tiny_causal_lm(vocab, n_embd=args.width, n_layer=args.layers, n_positions=n_pos).to(args.device)
         for new_tokens in args.new_tokens:
             res = compare_cache(
                 model,

@@ -123,9 +123,7 @@ def check_ppo(device: str, steps: int) -> None:
     moved = any(not torch.equal(a, b) for a, b in zip(before, trainer.actor.parameters()))
     on_device = next(trainer.actor.parameters()).device.type == torch.device(device).type
     ok = len(history) == steps and finite and moved and on_device
-    report(
-        f"(b) {steps} PPO steps, tiny Countdown, bf16 on {device}", ok, f"{seconds:.1f} s, finite={finite}"
-    )
+    report(f"(b) {steps} PPO steps, tiny Countdown, bf16 on {device}", ok, f"{seconds:.1f} s, finite={finite}")
 
 
 def check_qwen_shape(device: str, batch: int = 4, tokens: int = 1024) -> None:
@@ -187,20 +185,15 @@ def check_qwen_shape(device: str, batch: int = 4, tokens: int = 1024) -> None:
     report(
         f"(c) Qwen2.5-1.5B shape, bf16, checkpointing, {batch} x {tokens} tokens fwd+bwd",
         ok,
-        f"{seconds:.1f} s, peak {peak:.2f} GiB vs estimate {expected:.2f} GiB ({ratio:.2f}x; "
-        f"rows: {', '.join(rows)})",
+        f"{seconds:.1f} s, peak {peak:.2f} GiB vs estimate {expected:.2f} GiB ({ratio:.2f}x; rows: {', '.join(rows)})",
     )
     del model, logits, lp, loss
     torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--cpu-smoke", action="store_true", help="run check (a) on the CPU only, even with a GPU"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true", help="run check (a) on the CPU only, even with a GPU")
     parser.add_argument("--steps", type=int, default=20, help="PPO steps of check (b)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -163,9 +163,7 @@ def _n_code_cells() -> int:
 def test_notebook01_k_slider_updates_figure(tmp_path):
     if CHROMIUM is None:
         pytest.skip("Debian chromium not found on PATH (apt-get install chromium)")
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="the Python playwright package is not installed"
-    )
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the Python playwright package is not installed")
 
     n_code = _n_code_cells()
     proc, base, token, log = _start_lab(tmp_path)
@@ -213,15 +211,11 @@ def test_notebook01_k_slider_updates_figure(tmp_path):
         _wait(all_ran, 300, f"all {n_code} code cells to run")
         _wait(lambda: _kernel_ready(base, token), 60, "the kernel to be idle after Run All")
 
-        slider = page.locator(".widget-slider").filter(
-            has=page.locator(".widget-label", has_text=re.compile(r"^K$"))
-        )
+        slider = page.locator(".widget-slider").filter(has=page.locator(".widget-label", has_text=re.compile(r"^K$")))
         slider.wait_for()
         output = page.locator(".jp-OutputArea-output").filter(has=slider)
         plot = output.locator(".js-plotly-plot").first
-        highlighted = plot.locator(".cartesianlayer .subplot.xy .barlayer .trace").first.locator(
-            ".point path"
-        )
+        highlighted = plot.locator(".cartesianlayer .subplot.xy .barlayer .trace").first.locator(".point path")
         readout = slider.locator(".widget-readout")
 
         plot.scroll_into_view_if_needed()

@@ -60,8 +60,12 @@ def test_override_syntax_error():
 
 
 def test_base_chain(tmp_path):
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"ppo": {"steps": 5, "top_p": 0.9}, "task": {"options": {"a": 1}}}))
-    (tmp_path / "child.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "ppo": {"steps": 9}, "task": {"options": {"b": 2}}}))
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump({"ppo": {"steps": 5, "top_p": 0.9}, "task": {"options": {"a": 1}}})
+    )
+    (tmp_path / "child.yaml").write_text(
+        yaml.safe_dump({"base": "base.yaml", "ppo": {"steps": 9}, "task": {"options": {"b": 2}}})
+    )
     data = load_yaml_dict(tmp_path / "child.yaml")
     assert data["ppo"] == {"steps": 9, "top_p": 0.9}
     assert data["task"]["options"] == {"a": 1, "b": 2}

@@ -62,9 +62,7 @@ WORKER = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed gloo missing"
-)
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed gloo missing")
 def test_two_cpu_processes_stay_in_sync(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

@@ -146,18 +146,14 @@ def test_clean_response_probability_closed_form():
     assert p[0] == 1.0 and np.all(np.diff(p) < 0)
     np.testing.assert_allclose(dyn.tail_hit_probability(0.002, ts), 1 - p, atol=1e-12)
     eps = np.array([0.1, 0.2, 0.0, 0.5])
-    np.testing.assert_allclose(
-        dyn.clean_response_probability(eps, [0, 1, 2, 3, 4]), [1, 0.9, 0.72, 0.72, 0.36]
-    )
+    np.testing.assert_allclose(dyn.clean_response_probability(eps, [0, 1, 2, 3, 4]), [1, 0.9, 0.72, 0.72, 0.36])
     # accurate for tiny eps: 1 - (1 - 1e-12)^10 = 1e-11, lost by the naive formula's cancellation
     assert dyn.tail_hit_probability(1e-12, 10)[0] == pytest.approx(1e-11, rel=1e-6)
     assert dyn.clean_response_probability(1.0, 3)[0] == 0.0
     assert dyn.per_step_tail_risk(dyn.realistic_logits(1000, 5, 0), 5) == pytest.approx(0.002, rel=1e-3)
 
 
-@pytest.mark.parametrize(
-    ("eps", "horizon"), [(-0.1, 3), (1.5, 3), (0.1, -1), (0.1, 2.5), ([0.1, 0.2], 3), ([], 1)]
-)
+@pytest.mark.parametrize(("eps", "horizon"), [(-0.1, 3), (1.5, 3), (0.1, -1), (0.1, 2.5), ([0.1, 0.2], 3), ([], 1)])
 def test_clean_response_rejects_bad_input(eps, horizon):
     with pytest.raises(ValueError):
         dyn.clean_response_probability(eps, horizon)

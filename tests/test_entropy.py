@@ -156,9 +156,7 @@ def test_uniform_over_trust_region_gives_log_v():
     z = torch.full((1, V), -math.inf)
     z[0, :7] = 1.0  # nucleus of p = 0.99 over 7 equal tokens = all 7
     torch.testing.assert_close(ent.trust_region_entropy(z, top_p=0.99), torch.tensor([math.log(V)]))
-    torch.testing.assert_close(
-        ent.trust_region_entropy(z, top_p=0.99, vocab_size=50), torch.tensor([math.log(50)])
-    )
+    torch.testing.assert_close(ent.trust_region_entropy(z, top_p=0.99, vocab_size=50), torch.tensor([math.log(50)]))
     # K = V is the global entropy
     z = torch.randn(3, 50)
     close(ent.trust_region_entropy(z, top_k=50), ent.global_entropy(z))
@@ -308,9 +306,7 @@ def test_strided_and_bf16_inputs_global_and_tre():
     zb.requires_grad_()
     ent.global_entropy(zb).sum().backward()
     assert zb.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(
-        zb.grad.float(), grad_of(ent.global_entropy, zf, torch.ones(3)), atol=1e-2, rtol=1e-2
-    )
+    torch.testing.assert_close(zb.grad.float(), grad_of(ent.global_entropy, zf, torch.ones(3)), atol=1e-2, rtol=1e-2)
 
 
 # ---------------------------------------------------------------------------------- masked vocabulary

@@ -88,12 +88,8 @@ def test_ultrafeedback_paper_split(monkeypatch):
     # both splits come from the hub's train split, shuffled with seed 42
     assert calls == [("trl-lib/ultrafeedback_binarized", "train")] * 2
     shuffled = fake.shuffle(seed=42)
-    assert [e["prompt_text"] for e in train] == [
-        r["chosen"][0]["content"] for r in shuffled.select(range(10))
-    ]
-    assert [e["prompt_text"] for e in test] == [
-        r["chosen"][0]["content"] for r in shuffled.select(range(10, 15))
-    ]
+    assert [e["prompt_text"] for e in train] == [r["chosen"][0]["content"] for r in shuffled.select(range(10))]
+    assert [e["prompt_text"] for e in test] == [r["chosen"][0]["content"] for r in shuffled.select(range(10, 15))]
     assert len(train) == 10 and len(test) == 5
     assert not {e["prompt_text"] for e in train} & {e["prompt_text"] for e in test}
     assert [e["prompt_text"] for e in train] != [f"question {i}" for i in range(10)]  # really shuffled

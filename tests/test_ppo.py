@@ -387,3 +387,10 @@ def test_add_kl_to_rewards():
     assert not out.requires_grad
     with pytest.raises(ValueError, match="coef"):
         add_kl_to_rewards(rewards, kl, -1.0)
+
+
+def test_explained_variance_of_round_off_target_is_zero():
+    # returns that are zero up to float round-off (all rewards 0) must not give a huge negative number
+    target = torch.tensor([[1e-9, -1e-9, 2e-9]])
+    pred = torch.tensor([[0.3, -0.2, 0.5]])
+    assert explained_variance(pred, target, torch.ones_like(target)) == 0.0

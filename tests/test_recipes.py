@@ -27,11 +27,7 @@ METHODS = {
     "tre-p": {"kind": "tre-p", "coef": 0.001, "p": 0.99, "max_candidates": 256, "rescale": True},
 }
 # The paper's models on every task; Qwen2.5-0.5B is our extra, cheaper Countdown recipe.
-COMBOS = [
-    (t, m, k)
-    for t, m, k in itertools.product(TASKS, MODELS, METHODS)
-    if m != "qwen2.5-0.5b" or t == "countdown"
-]
+COMBOS = [(t, m, k) for t, m, k in itertools.product(TASKS, MODELS, METHODS) if m != "qwen2.5-0.5b" or t == "countdown"]
 
 
 def _files(task, model, method):
@@ -83,11 +79,7 @@ def test_recipe_has_the_paper_settings(task, model, method):
 @pytest.mark.parametrize("task,model,method", COMBOS)
 def test_dry_run_works_offline(task, model, method, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    args = (
-        ["train"]
-        + [a for f in _files(task, model, method) for a in ("-c", f)]
-        + ["--dry-run", "--processes", "8"]
-    )
+    args = ["train"] + [a for f in _files(task, model, method) for a in ("-c", f)] + ["--dry-run", "--processes", "8"]
     assert main(args) == 0
     out = capsys.readouterr().out
     resolved = yaml.safe_load(out.split("memory estimate")[0])

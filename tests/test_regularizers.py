@@ -215,9 +215,7 @@ def _cov_case():
     # lp: row0 (-0.1, -1, -1, -1, -1), row1 (-1, -1, -1, -1, -3) -> mean lp = -11.1 / 10 = -1.11
     # Cov = (A - 0)(lp + 1.11): (0,0) = 2 * 1.01 = 2.02, (1,4) = -2 * -1.89 = 3.78, every other token 0
     adv = torch.tensor([[2.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, -2.0]])
-    logprobs = torch.tensor(
-        [[-0.1, -1.0, -1.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0, -3.0]], requires_grad=True
-    )
+    logprobs = torch.tensor([[-0.1, -1.0, -1.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0, -3.0]], requires_grad=True)
     old = logprobs.detach() - 0.1  # |log pi - log pi_old| = 0.1 everywhere
     return logprobs, old, adv, torch.ones(2, 5)
 

@@ -70,9 +70,7 @@ def test_encode_appends_eos_and_truncates_left(tiny):
 def test_constructor_checks(tiny):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    cfg = LlamaConfig(
-        vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
-    )
+    cfg = LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
     cfg.num_labels = 2
     with pytest.raises(ValueError, match="num_labels"):
         R.RewardModel(LlamaForSequenceClassification(cfg), tiny.tokenizer)

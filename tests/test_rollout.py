@@ -66,9 +66,7 @@ def prompts(seed: int = 0, lengths=(5, 2, 7, 1)) -> list[list[int]]:
 def run(model, ps, **cfg_kw):
     seed = cfg_kw.pop("seed", 0)
     cfg = SamplingConfig(**cfg_kw)
-    return generate(
-        model, ps, cfg, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(seed)
-    )
+    return generate(model, ps, cfg, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator().manual_seed(seed))
 
 
 def check_mask_invariants(ro: Rollout, eos: int = EOS) -> None:
@@ -270,3 +268,27 @@ def test_decode_responses():
         logprobs=torch.zeros(2, 4), outside_topk=torch.zeros(2, 4, dtype=torch.bool),
     )  # fmt: skip
     assert decode_responses(tokenizer, ro) == ["w5 w6", "w7 w8 w9 w10"]
+
+
+def test_concat_rollouts_pads_to_common_lengths():
+    from tre_edu.rollout import Rollout, concat_rollouts
+
+    def part(P, R, fill):
+        B = 2
+        return Rollout(
+            input_ids=torch.full((B, P + R), fill),
+            attention_mask=torch.ones(B, P + R, dtype=torch.long),
+            prompt_len=P,
+            response=torch.full((B, R), fill),
+            response_mask=torch.ones(B, R, dtype=torch.bool),
+            logprobs=torch.full((B, R), -0.5),
+            outside_topk=torch.zeros(B, R, dtype=torch.bool),
+        )
+
+    ro = concat_rollouts([part(3, 2, 7), part(5, 4, 8)], pad_token_id=0)
+    assert ro.prompt_len == 5 and ro.input_ids.shape == (4, 9) and ro.response.shape == (4, 4)
+    # the first part's prompts are left-padded by 2 and its responses right-padded by 2
+    assert ro.attention_mask[0].tolist() == [0, 0, 1, 1, 1, 1, 1, 0, 0]
+    assert ro.response_mask[0].tolist() == [True, True, False, False]
+    assert ro.logprobs[0].tolist() == [-0.5, -0.5, 0.0, 0.0]
+    assert ro.input_ids[2].tolist() == [8] * 9

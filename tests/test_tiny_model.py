@@ -64,9 +64,7 @@ def test_tail_tokens_never_produced_by_encoding(tok):
     assert cd.score(
         tok.decode(response + [tok.eos_token_id, tok.pad_token_id], skip_special_tokens=True), [3, 7, 20], 41
     )
-    assert (
-        cd.score(tok.decode(response[:-1] + [tail_token_ids(tok)[0]] + response[-1:]), [3, 7, 20], 41) == 0.0
-    )
+    assert cd.score(tok.decode(response[:-1] + [tail_token_ids(tok)[0]] + response[-1:]), [3, 7, 20], 41) == 0.0
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -97,9 +95,7 @@ def test_seeded_init_leaves_global_rng_alone(tok):
     assert torch.equal(torch.rand(1), expected)
     b = build_tiny_model(tok, n_embd=32, n_layer=1, n_head=2, seed=7)
     c = build_tiny_model(tok, n_embd=32, n_layer=1, n_head=2, seed=8)
-    assert torch.equal(a.lm_head.weight, b.lm_head.weight) and not torch.equal(
-        a.lm_head.weight, c.lm_head.weight
-    )
+    assert torch.equal(a.lm_head.weight, b.lm_head.weight) and not torch.equal(a.lm_head.weight, c.lm_head.weight)
 
 
 def test_bad_shapes():
@@ -120,10 +116,7 @@ def test_save_and_load_round_trip(tok, tmp_path, arch):
     tok2 = AutoTokenizer.from_pretrained(tmp_path)
     model2 = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     for text in TEXTS:
-        assert (
-            tok2(text, add_special_tokens=False)["input_ids"]
-            == tok(text, add_special_tokens=False)["input_ids"]
-        )
+        assert tok2(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
         assert tok2.decode(tok2(text)["input_ids"]) == text
     assert (tok2.eos_token_id, tok2.pad_token_id, tok2.padding_side) == (
         tok.eos_token_id,

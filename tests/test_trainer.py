@@ -125,3 +125,22 @@ def test_cli_dry_run_and_bad_override(capsys):
     assert "memory estimate" in capsys.readouterr().out
     assert main(["train", "-c", CONFIG, "--set", "ppo.clip_low=7", "--dry-run"]) == 2
     assert "ppo.clip_low" in capsys.readouterr().err
+
+
+def test_cli_train_rm_tiny(tmp_path, capsys):
+    args = [
+        "train-rm",
+        "--backend",
+        "torch",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-3",
+        "--n-train",
+        "8",
+        "--n-test",
+        "4",
+    ]
+    assert main(args + ["--output-dir", str(tmp_path / "rm")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["source"] and 0.0 <= res["test_accuracy"] <= 1.0

@@ -30,9 +30,7 @@ def _output(tokens, steps):
 def test_outputs_to_rollout_pads_like_the_library_sampler():
     prompts = [[5, 6, 7], [8]]
     outputs = [
-        _output(
-            [1, 2], [{1: _lp(-0.1, 1), 3: _lp(-2.5, 2)}, {2: _lp(-4.0, 7), 1: _lp(-0.2, 1), 3: _lp(-1.9, 2)}]
-        ),
+        _output([1, 2], [{1: _lp(-0.1, 1), 3: _lp(-2.5, 2)}, {2: _lp(-4.0, 7), 1: _lp(-0.2, 1), 3: _lp(-1.9, 2)}]),
         _output([4, 9, 0], [{4: _lp(-0.5)}, {9: _lp(-0.7), 1: _lp(-0.3), 2: _lp(-0.6)}, {0: _lp(-0.05)}]),
     ]
     ro = outputs_to_rollout(prompts, outputs, pad_token_id=0)
@@ -79,9 +77,7 @@ def test_weight_sync_falls_back_to_the_v0_driver_worker():
     model = _Model()
     llm = SimpleNamespace(
         llm_engine=SimpleNamespace(
-            model_executor=SimpleNamespace(
-                driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model))
-            )
+            model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)))
         )
     )
     assert load_weights_into(llm, [("lm_head.weight", torch.zeros(1))]) == "driver_worker"

@@ -5,7 +5,7 @@
     tre-edu sft   --config configs/countdown_tiny.yaml --output-dir runs/warm
     tre-edu eval  --model runs/x/final --config configs/countdown_tiny.yaml [--n 500]
     tre-edu bench entropy|sampling|ppo-step
-    tre-edu train-rm --data pairs.jsonl --model <id or path> --output-dir runs/rm
+    tre-edu train-rm --source ultrafeedback --model <id or path> --output-dir runs/rm
 
 Any config field can be overridden with ``--set section.field=value``; the common ones have short flags.
 """
@@ -36,7 +36,10 @@ SHORT_FLAGS = {
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config", "-c", action="append", help="YAML config (see configs/); repeat to merge files left to right"
+        "--config",
+        "-c",
+        action="append",
+        help="YAML config (see configs/); repeat to merge files left to right",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field, repeatable")
     p.add_argument("--kind", help="regularizer: none, entropy, tre-k, tre-p, forking, kl-cov, clip-cov")
@@ -55,16 +58,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace):
     from tre_edu.config import load_config
 
-    overrides = [f"{key}={getattr(args, flag)}" for flag, (key, _t) in SHORT_FLAGS.items() if getattr(args, flag, None) is not None]
+    overrides = [
+        f"{key}={getattr(args, flag)}"
+        for flag, (key, _t) in SHORT_FLAGS.items()
+        if getattr(args, flag, None) is not None
+    ]
     return load_config(args.config, list(args.set) + overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     if args.dry_run:
-        from tre_edu.memory import estimate_memory
-
         import yaml
+
+        from tre_edu.memory import estimate_memory
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         print(estimate_memory(cfg, processes=args.processes, fsdp=False if args.no_fsdp else None).report())
@@ -109,9 +116,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_train_rm(args: argparse.Namespace) -> int:
     from tre_edu.reward_model import train_rm_main
 
-    out = train_rm_main(
-        data=args.data, model=args.model, output_dir=args.output_dir, epochs=args.epochs, lr=args.lr, backend=args.backend
-    )
+    opts = {k: v for k, v in vars(args).items() if k not in ("func", "command") and v is not None}
+    out = train_rm_main(opts)
     print(json.dumps(out, indent=2, default=str))
     return 0
 
@@ -144,12 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train-rm", help="train a scalar reward model on preference pairs (HH / UltraFeedback)")
-    p.add_argument("--data", required=True, help="JSONL of {prompt, chosen, rejected} or a dataset id")
-    p.add_argument("--model", required=True, help="hub id or local path of the base model")
-    p.add_argument("--output-dir", dest="output_dir", required=True)
+    p.add_argument("--source", choices=["ultrafeedback", "hh-rlhf"], default="ultrafeedback")
+    p.add_argument("--model", default="tiny", help="hub id or local path of the base model ('tiny': a CPU toy)")
+    p.add_argument("--output-dir", dest="output_dir")
+    p.add_argument("--n-train", dest="n_train", type=int, help="pairs to train on (default: the whole split)")
+    p.add_argument("--n-test", dest="n_test", type=int)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--max-length", dest="max_length", type=int)
     p.add_argument("--backend", choices=["trl", "torch"], default="trl")
+    p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_train_rm)
     return parser
 

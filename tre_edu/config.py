@@ -96,7 +96,12 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
     def validate(self) -> None:
-        _check(isinstance(self.name, str) and self.name != "", "model.name", "'tiny', a hub id or a path", self.name)
+        _check(
+            isinstance(self.name, str) and self.name != "",
+            "model.name",
+            "'tiny', a hub id or a path",
+            self.name,
+        )
         _pos_int("model.tail_tokens", self.tail_tokens, 0)
         for n in ("n_embd", "n_layer", "n_head", "n_positions"):
             _pos_int(f"model.{n}", getattr(self, n))
@@ -162,7 +167,9 @@ class PPOConfig:
     max_new_tokens: int = 64
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
     rollout_batch_size: int = 0  # responses sampled at once (0: the whole batch); bounds the KV cache
-    rollout_backend: str = "hf"  # hf (the library's KV-cached sampler) | vllm (optional extra: pip install tre_edu[vllm])
+    rollout_backend: str = (
+        "hf"  # hf (the library's KV-cached sampler) | vllm (optional extra: pip install tre_edu[vllm])
+    )
     vllm_gpu_memory_utilization: float = 0.4
 
     def validate(self) -> None:
@@ -255,7 +262,12 @@ class TrainConfig:
         _pos_int("seed", self.seed, 0)
         _pos_int("checkpoint_every", self.checkpoint_every, 0)
         _pos_int("threads", self.threads, 0)
-        _check(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir", "a path", self.output_dir)
+        _check(
+            isinstance(self.output_dir, str) and self.output_dir != "",
+            "output_dir",
+            "a path",
+            self.output_dir,
+        )
         ok = self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")
         _check(ok, "device", "auto, cpu, cuda or cuda:N", self.device)
         return self
@@ -326,6 +338,9 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         return int(value)
     if target is bool and not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false; got {value!r}")
+    if target is str and isinstance(value, bool):
+        # YAML 1.1 reads a bare `no` / `yes` as a boolean (e.g. `ppo.mixed_precision: no`): give the word back.
+        return "yes" if value else "no"
     if target is str and not isinstance(value, str):
         return str(value)
     return value

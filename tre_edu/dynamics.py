@@ -310,9 +310,7 @@ def entropy_ascent(
         (coef * reg).backward()
         opt.step()
         if not torch.isfinite(z).all():
-            raise ValueError(
-                f"logits became non-finite at step {step + 1}: lower lr * coef (lr={lr}, coef={coef})"
-            )
+            raise ValueError(f"logits became non-finite at step {step + 1}: lower lr * coef (lr={lr}, coef={coef})")
 
     return AscentResult(
         method=method,

@@ -75,9 +75,7 @@ def _check_logits(logits: Tensor, name: str = "logits") -> int:
     if not isinstance(logits, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape (..., V), got {type(logits).__name__}")
     if not logits.is_floating_point():
-        raise ValueError(
-            f"{name} must be a floating tensor (float32, float64, bf16, fp16), got {logits.dtype}"
-        )
+        raise ValueError(f"{name} must be a floating tensor (float32, float64, bf16, fp16), got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(logits.shape)}")
     return logits.shape[-1]
@@ -112,9 +110,7 @@ def _raise_bad_rows(m: Tensor, name: str = "logits") -> None:
     if bool((m == math.inf).any()):
         raise ValueError(f"{name} contain +inf; allowed values are finite numbers or -inf (masked tokens)")
     if bool((m == -math.inf).any()):
-        raise ValueError(
-            f"{name} have a row that is entirely -inf; at least one token per position must be finite"
-        )
+        raise ValueError(f"{name} have a row that is entirely -inf; at least one token per position must be finite")
 
 
 def _row_views(x: Tensor) -> list[Tensor]:
@@ -238,9 +234,7 @@ class _GlobalEntropy(torch.autograd.Function):
             s = _shifted(ch, m[sl].unsqueeze(-1), out)  # s = z - m
             if bool(ninf_cpu[sl].any()):
                 s.clamp_(min=_FMIN)
-            p = torch.exp(s, out=b_p[:r]).mul_(
-                (-go[sl] * torch.exp(-logs[sl])).unsqueeze(-1)
-            )  # -g pi = -g e / S
+            p = torch.exp(s, out=b_p[:r]).mul_((-go[sl] * torch.exp(-logs[sl])).unsqueeze(-1))  # -g pi = -g e / S
             s.add_(c[sl].unsqueeze(-1)).mul_(p)  # dH/dz_a = -pi_a (s_a + c) = -pi_a (log pi_a + H)
             if out.data_ptr() != gflat[sl].data_ptr():
                 gflat[sl].copy_(s)
@@ -322,8 +316,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
         raise ValueError("tokens must be an integer tensor of shape logits.shape[:-1]")
     if tuple(tokens.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
-            f"tokens must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
-            f"got {tuple(tokens.shape)}"
+            f"tokens must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}"
         )
     tokens = tokens.long().to(logits.device)
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):

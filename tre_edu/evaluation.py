@@ -71,10 +71,7 @@ def evaluate(
 
             batches = tqdm(batches, desc="evaluate", leave=False)
         for start in batches:
-            ids = [
-                tokenizer(p, add_special_tokens=False)["input_ids"]
-                for p in prompts[start : start + batch_size]
-            ]
+            ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]]
             with torch.no_grad():
                 rollout = generate(
                     model,
@@ -91,8 +88,7 @@ def evaluate(
     rewards = [float(r) for r in task.reward(responses, examples)]
     n = len(rewards)
     samples = [
-        {"prompt": p, "response": r, "reward": w}
-        for p, r, w in list(zip(prompts, responses, rewards))[:num_samples]
+        {"prompt": p, "response": r, "reward": w} for p, r, w in list(zip(prompts, responses, rewards))[:num_samples]
     ]
     return {
         "accuracy": sum(r >= 1.0 for r in rewards) / n,

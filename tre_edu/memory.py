@@ -83,9 +83,7 @@ def shape_of(cfg: Any) -> dict[str, int | bool]:
         layers=getattr(c, "num_hidden_layers", None) or c.n_layer,
         inter=getattr(c, "intermediate_size", None) or 4 * hidden,
         heads=getattr(c, "num_attention_heads", None) or c.n_head,
-        kv_heads=getattr(c, "num_key_value_heads", None)
-        or getattr(c, "num_attention_heads", None)
-        or c.n_head,
+        kv_heads=getattr(c, "num_key_value_heads", None) or getattr(c, "num_attention_heads", None) or c.n_head,
         vocab=c.vocab_size,
         tied=bool(getattr(c, "tie_word_embeddings", True)),
         gpt2=getattr(c, "model_type", "") == "gpt2",
@@ -99,9 +97,7 @@ def count_params(s: dict[str, int | bool]) -> int:
     if s.get("gpt2"):
         per_layer = 4 * h * h + 2 * h * inter + 9 * h  # qkv + proj, two MLP matrices, biases and norms
     else:
-        per_layer = (
-            2 * h * h + 2 * h * d_kv + h + 2 * d_kv + 3 * h * inter + 2 * h
-        )  # Qwen2: q/k/v biases, SwiGLU
+        per_layer = 2 * h * h + 2 * h * d_kv + h + 2 * d_kv + 3 * h * inter + 2 * h  # Qwen2: q/k/v biases, SwiGLU
     return V * h * (1 if s["tied"] else 2) + L * per_layer + h
 
 
@@ -137,15 +133,11 @@ class MemoryEstimate:
 
     def report(self) -> str:
         layout = (
-            f"FSDP full shard over {self.processes}"
-            if self.sharded
-            else f"{self.processes} process(es), no sharding"
+            f"FSDP full shard over {self.processes}" if self.sharded else f"{self.processes} process(es), no sharding"
         )
         lines = [f"memory estimate per process ({layout}, {self.params / 1e9:.3f} B params/model):"]
         tags = {"train": " [train]", "sample": " [sample]"}
-        lines += [
-            f"  {k + tags.get(self.phase.get(k, ''), ''):<64s} {v:9.2f} GiB" for k, v in self.rows.items()
-        ]
+        lines += [f"  {k + tags.get(self.phase.get(k, ''), ''):<64s} {v:9.2f} GiB" for k, v in self.rows.items()]
         lines.append(f"  {'peak GPU = held + max([train], [sample])':<64s} {self.total_gib:9.2f} GiB")
         if self.cpu_gib:
             lines.append(f"  {'total CPU (offloaded)':<64s} {self.cpu_gib:9.2f} GiB")
@@ -192,9 +184,7 @@ def estimate_memory(
     rows["weights (compute copy)"] = models * P * compute_bytes / shard / GIB
     if param_bytes == 4 and autocast:
         rows["fp32 master weights" + cpu] = models * P * 4 / shard / GIB
-    rows[f"gradients ({'fp32' if param_bytes == 4 else 'bf16'})" + cpu] = (
-        models * P * param_bytes / shard / GIB
-    )
+    rows[f"gradients ({'fp32' if param_bytes == 4 else 'bf16'})" + cpu] = models * P * param_bytes / shard / GIB
     rows["AdamW moments (x2)" + cpu] = models * P * 2 * param_bytes / shard / GIB
     phase: dict[str, str] = {}
     key = f"logits of a micro-batch ({b} x {R} x {V})"
@@ -209,9 +199,7 @@ def estimate_memory(
     notes = []
     if p.rollout_backend == "vllm":
         rows["vLLM engine (weights + KV pool)"] = p.vllm_gpu_memory_utilization * gpu_gib
-        notes.append(
-            f"vLLM takes vllm_gpu_memory_utilization x {gpu_gib:g} GiB; training must fit in the rest"
-        )
+        notes.append(f"vLLM takes vllm_gpu_memory_utilization x {gpu_gib:g} GiB; training must fit in the rest")
     else:
         rows_at_once = min(local, p.rollout_batch_size) if p.rollout_batch_size > 0 else local
         key = f"KV cache while sampling ({rows_at_once} rows x {T} tokens)"

@@ -21,11 +21,11 @@ def run_warm_start(cfg: TrainConfig, output_dir: str | Path, progress: bool = Tr
 
     Returns ``{"summary": ..., "history": [...]}``; the summary records the held-out greedy accuracy reached.
     """
+    import torch
+
     from tre_edu.models.hub import build_tokenizer_and_actor
     from tre_edu.sft import warm_start
     from tre_edu.trainer import set_seed
-
-    import torch
 
     cfg = cfg.validate()
     if cfg.threads:
@@ -62,9 +62,7 @@ def run_warm_start(cfg: TrainConfig, output_dir: str | Path, progress: bool = Tr
     return {"summary": summary, "history": history}
 
 
-def run_training(
-    cfg: TrainConfig, resume: bool = False, callbacks=None, progress: bool = True
-) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, resume: bool = False, callbacks=None, progress: bool = True) -> dict[str, Any]:
     """The main job: (warm start when ``sft.enabled`` and no ``init_from``) then PPO; returns a summary."""
     from tre_edu.trainer import PPOTrainer, latest_checkpoint, summarize
 

@@ -64,9 +64,7 @@ def _forward_params(model: nn.Module) -> set[str]:
         return set()
 
 
-def lm_forward_kwargs(
-    model: nn.Module, *, logits_to_keep: int | None = None, cache: Any = None
-) -> dict[str, Any]:
+def lm_forward_kwargs(model: nn.Module, *, logits_to_keep: int | None = None, cache: Any = None) -> dict[str, Any]:
     """Keyword arguments for ``model(...)`` that ask for the last ``logits_to_keep`` logits and pass a KV
     cache, named as this transformers version / model class expects. ``cache=None`` passes no cache
     argument."""
@@ -182,9 +180,7 @@ class ActorCritic(nn.Module):
             params += list(self.value_head.parameters())
         return params
 
-    def param_groups(
-        self, actor_lr: float, critic_lr: float, weight_decay: float = 0.0
-    ) -> list[dict[str, Any]]:
+    def param_groups(self, actor_lr: float, critic_lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """Optimizer parameter groups with separate learning rates (paper: actor 1e-6, critic 1e-5).
 
         A group with no parameters (no critic) is left out. Each group carries a ``"name"`` ("actor" /
@@ -193,9 +189,7 @@ class ActorCritic(nn.Module):
         for name, lr in (("actor_lr", actor_lr), ("critic_lr", critic_lr)):
             if not lr >= 0:
                 raise ValueError(f"{name} must be >= 0; got {lr!r}")
-        groups = [
-            {"params": self.actor_parameters(), "lr": actor_lr, "weight_decay": weight_decay, "name": "actor"}
-        ]
+        groups = [{"params": self.actor_parameters(), "lr": actor_lr, "weight_decay": weight_decay, "name": "actor"}]
         critic = self.critic_parameters()
         if critic:
             groups.append({"params": critic, "lr": critic_lr, "weight_decay": weight_decay, "name": "critic"})
@@ -212,9 +206,7 @@ class ActorCritic(nn.Module):
             if model is None:
                 continue
             if hasattr(model, "activation_checkpointing_enable"):
-                model.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs={"use_reentrant": False}
-                )
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             elif hasattr(model, "gradient_checkpointing_enable"):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -239,9 +231,7 @@ class ActorCritic(nn.Module):
         h = hidden[:, :-1]
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
-    def _critic_values(
-        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, R: int
-    ) -> Tensor:
+    def _critic_values(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, R: int) -> Tensor:
         assert self.critic is not None
         out = self.critic(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -299,9 +289,7 @@ class ActorCritic(nn.Module):
         if self.critic is not None:
             return self._critic_values(input_ids, attention_mask, position_ids, R)
         trunk = getattr(self.actor, "base_model", self.actor)
-        out = trunk(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        )
+        out = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return self._values_from_hidden(out.last_hidden_state[:, -(R + 1) :])
 
     # ---- save / load ---------------------------------------------------------------------------------------
@@ -319,27 +307,19 @@ class ActorCritic(nn.Module):
                 {k: v.detach().cpu() for k, v in self.value_head.state_dict().items()},
                 path / _VALUE_HEAD_NAME,
             )
-        kind = (
-            "separate"
-            if self.critic is not None
-            else ("value_head" if self.value_head is not None else "none")
-        )
+        kind = "separate" if self.critic is not None else ("value_head" if self.value_head is not None else "none")
         (path / _CONFIG_NAME).write_text(json.dumps({"critic": kind, "format": 1}, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         return path
 
     @classmethod
-    def load(
-        cls, directory: str | os.PathLike, torch_dtype: torch.dtype | str | None = None, **kw
-    ) -> ActorCritic:
+    def load(cls, directory: str | os.PathLike, torch_dtype: torch.dtype | str | None = None, **kw) -> ActorCritic:
         """Load what :meth:`save_pretrained` wrote (actor, critic trunk, value head)."""
         path = Path(directory)
         meta_file = path / _CONFIG_NAME
         if not meta_file.is_file():
-            raise FileNotFoundError(
-                f"{directory!s} has no {_CONFIG_NAME}; it was not written by save_pretrained"
-            )
+            raise FileNotFoundError(f"{directory!s} has no {_CONFIG_NAME}; it was not written by save_pretrained")
         kind = json.loads(meta_file.read_text())["critic"]
         if kind not in ("separate", "value_head", "none"):
             raise ValueError(f"{meta_file}: critic must be 'separate', 'value_head' or 'none'; got {kind!r}")
@@ -397,9 +377,7 @@ def _dtype_kwargs(torch_dtype: torch.dtype | str | None) -> dict[str, Any]:
         return {}
     if isinstance(torch_dtype, str):
         if torch_dtype not in _DTYPES:
-            raise ValueError(
-                f"torch_dtype must be a torch.dtype or one of {sorted(_DTYPES)}; got {torch_dtype!r}"
-            )
+            raise ValueError(f"torch_dtype must be a torch.dtype or one of {sorted(_DTYPES)}; got {torch_dtype!r}")
         torch_dtype = _DTYPES[torch_dtype]
     import transformers
 
@@ -408,9 +386,7 @@ def _dtype_kwargs(torch_dtype: torch.dtype | str | None) -> dict[str, Any]:
     return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype}
 
 
-def _load_causal_lm(
-    name_or_path: str | os.PathLike, torch_dtype: torch.dtype | str | None, **kw
-) -> nn.Module:
+def _load_causal_lm(name_or_path: str | os.PathLike, torch_dtype: torch.dtype | str | None, **kw) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     dtype_kw = _dtype_kwargs(torch_dtype)
@@ -420,11 +396,7 @@ def _load_causal_lm(
         if Path(name_or_path).is_dir():
             raise
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = (
-            "HF_HUB_OFFLINE is set"
-            if offline
-            else "the Hugging Face hub could not be reached or has no such model"
-        )
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub could not be reached or has no such model"
         raise OSError(
             f"could not load the model {str(name_or_path)!r}: {why} and it is not in the local cache. "
             f"Download it where there is network access (`huggingface-cli download {name_or_path}`, or unset "

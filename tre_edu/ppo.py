@@ -188,9 +188,7 @@ def _check_unit_interval(name: str, value: float) -> float:
 
 
 @torch.no_grad()
-def compute_gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
+def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised Advantage Estimation (Schulman et al. 2016) over response tokens.
 
     Args:
@@ -284,9 +282,7 @@ def add_kl_to_rewards(rewards: Tensor, kl: Tensor, coef: float, mask: Tensor | N
 # Losses
 # ------------------------------------------------------------------------------------------------------------
 def _check_nonneg(fn: str, name: str, value: float, upper: float | None = None) -> float:
-    ok = (
-        not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value) and value >= 0
-    )
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value) and value >= 0
     if ok and upper is not None:
         ok = value < upper
     if not ok:
@@ -321,9 +317,7 @@ def policy_loss(
         ``policy/approx_kl``: k3 estimate of KL(pi_old || pi), mean of (r - 1) - log r (>= 0, unbiased
         for samples from pi_old, as in CleanRL); ``policy/ratio_mean``; ``policy/loss``.
     """
-    _check_shapes(
-        "policy_loss", logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask
-    )
+    _check_shapes("policy_loss", logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
     _check_agg(agg)
     clip_low = _check_nonneg("policy_loss", "clip_low", clip_low, upper=1.0)
     clip_high = _check_nonneg("policy_loss", "clip_high", clip_high)
@@ -412,14 +406,16 @@ def explained_variance(pred: Tensor, target: Tensor, mask: Tensor) -> float:
     """1 - Var[target - pred] / Var[target] over valid tokens (``(B, T)`` inputs), a float.
 
     1 is a perfect critic, 0 is no better than predicting the mean, negative is worse. Undefined when
-    the target has zero variance (or fewer than 2 valid tokens): then 0.0 is returned instead of NaN.
+    the target has (near) zero variance, below 1e-8 (or fewer than 2 valid tokens): then 0.0 is returned instead of NaN.
     """
     _check_shapes("explained_variance", pred=pred, target=target, mask=mask)
     pred = pred.float()
     target = target.float()
     n = float(_count(mask, target, None))
     var_target = float(masked_var(target, mask, unbiased=False))
-    if n < 2 or not var_target > 0:
+    # A (numerically) constant target, e.g. a micro-batch whose rewards are all 0, leaves the ratio undefined:
+    # round-off variance of ~1e-15 would otherwise give values like -1e13.
+    if n < 2 or not var_target > 1e-8:
         return 0.0
     var_resid = float(masked_var(target - pred, mask, unbiased=False))
     return 1.0 - var_resid / var_target

@@ -108,9 +108,7 @@ def select_top_fraction(scores: Tensor, mask: Tensor, ratio: float, group_rows: 
         raise ValueError(
             f"scores and mask must both be (B, T); got scores {tuple(scores.shape)}, mask {tuple(mask.shape)}"
         )
-    if group_rows is not None and (
-        isinstance(group_rows, bool) or not isinstance(group_rows, int) or group_rows < 1
-    ):
+    if group_rows is not None and (isinstance(group_rows, bool) or not isinstance(group_rows, int) or group_rows < 1):
         raise ValueError(f"group_rows must be None or an int >= 1; got {group_rows!r}")
     valid = mask if mask.dtype == torch.bool else mask != 0
     selected = torch.zeros(scores.shape, dtype=torch.float32, device=scores.device)
@@ -130,9 +128,7 @@ def select_top_fraction(scores: Tensor, mask: Tensor, ratio: float, group_rows: 
 
 
 @torch.no_grad()
-def forking_mask(
-    entropy: Tensor, mask: Tensor, ratio: float = 0.2, microbatch_size: int | None = None
-) -> Tensor:
+def forking_mask(entropy: Tensor, mask: Tensor, ratio: float = 0.2, microbatch_size: int | None = None) -> Tensor:
     """Forking tokens: 1 on the top ``ratio`` valid tokens by entropy, ``(B, T)`` float.
 
     Counts are max(1, int(n * ratio)) per group: the whole batch when ``microbatch_size`` is None,
@@ -281,9 +277,7 @@ class Regularizer:
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(names))
         if unknown:
-            raise ValueError(
-                f"unknown regularizer field(s) {', '.join(unknown)}; allowed: {', '.join(names)}"
-            )
+            raise ValueError(f"unknown regularizer field(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -379,15 +373,9 @@ class Regularizer:
         if logits is None:
             if self.needs_logits:
                 raise ValueError(f"regularizer kind {self.kind!r} needs logits (B, T, V); got None")
-        elif (
-            not isinstance(logits, Tensor)
-            or logits.dim() != 3
-            or tuple(logits.shape[:2]) != tuple(mask.shape)
-        ):
+        elif not isinstance(logits, Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(mask.shape):
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(
-                f"logits must be (B, T, V) with (B, T) = mask's {tuple(mask.shape)}; got {shape}"
-            )
+            raise ValueError(f"logits must be (B, T, V) with (B, T) = mask's {tuple(mask.shape)}; got {shape}")
 
         anchor = logits if logits is not None else logprobs
         ones = torch.ones(mask.shape, dtype=torch.float32, device=anchor.device)
@@ -409,9 +397,7 @@ class Regularizer:
             loss = -self.coef * bonus  # L_reg = -alpha * agg(H)
             metrics = {
                 "reg/loss": float(loss.detach()),
-                "reg/entropy" if kind == "entropy" else "reg/tre_entropy": float(
-                    masked_mean(h.detach(), mask)
-                ),
+                "reg/entropy" if kind == "entropy" else "reg/tre_entropy": float(masked_mean(h.detach(), mask)),
             }
             if kind != "tre-p":
                 metrics["reg/effective_coef"] = self.effective_coef(int(logits.shape[-1]))

@@ -48,13 +48,9 @@ TRL_MISSING = "TRL is not installed; `pip install tre_edu[rm]` (or `pip install 
 def _as_messages(prompt: Prompt) -> Messages:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in prompt
-    ):
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
         return [{"role": m["role"], "content": m["content"]} for m in prompt]
-    raise ValueError(
-        "prompt must be a string or a list of {'role', 'content'} messages; got " + repr(prompt)[:80]
-    )
+    raise ValueError("prompt must be a string or a list of {'role', 'content'} messages; got " + repr(prompt)[:80])
 
 
 def _transcript(messages: Messages) -> str:
@@ -124,9 +120,7 @@ class RewardModel:
         self.history: list[dict[str, float]] = []
 
     @classmethod
-    def from_pretrained(
-        cls, name_or_path: str, *, max_length: int = 1024, **model_kwargs: Any
-    ) -> RewardModel:
+    def from_pretrained(cls, name_or_path: str, *, max_length: int = 1024, **model_kwargs: Any) -> RewardModel:
         """Load a reward model (or a causal LM + a new, untrained scalar head) from the hub / a path."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -176,9 +170,7 @@ class RewardModel:
     def score(self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int = 16) -> list[float]:
         """One scalar reward per (prompt, response) pair, computed ``batch_size`` pairs at a time."""
         if len(prompts) != len(responses):
-            raise ValueError(
-                f"prompts and responses must have the same length; got {len(prompts)}, {len(responses)}"
-            )
+            raise ValueError(f"prompts and responses must have the same length; got {len(prompts)}, {len(responses)}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
         was_training = self.model.training
@@ -199,9 +191,7 @@ class RewardModel:
             raise FloatingPointError("reward model produced a non-finite reward")
         return out
 
-    def __call__(
-        self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int = 16
-    ) -> list[float]:
+    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int = 16) -> list[float]:
         return self.score(prompts, responses, batch_size=batch_size)
 
 
@@ -262,9 +252,7 @@ def _train_torch(
     total = steps_per_epoch * epochs
     warmup = math.ceil(warmup_ratio * total)
     model = rm.model
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
-    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
 
     # Linear warm-up to lr over `warmup` steps, then linear decay to 0 (TRL / transformers default schedule).
     def lr_lambda(step: int) -> float:
@@ -434,9 +422,7 @@ def train_reward_model(
     if not 0.0 <= warmup_ratio < 1.0:
         raise ValueError(f"warmup_ratio must be in [0, 1); got {warmup_ratio!r}")
     if center_rewards_coefficient is not None and center_rewards_coefficient < 0:
-        raise ValueError(
-            f"center_rewards_coefficient must be >= 0 or None; got {center_rewards_coefficient!r}"
-        )
+        raise ValueError(f"center_rewards_coefficient must be >= 0 or None; got {center_rewards_coefficient!r}")
     if backend == "trl":
         try:
             import trl  # noqa: F401
@@ -610,9 +596,7 @@ def train_rm_main(args: Any = None, **overrides: Any) -> dict[str, Any]:
     if opts["model"] == "tiny":
         texts = [hh.prompt_as_text(e["prompt"]) for e in train + test]
         texts += [e[k] for e in train + test for k in ("chosen", "rejected")]
-        model: Any = build_tiny_reward_model(
-            texts, max_length=min(opts["max_length"], 1024), seed=opts["seed"]
-        )
+        model: Any = build_tiny_reward_model(texts, max_length=min(opts["max_length"], 1024), seed=opts["seed"])
     else:
         model = opts["model"]
     rm = train_reward_model(

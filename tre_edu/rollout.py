@@ -63,13 +63,9 @@ class SamplingConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1; got {self.max_new_tokens!r}")
         if not (
-            isinstance(self.temperature, (int, float))
-            and self.temperature >= 0
-            and self.temperature < float("inf")
+            isinstance(self.temperature, (int, float)) and self.temperature >= 0 and self.temperature < float("inf")
         ):
-            raise ValueError(
-                f"temperature must be a finite number >= 0 (0 = greedy); got {self.temperature!r}"
-            )
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1] (1 = off); got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
@@ -172,9 +168,7 @@ def sample_tokens(logits: Tensor, cfg: SamplingConfig, generator: torch.Generato
         return logits.argmax(dim=-1)
     probs = torch.softmax(filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), dim=-1)
     if generator is not None and generator.device != probs.device:
-        return (
-            torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
-        )
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -244,9 +238,7 @@ def generate(
             if cfg.use_cache:
                 # First step: the whole prompt; later steps: only the newest token, the cache holds the rest.
                 # The attention mask always covers cache + new tokens.
-                step_ids, step_pos = (
-                    (ids, position_ids) if cache is None else (ids[:, -1:], position_ids[:, -1:])
-                )
+                step_ids, step_pos = (ids, position_ids) if cache is None else (ids[:, -1:], position_ids[:, -1:])
                 out = actor(
                     input_ids=step_ids,
                     attention_mask=mask,
@@ -315,3 +307,36 @@ def decode_responses(tokenizer: Any, rollout: Rollout) -> list[str]:
     """The text of each response: only its valid tokens (up to and including EOS), special tokens skipped."""
     rows = [r[m].tolist() for r, m in zip(rollout.response.cpu(), rollout.response_mask.bool().cpu())]
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Concatenate rollouts sampled in chunks: prompts are left-padded and responses right-padded to the
+    longest (``P`` = max prompt length, ``R`` = max response length); padding has mask 0, log-prob 0.
+    The ``(B, ...)`` tensors of all parts are stacked in order on the first part's device."""
+    P = max(r.prompt_len for r in parts)
+    R = max(r.response_len for r in parts)
+    dev = parts[0].input_ids.device
+
+    def pad(x: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x.to(dev), (left, right), value=value)
+
+    ids, attn, resp, rmask, lps, outs = [], [], [], [], [], []
+    for r in parts:
+        left, right, n = P - r.prompt_len, R - r.response_len, r.prompt_len
+        prompt = pad(r.input_ids[:, :n], left, 0, pad_token_id)
+        ids.append(torch.cat([prompt, pad(r.input_ids[:, n:], 0, right, pad_token_id)], 1))
+        am = r.attention_mask
+        attn.append(torch.cat([pad(am[:, :n], left, 0, 0), pad(am[:, n:], 0, right, 0)], 1))
+        resp.append(pad(r.response, 0, right, pad_token_id))
+        rmask.append(pad(r.response_mask, 0, right, False))
+        lps.append(pad(r.logprobs, 0, right, 0.0))
+        outs.append(pad(r.outside_topk, 0, right, False))
+    return Rollout(
+        input_ids=torch.cat(ids),
+        attention_mask=torch.cat(attn),
+        prompt_len=P,
+        response=torch.cat(resp),
+        response_mask=torch.cat(rmask),
+        logprobs=torch.cat(lps),
+        outside_topk=torch.cat(outs),
+    )

@@ -137,9 +137,7 @@ def warm_start(
         raise ValueError("steps and seconds must not both be None: give a step count, a time budget or both")
     if steps is not None and (not isinstance(steps, int) or steps < 0):
         raise ValueError(f"steps must be None or an integer >= 0; got {steps!r}")
-    if seconds is not None and not (
-        isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0
-    ):
+    if seconds is not None and not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"seconds must be None or a finite number > 0; got {seconds!r}")
     for name, value in (("batch_size", batch_size), ("eval_every", eval_every), ("log_every", log_every)):
         if not isinstance(value, int) or value < 1:
@@ -156,9 +154,7 @@ def warm_start(
         pairs.append(encode_sft_example(tokenizer, texts["prompt"], texts["response"]))
     if not pairs:
         raise ValueError("examples must contain at least one example with a reference response; got none")
-    max_new_tokens = (
-        max(len(r) for _, r in pairs) + 8
-    )  # evaluation budget: a little more than the longest answer
+    max_new_tokens = max(len(r) for _, r in pairs) + 8  # evaluation budget: a little more than the longest answer
 
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))

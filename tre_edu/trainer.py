@@ -39,7 +39,7 @@ import torch
 from tre_edu.config import TrainConfig
 from tre_edu.entropy import tail_metrics
 from tre_edu.ppo import compute_gae, kl_estimate, masked_mean, masked_whiten, policy_loss, value_loss
-from tre_edu.rollout import Rollout, SamplingConfig, decode_responses, generate
+from tre_edu.rollout import Rollout, SamplingConfig, concat_rollouts, decode_responses, generate
 
 
 class Callback:
@@ -227,7 +227,10 @@ class PPOTrainer:
         opt_steps = self.optimizer_steps_per_ppo_step() * cfg.ppo.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            [_lr_lambda(int(cfg.ppo.warmup_ratio * opt_steps)), _lr_lambda(int(cfg.ppo.critic_warmup_ratio * opt_steps))],
+            [
+                _lr_lambda(int(cfg.ppo.warmup_ratio * opt_steps)),
+                _lr_lambda(int(cfg.ppo.critic_warmup_ratio * opt_steps)),
+            ],
         )
         self.policy, self.optimizer = accelerator.prepare(policy, self.optimizer)
         n_proc = accelerator.num_processes
@@ -303,7 +306,7 @@ class PPOTrainer:
     @torch.no_grad()
     def collect(self) -> dict[str, Any]:
         """Sample responses for the next prompts, score them and compute old log-probs, values and advantages."""
-        cfg, p = self.config, self.config.ppo
+        p = self.config.ppo
         acc = self.accelerator
         n_local = p.prompts_per_step // acc.num_processes if acc.num_processes > 1 else p.prompts_per_step
         idx = self.stream.take(p.prompts_per_step)
@@ -434,7 +437,10 @@ class PPOTrainer:
         from tre_edu.policy import position_ids_from_mask
 
         out = self.ref_actor(
-            input_ids=input_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), logits_to_keep=R + 1
+            input_ids=input_ids,
+            attention_mask=attn,
+            position_ids=position_ids_from_mask(attn),
+            logits_to_keep=R + 1,
         )
         return token_logprobs(out.logits[:, :-1], input_ids[:, -R:])
 
@@ -510,13 +516,13 @@ class PPOTrainer:
                 kl = kl_estimate(logprobs, batch["ref_logprobs"][idx].to(dev), p.kl_kind)
                 kl_loss = aggregate(kl, mask, p.agg)
                 loss = loss + p.kl_coef * kl_loss
-                metrics["kl/loss"] = float(kl_loss)
+                metrics["kl/loss"] = float(kl_loss.detach())
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite PPO loss at step {self.step} ({metrics}); lower the learning rate or the coefficient"
             )
         self.accelerator.backward(loss * weight)
-        metrics["loss/total"] = float(loss)
+        metrics["loss/total"] = float(loss.detach())
         metrics.update(tail_metrics(logits.detach().float(), mask, p=self.regularizer.p, top_k=self.regularizer.k))
         return metrics
 
@@ -668,39 +674,6 @@ class PPOTrainer:
             summary = {"step": self.step, "eval": self.eval_history[-1] if self.eval_history else {}}
             (path / "tre_edu_run.json").write_text(json.dumps(summary, indent=2))
         return path
-
-
-def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
-    """Concatenate rollouts sampled in chunks: prompts are left-padded and responses right-padded to the
-    longest (``P`` = max prompt length, ``R`` = max response length); padding has mask 0, log-prob 0.
-    The ``(B, ...)`` tensors of all parts are stacked in order on the first part's device."""
-    P = max(r.prompt_len for r in parts)
-    R = max(r.response_len for r in parts)
-    dev = parts[0].input_ids.device
-
-    def pad(x: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
-        return torch.nn.functional.pad(x.to(dev), (left, right), value=value)
-
-    ids, attn, resp, rmask, lps, outs = [], [], [], [], [], []
-    for r in parts:
-        left, right, n = P - r.prompt_len, R - r.response_len, r.prompt_len
-        prompt = pad(r.input_ids[:, :n], left, 0, pad_token_id)
-        ids.append(torch.cat([prompt, pad(r.input_ids[:, n:], 0, right, pad_token_id)], 1))
-        am = r.attention_mask
-        attn.append(torch.cat([pad(am[:, :n], left, 0, 0), pad(am[:, n:], 0, right, 0)], 1))
-        resp.append(pad(r.response, 0, right, pad_token_id))
-        rmask.append(pad(r.response_mask, 0, right, False))
-        lps.append(pad(r.logprobs, 0, right, 0.0))
-        outs.append(pad(r.outside_topk, 0, right, False))
-    return Rollout(
-        input_ids=torch.cat(ids),
-        attention_mask=torch.cat(attn),
-        prompt_len=P,
-        response=torch.cat(resp),
-        response_mask=torch.cat(rmask),
-        logprobs=torch.cat(lps),
-        outside_topk=torch.cat(outs),
-    )
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path:

@@ -96,9 +96,7 @@ class TinyConfig:
         if self.arch not in ("gpt2", "llama"):
             raise ValueError(f"arch must be one of gpt2, llama; got {self.arch!r}")
         if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(
-                f"arch llama needs an even head size n_embd / n_head; got {self.n_embd // self.n_head}"
-            )
+            raise ValueError(f"arch llama needs an even head size n_embd / n_head; got {self.n_embd // self.n_head}")
         return self
 
 
@@ -143,9 +141,7 @@ def build_tiny_model(
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             hidden_size=n_embd,
-            intermediate_size=int(8 * n_embd / 3 + 63)
-            // 64
-            * 64,  # SwiGLU width ~ 8/3 d (4 d of GELU's params)
+            intermediate_size=int(8 * n_embd / 3 + 63) // 64 * 64,  # SwiGLU width ~ 8/3 d (4 d of GELU's params)
             num_hidden_layers=n_layer,
             num_attention_heads=n_head,
             num_key_value_heads=n_head,

@@ -37,7 +37,9 @@ class Task(ABC):
     def reward(self, responses: list[str], examples: list[dict[str, Any]]) -> list[float]:
         """Score a batch. Tasks with a learned reward model override this to score in batches."""
         if len(responses) != len(examples):
-            raise ValueError(f"responses and examples must have the same length; got {len(responses)} and {len(examples)}")
+            raise ValueError(
+                f"responses and examples must have the same length; got {len(responses)} and {len(examples)}"
+            )
         return [float(self.score(r, e)) for r, e in zip(responses, examples)]
 
     @staticmethod

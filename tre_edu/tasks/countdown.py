@@ -307,9 +307,7 @@ def think_trace(numbers: list[int], target: int | float, solution: str) -> str:
     return " ".join(steps)
 
 
-def format_response(
-    solution: str, numbers: list[int] | None = None, target: Any = None, think: bool = False
-) -> str:
+def format_response(solution: str, numbers: list[int] | None = None, target: Any = None, think: bool = False) -> str:
     """The compact response for a solution: ``<think>[trace]</think><answer>solution</answer>``."""
     trace = think_trace(numbers, target, solution) if think else ""
     return f"{THINK_OPEN}{trace}{THINK_CLOSE}{ANSWER_OPEN}{solution}{ANSWER_CLOSE}"
@@ -326,8 +324,7 @@ def _check_ranges(num_count: int, number_range: Any, target_range: Any) -> tuple
         tlo, thi = (int(v) for v in target_range)
     except (TypeError, ValueError):
         raise ValueError(
-            "number_range and target_range must be (low, high) integer pairs; "
-            f"got {number_range!r}, {target_range!r}"
+            f"number_range and target_range must be (low, high) integer pairs; got {number_range!r}, {target_range!r}"
         ) from None
     if not 0 <= lo <= hi:
         raise ValueError(f"number_range must satisfy 0 <= low <= high; got {number_range!r}")
@@ -374,9 +371,7 @@ def generate(
                 target = int(target)
                 solution = solve(numbers, target)
                 if solution is not None:
-                    out.append(
-                        {"numbers": numbers, "target": target, "solution": solution, "source": "generated"}
-                    )
+                    out.append({"numbers": numbers, "target": target, "solution": solution, "source": "generated"})
                     break
         else:
             raise ValueError(
@@ -442,9 +437,7 @@ def load(
         stacklevel=2,
     )
     split_seed = seed * 1000 + (0 if split == "train" else 1)  # train and test differ for every seed
-    return generate(
-        count, seed=split_seed, num_count=num_count, number_range=number_range, target_range=target_range
-    )
+    return generate(count, seed=split_seed, num_count=num_count, number_range=number_range, target_range=target_range)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -500,9 +493,7 @@ class CountdownTask(Task):
         text = PROMPT.format(nums=nums, target=target)
         return apply_chat_template(tokenizer, text) if style == "chat" else text
 
-    def prompts(
-        self, examples: list[dict[str, Any]], tokenizer: Any = None, style: str | None = None
-    ) -> list[str]:
+    def prompts(self, examples: list[dict[str, Any]], tokenizer: Any = None, style: str | None = None) -> list[str]:
         return [self.prompt(e, tokenizer, style) for e in examples]
 
     def score(self, response: str, example: dict[str, Any]) -> float:

@@ -321,9 +321,7 @@ class HHTask(Task):
         self.shuffle_seed = shuffle_seed
         self.n_train = n_train
         self.n_test = n_test
-        self._reward_model = (
-            None if reward_model is None else _resolve_reward_model(reward_model, rm_max_length)
-        )
+        self._reward_model = None if reward_model is None else _resolve_reward_model(reward_model, rm_max_length)
         self.loaded_from: str | None = None  # hub id or "bundled", set by load()
 
     @property
@@ -357,18 +355,12 @@ class HHTask(Task):
         text when the tokenizer has no template); ``"plain"`` / ``"compact"``: ``example["prompt_text"]``."""
         self.check_style(style)
         if "prompt_text" not in example or "prompt" not in example:
-            raise ValueError(
-                "example must have 'prompt' (messages) and 'prompt_text' fields (see tre_edu.tasks.hh)"
-            )
+            raise ValueError("example must have 'prompt' (messages) and 'prompt_text' fields (see tre_edu.tasks.hh)")
         if style == "chat" and tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(
-                example["prompt"], tokenize=False, add_generation_prompt=True
-            )
+            return tokenizer.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True)
         return example["prompt_text"]
 
-    def prompts(
-        self, examples: list[dict[str, Any]], tokenizer: Any = None, style: str = "plain"
-    ) -> list[str]:
+    def prompts(self, examples: list[dict[str, Any]], tokenizer: Any = None, style: str = "plain") -> list[str]:
         return [self.prompt(e, tokenizer, style) for e in examples]
 
     def reward(self, responses: list[str], examples: list[dict[str, Any]]) -> list[float]:
@@ -418,12 +410,8 @@ class HHTask(Task):
 def score(response: str, reward_model: Any = None, **example: Any) -> float:
     """Reward of one response under ``reward_model``: ``score(response, reward_model=rm, **example)``."""
     if reward_model is None:
-        raise ValueError(
-            "hh.score needs reward_model= (a RewardModel or an object with score(prompts, responses))"
-        )
-    return HHTask(source=example.get("dataset", "ultrafeedback"), reward_model=reward_model).score(
-        response, example
-    )
+        raise ValueError("hh.score needs reward_model= (a RewardModel or an object with score(prompts, responses))")
+    return HHTask(source=example.get("dataset", "ultrafeedback"), reward_model=reward_model).score(response, example)
 
 
 def make_task(source: str = "ultrafeedback", reward_model: Any = None, **options: Any) -> HHTask:

@@ -117,9 +117,7 @@ def last_boxed(text: str) -> str | None:
 
 _SPACING = ("\\!", "\\,", "\\;", "\\:", "\\ ", "~", "\\quad", "\\qquad")
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)\s*\{([^{}]*)\}")
-_UNIT_SUFFIX = re.compile(
-    r"^(.*?[\d}])\s*\\(?:text|textrm|mbox|mathrm)\s*\{\s*[a-zA-Z][a-zA-Z .^\d]*\}(\^\d)?$"
-)
+_UNIT_SUFFIX = re.compile(r"^(.*?[\d}])\s*\\(?:text|textrm|mbox|mathrm)\s*\{\s*[a-zA-Z][a-zA-Z .^\d]*\}(\^\d)?$")
 _VAR_PREFIX = re.compile(r"^[a-zA-Z]\s*(?:_\{?\w+\}?)?\s*=\s*")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
 
@@ -277,11 +275,7 @@ def score(
         pred = last_boxed(response)
         if pred is None:
             return 0.0
-        return (
-            1.0
-            if is_equivalent(pred, str(answer), use_math_verify=use_math_verify, timeout_s=timeout_s)
-            else 0.0
-        )
+        return 1.0 if is_equivalent(pred, str(answer), use_math_verify=use_math_verify, timeout_s=timeout_s) else 0.0
     except Exception:
         return 0.0
 
@@ -379,9 +373,7 @@ def load(
         return subsample(rows, n, seed)
     rows = [ex for row in ds if (ex := _example_from_row(dict(row), hub)) is not None]
     if not rows:
-        raise ValueError(
-            f"{hub} split {split!r} has no usable rows (need 'problem' and 'solution' or 'answer')"
-        )
+        raise ValueError(f"{hub} split {split!r} has no usable rows (need 'problem' and 'solution' or 'answer')")
     return subsample(rows, n, seed)
 
 
@@ -426,9 +418,7 @@ class MathTask(Task):
         text = prompt_text(example["problem"])
         return apply_chat_template(tokenizer, text) if style == "chat" else text
 
-    def prompts(
-        self, examples: list[dict[str, Any]], tokenizer: Any = None, style: str = "plain"
-    ) -> list[str]:
+    def prompts(self, examples: list[dict[str, Any]], tokenizer: Any = None, style: str = "plain") -> list[str]:
         return [self.prompt(e, tokenizer, style) for e in examples]
 
     def score(self, response: str, example: dict[str, Any]) -> float:

@@ -38,6 +38,15 @@ from tre_edu.viz.figures import (  # noqa: E402
     trust_region_figure,
 )
 from tre_edu.viz.panels import TailDilutionPanel, TrustRegionPanel, sync_figure  # noqa: E402
+from tre_edu.viz.training import (  # noqa: E402
+    FAST_OVERRIDES,
+    LiveDashboard,
+    RecordedRun,
+    RunLauncher,
+    comparison_figure,
+    comparison_table,
+    load_recorded_runs,
+)
 
 __all__ = [
     "fast_mode",
@@ -52,4 +61,11 @@ __all__ = [
     "TrustRegionPanel",
     "TailDilutionPanel",
     "sync_figure",
+    "LiveDashboard",
+    "RunLauncher",
+    "RecordedRun",
+    "comparison_figure",
+    "comparison_table",
+    "load_recorded_runs",
+    "FAST_OVERRIDES",
 ]

@@ -381,9 +381,7 @@ def gradient_figure(
     fig.update_xaxes(type="log", exponentformat="power", dtick=1, row=1, col=1)
     fig.update_xaxes(type="log", exponentformat="power", dtick=1, title_text="rank", row=2, col=1)
     fig.update_yaxes(type="log", exponentformat="power", range=[math.log10(lo), math.log10(hi)], row=1, col=1)
-    fig.update_yaxes(
-        categoryorder="array", categoryarray=[LABELS[m] for m in reversed(dyn.METHODS)], row=2, col=1
-    )
+    fig.update_yaxes(categoryorder="array", categoryarray=[LABELS[m] for m in reversed(dyn.METHODS)], row=2, col=1)
     return _finish(fig, as_widget)
 
 
@@ -445,9 +443,7 @@ def rank_curves_figure(
         dyn._check_logits(logits, f"curves[{label!r}]")
         x, y = _rank_curve(logits, n_points)
         color = (colors or {}).get(label)
-        fig.add_trace(
-            go.Scatter(x=x, y=y, mode="lines", name=label, line={"color": color} if color else None)
-        )
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=label, line={"color": color} if color else None))
     fig.update_layout(
         template=TEMPLATE,
         height=height,

@@ -85,9 +85,7 @@ class TrustRegionPanel(widgets.VBox):
         )
         self.figure = figures.trust_region_figure(self.logits, **self._kwargs(), as_widget=True)
         self.gradient = (
-            figures.gradient_figure(self.logits, **self._grad_kwargs(), as_widget=True)
-            if show_gradient
-            else None
+            figures.gradient_figure(self.logits, **self._grad_kwargs(), as_widget=True) if show_gradient else None
         )
         self.k_slider.observe(self._on_change, names="value")
         self.p_slider.observe(self._on_change, names="value")
