@@ -37,7 +37,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 
-$PIP install -q -e ".[dev]"
+$PIP install -q -e ".[dev,rm]"
 
 # A real headless browser for the notebook browser test (Debian's chromium; never a downloaded browser build).
 if [ "${TRE_EDU_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1; then

@@ -16,7 +16,7 @@ def test_readme_quick_start_is_two_commands():
     first_para = quick.split("The first sets", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", first_para, flags=re.S)
     assert [b.strip() for b in blocks] == [
-        "bash scripts/setup.sh && .venv/bin/jupyter lab notebooks/",
+        "bash scripts/lab.sh",
         "bash scripts/test.sh",
     ]
     ci = (README.parent / ".ci" / "run").read_text()

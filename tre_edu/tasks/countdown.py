@@ -109,22 +109,25 @@ def extract_answer(response: str) -> str | None:
     return equation
 
 
+def _apply(op: str, left: Fraction, right: Fraction) -> Fraction:
+    """``left op right`` exactly; raises ValueError on division by zero."""
+    if op == "+":
+        return left + right
+    if op == "-":
+        return left - right
+    if op == "*":
+        return left * right
+    if right == 0:
+        raise ValueError("division by zero")
+    return left / right
+
+
 def _eval_node(node: ast.AST, literals: list[int]) -> Fraction:
     """Exact value of an allowed expression node; raises ValueError on anything else."""
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
         left = _eval_node(node.left, literals)
         right = _eval_node(node.right, literals)
-        op = _OPS[type(node.op)]
-        if op == "+":
-            value = left + right
-        elif op == "-":
-            value = left - right
-        elif op == "*":
-            value = left * right
-        else:
-            if right == 0:
-                raise ValueError("division by zero")
-            value = left / right
+        value = _apply(_OPS[type(node.op)], left, right)
         if abs(value.numerator) > MAX_MAGNITUDE or value.denominator > MAX_MAGNITUDE:
             raise ValueError("intermediate value too large")
         return value
@@ -292,14 +295,7 @@ def think_trace(numbers: list[int], target: int | float, solution: str) -> str:
             return Fraction(node.value)
         left, right = walk(node.left), walk(node.right)
         op = _OPS[type(node.op)]
-        if op == "+":
-            value = left + right
-        elif op == "-":
-            value = left - right
-        elif op == "*":
-            value = left * right
-        else:
-            value = left / right
+        value = _apply(op, left, right)
         steps.append(f"{_fmt(left)}{op}{_fmt(right)}={_fmt(value)}")
         return value
 
