@@ -30,4 +30,5 @@ for s in $SEEDS; do
   done
 done
 wait
+${VENV:-.venv}/bin/python scripts/compact_metrics.py $OUT/*/metrics.jsonl
 echo "recorded: $(ls $OUT | tr '\n' ' ')"

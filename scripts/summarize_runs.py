@@ -1,6 +1,6 @@
 """Print the table of recorded Countdown runs (mean and spread over seeds for each method).
 
-    python scripts/summarize_runs.py [data/countdown_runs]
+python scripts/summarize_runs.py [data/countdown_runs]
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ def main(root: str = "data/countdown_runs") -> None:
         if kind not in rows:
             continue
         rs = rows[kind]
-        col = lambda which, key: [r[which][key] for r in rs]  # noqa: E731
+
+        def col(which: str, key: str, rs: list[dict] = rs) -> list[float]:
+            return [r[which][key] for r in rs]
+
         print(
             f"{kind:<9s} {len(rs):5d} {_fmt(col('eval_start', 'eval/greedy_accuracy')):>14s} "
             f"{_fmt(col('eval_final', 'eval/greedy_accuracy')):>14s} "

@@ -92,12 +92,11 @@ def build_policy(model_cfg: Any, init_from: str | None = None, seed: int = 0):
     from tre_edu.policy import ActorCritic
 
     tokenizer, actor = build_tokenizer_and_actor(model_cfg, init_from, seed)
-    if model_cfg.gradient_checkpointing:
-        actor.gradient_checkpointing_enable()
-        actor.config.use_cache = False
     critic = None
     if model_cfg.critic == "separate":
         # The paper initialises the critic from the same checkpoint as the actor.
         critic = copy.deepcopy(actor)
     policy = ActorCritic(actor, critic=critic, value_head=True)
+    if model_cfg.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
     return tokenizer, policy
