@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tre_edu.policy import position_ids_from_mask
+
 
 def make_sft_example(
     task: Any,
@@ -71,7 +73,7 @@ def collate(
         input_ids[i, length - len(s) :] = torch.tensor(s, dtype=torch.long)
         attention_mask[i, length - len(s) :] = 1
         label_mask[i, resp_len - len(r) :] = 1.0
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = position_ids_from_mask(attention_mask)  # the same positions as rollouts and PPO
     labels = input_ids[:, length - resp_len :]
     return input_ids, attention_mask, position_ids, labels, label_mask
 
