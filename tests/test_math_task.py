@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import datasets
 import pytest
@@ -252,3 +253,103 @@ def test_bad_options():
         mt.load("validation")
     with pytest.raises(ValueError, match="n must"):
         mt.subsample([1, 2], 0, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 11 item 9: junk must not pass as the number it starts with; true answers keep passing
+# ----------------------------------------------------------------------------------------------------
+
+FALSE_ACCEPTS = [  # each must NOT be graded equal to 7 (math-verify alone reads most of them as 7)
+    *("7 + ???", "7 @", "7 ???", "7 #", "7;", "7:", "7 + ", "7^", "7_", "7 \\cdot", "7\\times", "7'", "7 ="),  # garbage
+    *("7)", "7\\}", "(7", "\\{7", "7]", "7\\right)", "[7"),  # unbalanced
+    *("7\\text{ not}", "7 \\text{ is wrong}", "7 \\text{(wrong)}", "7\\mbox{ or 8}", "7 \\text{ or } 8"),  # text
+    *("7 \\neq", "\\not 7", "\\in 7", "7 \\approx", "\\approx 7", "7\\in", "7 = 8", "8 = 7", "7 < 8"),  # relations
+    *("7 \\foo", "7 \\color{red}{8}", "7 \\hline", "7 \\end{align}", "\\begin{align} 7", "\\phantom{8}7"),  # commands
+    *("7 8", "7, 8", "7 \\quad 8", "7 \\\\ 8", "7 & 8", "7.0001", "70", "-7", "17", "7^2", "6.99999"),  # numbers
+    *("7...", "7\\ldots", "7 \\pm 1", "seven", "7 \\text{ apples and } 8", "7\\,\\text{or}\\,8"),
+]
+
+
+@pytest.mark.parametrize("junk", FALSE_ACCEPTS)
+def test_junk_is_not_accepted(junk):
+    assert mt.score(f"\\boxed{{{junk}}}", "7") == 0.0
+
+
+TRUE_ACCEPTS = [
+    ("7", "7"), ("7.0", "7"), ("\\sqrt{49}", "7"), ("\\frac{14}{2}", "7"), ("8-1", "7"), ("7\\text{ cm}", "7"),
+    ("7 \\text{ square units}", "7"), ("7\\mbox{ inches}^2", "7"), ("x = 7", "7"), ("7^\\circ", "7"), ("7\\%", "7"),
+    ("\\mathbf{7}", "7"), ("1e3", "1000"), ("1000", "1e3"), ("1.5\\times10^{3}", "1500"), ("2e-3", "0.002"),
+    ("x \\in [1, 2]", "[1,2]"), ("x \\ge 2", "x \\geq 2"), ("y = 2x + 3", "y=2x+3"),
+    ("(1,2) \\cup (3,4)", "(1,2)\\cup(3,4)"),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"), ("\\pi r^2", "r^2\\pi"),
+    ("\\{1, 2\\}", "\\{2,1\\}"), ("2\\sqrt{2}", "\\sqrt{8}"), ("x^2+2x+1", "(x+1)^2"), ("\\text{Monday}", "Monday"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("pred, ref", TRUE_ACCEPTS)
+def test_true_answers_keep_passing(pred, ref):
+    assert mt.score(f"so \\boxed{{{pred}}}", ref) == 1.0
+
+
+def test_well_formed_gate():
+    assert mt.well_formed("\\frac{\\sqrt{3}}{2}") and mt.well_formed("(1, 2]") and mt.well_formed("x = 3")
+    assert not mt.well_formed("7 + ???") and not mt.well_formed("7 = 8") and mt.well_formed("7 = 8", "a = b")
+
+
+# ----------------------------------------------------------------------------------------------------
+# issue 11 item 8: every answer's grading is bounded in every thread, and so is a batch
+# ----------------------------------------------------------------------------------------------------
+
+SLOW = ["\\boxed{9^{9^{9}}}", "\\boxed{1000000!}", "\\boxed{10^{10^{10^{10}}}}"]
+
+
+def _in_thread(fn, limit):
+    out = []
+    worker = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    start = time.monotonic()
+    worker.start()
+    worker.join(limit)
+    return out, time.monotonic() - start
+
+
+@pytest.mark.parametrize("response", SLOW)
+def test_hostile_answers_are_bounded_in_a_thread(response):
+    mt._CACHE.clear()  # before the fix: > 90 s holding the GIL (9^{9^{9}}), 8.2 s (1000000!)
+    out, took = _in_thread(lambda: mt.score(response, "1", timeout_s=1), limit=60)
+    assert out == [0.0] and took < 1 + mt.START_TIMEOUT_S / 4
+
+
+def test_a_batch_of_hostile_answers_is_bounded_and_counted():
+    mt._CACHE.clear()
+    task = mt.MathTask(timeout_s=1, batch_timeout_s=4, workers=2)
+    responses = [f"\\boxed{{{k}^{{{k}^{{{k}}}}}}}" for k in range(5, 25)] + ["\\boxed{1}", "\\boxed{2\\sqrt{2}}"]
+    examples = [{"answer": "1"}] * 21 + [{"answer": "\\sqrt{8}"}]
+    start = time.monotonic()
+    scores = task.reward(responses, examples)
+    took = time.monotonic() - start
+    assert took < 4 + 3  # the budget, plus killing the workers still running
+    assert scores[:20] == [0.0] * 20 and scores[20] == 1.0  # the cheap answer is graded without a worker
+    stats = task.last_reward_stats
+    assert stats["reward/grader_timeouts"] >= 1 and stats["reward/grader_skipped"] >= 1
+    assert stats["reward/grader_timeouts"] + stats["reward/grader_skipped"] <= 21
+    assert task.reward(["\\boxed{2\\sqrt{2}}"], [{"answer": "\\sqrt{8}"}]) == [1.0]  # the pool recovers
+    assert task.last_reward_stats == {"reward/grader_timeouts": 0.0, "reward/grader_skipped": 0.0}
+
+
+def test_cheap_answers_do_not_start_a_worker(monkeypatch):
+    def no_workers(*a, **k):
+        raise AssertionError("a worker process was started")
+
+    monkeypatch.setattr(mt, "_Worker", no_workers)
+    task = mt.MathTask()
+    assert task.reward(["\\boxed{0.5}", "\\boxed{3}", "\\boxed{7 @}"], [{"answer": "\\frac12"}] * 3) == [1.0, 0.0, 0.0]
+    assert task.success_threshold == 1.0
+
+
+def test_options_are_checked():
+    from tre_edu.tasks import check_options
+
+    with pytest.raises(ValueError, match=r"task.options.workers must be an integer >= 1"):
+        check_options("math", {"workers": 0})
+    with pytest.raises(ValueError, match="timeout_s"):
+        mt.MathTask(timeout_s=-1)

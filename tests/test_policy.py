@@ -1,33 +1,17 @@
-"""ActorCritic: shapes, log-prob / value alignment, left-padding invariance, separate critic, save / load."""
+"""ActorCritic: shapes, log-prob / value alignment, temperature, left-padding invariance, separate critic."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from conftest import V, tiny_lm
 
-from tre_edu.policy import ActorCritic, PolicyOutput, position_ids_from_mask
+from tre_edu.policy import ActorCritic, PolicyOutput, position_ids_from_mask, response_logprobs
 
-V = 101
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=1, eos_token_id=1,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=1, pad_token_id=0,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+tiny_gpt2 = functools.partial(tiny_lm, "gpt2")
+tiny_llama = functools.partial(tiny_lm, "llama")
 
 
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
@@ -84,19 +68,33 @@ def test_forward_shapes_and_alignment(name):
 
 
 @pytest.mark.parametrize("separate", [False, True])
-def test_values_only_matches_forward_and_hidden_state(separate):
+def test_values_are_the_head_on_the_logits_position(separate):
     actor = tiny_gpt2()
     critic = tiny_gpt2(seed=5) if separate else None
     policy = ActorCritic(actor, critic=critic)
     randomize_head(policy)
     ids, mask, R = batch()
     out = policy(ids, mask, R)
-    torch.testing.assert_close(policy.values_only(ids, mask, R), out.values, atol=1e-5, rtol=1e-5)
     # V(s_t) = w . h_{P+t-1} + b, the same position as the logits of token t
     trunk = policy.critic if separate else actor.transformer
     h = trunk(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
     expected = (h[:, -R - 1 : -1] @ policy.value_head.weight[0]) + policy.value_head.bias
     torch.testing.assert_close(out.values, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_temperature_divides_the_logits_everywhere(temperature):
+    policy = ActorCritic(tiny_gpt2())
+    ids, mask, R = batch()
+    out = policy(ids, mask, R, temperature=temperature)
+    plain = policy(ids, mask, R)
+    torch.testing.assert_close(out.logits, plain.logits / temperature)
+    ref = torch.log_softmax(plain.logits / temperature, -1).gather(-1, ids[:, -R:, None]).squeeze(-1)
+    torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=1e-5)
+    logits, lp = response_logprobs(policy.actor, ids, mask, R, temperature=temperature)
+    torch.testing.assert_close(lp, out.logprobs)
+    with pytest.raises(ValueError, match="temperature"):
+        policy(ids, mask, R, temperature=0.0)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -115,40 +113,32 @@ def test_separate_critic_structure_and_gradients():
     actor, critic_lm = tiny_gpt2(), tiny_gpt2()
     policy = ActorCritic(actor, critic=critic_lm)
     assert policy.separate_critic and policy.critic is critic_lm.transformer  # LM head dropped
-    actor_ids = {id(p) for p in policy.actor_parameters()}
-    critic_ids = {id(p) for p in policy.critic_parameters()}
+    actor_params, critic_params = policy.parameter_groups()
+    actor_ids, critic_ids = {id(p) for p in actor_params}, {id(p) for p in critic_params}
     assert not actor_ids & critic_ids
     assert actor_ids | critic_ids == {id(p) for p in policy.parameters()}
-    groups = policy.param_groups(actor_lr=1e-6, critic_lr=1e-5, weight_decay=0.01)
-    assert [(g["name"], g["lr"]) for g in groups] == [("actor", 1e-6), ("critic", 1e-5)]
-    torch.optim.AdamW(groups)  # accepted by an optimizer
     # a value loss trains the critic only; a policy loss trains the actor only
     policy.train()
     ids, mask, R = batch()
     out = policy(ids, mask, R)
     (out.values - 1.0).pow(2).mean().backward()
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in policy.actor_parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in actor_params)
     assert policy.value_head.weight.grad.abs().sum() > 0
     policy.zero_grad(set_to_none=True)
     out = policy(ids, mask, R)
     out.logprobs.mean().backward()
-    assert all(p.grad is None for p in policy.critic_parameters())
+    assert all(p.grad is None for p in critic_params)
     assert actor.transformer.wte.weight.grad.abs().sum() > 0
 
 
 def test_shared_head_groups_and_no_value_head():
     policy = ActorCritic(tiny_gpt2())
-    groups = policy.param_groups(1e-6, 1e-5)
-    assert [g["name"] for g in groups] == ["actor", "critic"]
-    assert len(groups[1]["params"]) == 2  # weight, bias of the value head
+    actor_params, critic_params = policy.parameter_groups()
+    assert len(critic_params) == 2  # weight, bias of the value head
     bare = ActorCritic(tiny_gpt2(), value_head=False)
-    assert [g["name"] for g in bare.param_groups(1e-6, 1e-5)] == ["actor"]
+    assert bare.parameter_groups()[1] == []
     ids, mask, R = batch()
     assert bare(ids, mask, R).values is None
-    with pytest.raises(ValueError, match="value head"):
-        bare.values_only(ids, mask, R)
-    with pytest.raises(ValueError, match="actor_lr"):
-        policy.param_groups(-1.0, 1e-5)
 
 
 def test_bad_inputs():
@@ -180,47 +170,3 @@ def test_gradient_checkpointing_same_gradients():
     assert len(grads[0]) == len(grads[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-
-
-def test_from_pretrained_local_dir(tmp_path):
-    actor = tiny_gpt2()
-    actor.save_pretrained(tmp_path / "m")
-    ids, mask, R = batch()
-    ref = ActorCritic(actor)(ids, mask, R)
-    policy = ActorCritic.from_pretrained(tmp_path / "m")
-    assert not policy.separate_critic and policy.has_values
-    torch.testing.assert_close(policy.eval()(ids, mask, R).logprobs, ref.logprobs, atol=1e-6, rtol=1e-6)
-    sep = ActorCritic.from_pretrained(str(tmp_path / "m"), separate_critic=True, torch_dtype="float32")
-    assert sep.separate_critic and sep.critic is not sep.actor.transformer
-    torch.testing.assert_close(sep.critic.wte.weight, actor.transformer.wte.weight)
-    half = ActorCritic.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16)
-    assert half.actor.dtype == torch.bfloat16
-    assert half.eval()(ids, mask, R).values.dtype == torch.float32
-    with pytest.raises(ValueError, match="torch_dtype"):
-        ActorCritic.from_pretrained(tmp_path / "m", torch_dtype="float64")
-
-
-def test_from_pretrained_offline_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match="HF_HUB_OFFLINE") as info:
-        ActorCritic.from_pretrained("tre-edu-no-such-org/no-such-model-123")
-    assert "local directory" in str(info.value)
-
-
-@pytest.mark.parametrize("separate", [False, True])
-def test_save_load_round_trip(tmp_path, separate):
-    policy = ActorCritic(tiny_llama(), critic=tiny_llama(seed=7) if separate else None)
-    randomize_head(policy)
-    ids, mask, R = batch()
-    ref = policy(ids, mask, R)
-    policy.save_pretrained(tmp_path / "ckpt")
-    for loaded in (ActorCritic.load(tmp_path / "ckpt"), ActorCritic.from_pretrained(tmp_path / "ckpt")):
-        assert loaded.separate_critic == separate
-        out = loaded.eval()(ids, mask, R)
-        torch.testing.assert_close(out.logprobs, ref.logprobs, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(out.values, ref.values, atol=1e-6, rtol=1e-6)
-    # the directory is also a plain causal-LM checkpoint (usable as a warm start / init_from)
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
-    assert isinstance(plain, LlamaForCausalLM)
-    with pytest.raises(FileNotFoundError, match="actor_critic.json"):
-        ActorCritic.load(tmp_path)

@@ -12,7 +12,20 @@ from tre_edu.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "configs" / "paper"
-TASKS = {"math": (8192, 439, 30), "countdown": (512, 425, 29), "hh": (1024, 2930, 200)}
+# PAPER.md: max response tokens and epochs over the 7,500 training prompts, 512 prompts per step; the scripts drop the
+# last partial batch, so a step count is 7,500 // 512 = 14 steps per epoch times the epochs: 420 / 406 / 2,800.
+TASKS = {"math": (8192, 420, 30), "countdown": (512, 406, 29), "hh": (1024, 2800, 200)}
+TRAIN_PROMPTS, PROMPTS_PER_STEP = 7500, 512
+# The paper's scripts' actor micro-batch per GPU (issue 10), by task and model; Qwen2.5-0.5B (ours) takes the 1.5B one.
+MICRO = {
+    ("math", "qwen2.5-1.5b"): 8,
+    ("math", "qwen2.5-7b"): 4,
+    ("countdown", "qwen2.5-1.5b"): 16,
+    ("countdown", "qwen2.5-7b"): 16,
+    ("countdown", "qwen2.5-0.5b"): 16,
+    ("hh", "qwen2.5-1.5b"): 16,
+    ("hh", "qwen2.5-7b"): 8,
+}
 MODELS = {
     "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
@@ -21,8 +34,8 @@ MODELS = {
 METHODS = {
     "ppo": {"kind": "none"},
     "entropy": {"kind": "entropy", "coef": 0.001},
-    "forking": {"kind": "forking", "forking_ratio": 0.2, "forking_per_microbatch": True},
-    "kl-cov": {"kind": "kl-cov", "cov_ratio": 0.002, "kl_cov_coef": 1.0},
+    "forking": {"kind": "forking", "forking_ratio": 0.2, "selection": "microbatch"},
+    "kl-cov": {"kind": "kl-cov", "cov_ratio": 0.002, "kl_cov_coef": 1.0, "selection": "microbatch"},
     "tre-k": {"kind": "tre-k", "coef": 0.001, "k": 2, "rescale": True},
     "tre-p": {"kind": "tre-p", "coef": 0.001, "p": 0.99, "max_candidates": 256, "rescale": True},
 }
@@ -40,11 +53,15 @@ def _files(task, model, method):
 
 def test_the_recipe_files_exist():
     assert sorted(p.stem for p in (PAPER / "methods").glob("*.yaml")) == sorted(METHODS)
-    assert sorted(p.stem for p in (PAPER / "models").glob("*.yaml")) == sorted(MODELS)
+    # smollm2-135m is the CPU-sized real model of issue 12 (tests/test_smollm2.py), not a paper recipe
+    assert sorted(p.stem for p in (PAPER / "models").glob("*.yaml")) == sorted([*MODELS, "smollm2-135m"])
     for name in ("ddp_8gpu", "fsdp_8gpu"):
         acc = yaml.safe_load((ROOT / "configs" / "accelerate" / f"{name}.yaml").read_text())
         assert acc["num_processes"] == 8 and acc["mixed_precision"] == "bf16"
     assert acc["distributed_type"] == "FSDP" and acc["fsdp_config"]["fsdp_use_orig_params"] is True
+    for name in ("forking", "kl-cov"):  # the selection pool is explicit where the method selects tokens
+        text = yaml.safe_load((PAPER / "methods" / f"{name}.yaml").read_text())
+        assert text["regularizer"]["selection"] == "microbatch"
 
 
 @pytest.mark.parametrize("task,model,method", COMBOS)
@@ -65,7 +82,8 @@ def test_recipe_has_the_paper_settings(task, model, method):
     assert (cfg.eval.temperature, cfg.eval.top_p, cfg.eval.sampled) == (1.0, 0.7, True)
     assert p.mixed_precision == "bf16"
     assert p.max_new_tokens == max_new
-    assert p.steps == round(epochs * 7500 / 512)
+    assert p.steps == (TRAIN_PROMPTS // PROMPTS_PER_STEP) * epochs == steps
+    assert p.micro_batch_size == MICRO[task, model]
     assert p.minibatch_size % p.micro_batch_size == 0 and (p.minibatch_size // 8) % p.micro_batch_size == 0
     reg = cfg.regularizer
     for key, value in METHODS[method].items():
@@ -85,6 +103,16 @@ def test_dry_run_works_offline(task, model, method, capsys, monkeypatch):
     resolved = yaml.safe_load(out.split("memory estimate")[0])
     assert resolved["model"]["name"] == MODELS[model] and resolved["ppo"]["max_new_tokens"] == TASKS[task][0]
     assert "FSDP full shard over 8" in out and "peak GPU" in out
+
+
+def test_hh_comment_names_real_train_rm_flags():
+    from tre_edu.cli import build_parser
+
+    text = (PAPER / "hh.yaml").read_text()
+    assert "--data" not in text and "tre-edu train-rm --source ultrafeedback" in text
+    line = " ".join(ln.strip("# \\") for ln in text.splitlines() if "train-rm" in ln or "--output-dir runs/rew" in ln)
+    args = build_parser().parse_args(line[line.index("train-rm") :].split())
+    assert args.source == "ultrafeedback" and args.output_dir.startswith("runs/reward_model/")
 
 
 def test_methods_compose_with_overrides():

@@ -3,12 +3,13 @@ filters."""
 
 from __future__ import annotations
 
-import math
+import functools
 
 import pytest
 import torch
+from conftest import EOS, PAD, V, tiny_lm
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast
 
 from tre_edu.policy import ActorCritic
 from tre_edu.rollout import (
@@ -21,28 +22,8 @@ from tre_edu.rollout import (
     sample_tokens,
 )
 
-V, PAD, EOS = 101, 0, 1
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=V, n_embd=32, n_layer=2, n_head=2, n_positions=96, bos_token_id=EOS, eos_token_id=EOS,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=96, bos_token_id=EOS, eos_token_id=EOS,
-        pad_token_id=PAD, tie_word_embeddings=False,
-    )  # fmt: skip
-    return Qwen2ForCausalLM(cfg).eval()
-
-
+tiny_gpt2 = functools.partial(tiny_lm, "gpt2")
+tiny_qwen2 = functools.partial(tiny_lm, "qwen2")
 MODELS = {"gpt2": tiny_gpt2, "qwen2": tiny_qwen2}
 
 
@@ -203,15 +184,18 @@ def test_left_padding_invariance(name):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("cfg_kw", [{}, {"top_p": 0.7, "temperature": 1.3}, {"top_k": 5, "use_cache": False}])
+@pytest.mark.parametrize(
+    "cfg_kw", [{}, {"top_p": 0.7, "temperature": 1.3}, {"temperature": 0.7}, {"top_k": 5, "use_cache": False}]
+)
 def test_logprobs_match_training_forward(name, cfg_kw):
     model = with_eos_bias(MODELS[name](), 2.5)
     policy = ActorCritic(model)
     ro = run(model, prompts(lengths=(4, 1, 8, 3, 6)), max_new_tokens=9, seed=1, **cfg_kw)
     check_mask_invariants(ro)
-    out = policy(ro.input_ids, ro.attention_mask, ro.response_len)
+    out = policy(ro.input_ids, ro.attention_mask, ro.response_len, temperature=cfg_kw.get("temperature", 1.0))
     m = ro.response_mask
-    # old log-probs are those of the model at temperature 1, whatever shaped the sampling
+    # the sampler's log-probs are those of softmax(z / T), the training forward's at the same T (top-k / top-p
+    # only shape the sampling)
     assert (out.logprobs[m] - ro.logprobs[m]).abs().max() < 1e-5
     top2 = out.logits.topk(2, -1).indices
     recomputed_outside = ~(top2 == ro.response[..., None]).any(-1) & m
@@ -241,15 +225,17 @@ def test_no_eos_token_runs_to_max_and_bf16():
         generate(model, prompts(), {"max_new_tokens": 3}, eos_token_id=EOS, pad_token_id=PAD)
 
 
-def test_tail_metrics_optional():
-    entropy = pytest.importorskip("tre_edu.entropy")
-    if not hasattr(entropy, "tail_metrics"):
-        pytest.skip("tre_edu.entropy.tail_metrics not available yet")
-    model = tiny_gpt2()
-    assert run(model, prompts(), max_new_tokens=3).metrics == {}
-    ro = run(model, prompts(), max_new_tokens=3, tail_metrics=True)
-    assert "tail/top1_prob" in ro.metrics and 0 < ro.metrics["tail/top1_prob"] <= 1
-    assert all(math.isfinite(v) for v in ro.metrics.values())
+def test_several_eos_ids_and_non_finite_logits():
+    model = with_eos_bias(tiny_gpt2(), 3.0)
+    ro = generate(model, prompts(), SamplingConfig(max_new_tokens=8), eos_token_id=[7, EOS], pad_token_id=PAD,
+                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+    check_mask_invariants(ro)  # stops at EOS (the biased id) although it is the second of the list
+    with torch.no_grad():
+        model.lm_head.bias[5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        generate(
+            model, prompts(), SamplingConfig(max_new_tokens=3, temperature=0.0), eos_token_id=EOS, pad_token_id=PAD
+        )
 
 
 def test_decode_responses():

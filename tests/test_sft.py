@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tre_edu.models.tiny import build_tiny_model, build_tokenizer
+from tre_edu.policy import position_ids_from_mask
 from tre_edu.sft import collate, encode_sft_example, make_sft_example, sft_loss, warm_start
 from tre_edu.tasks import countdown as cd
 
@@ -46,10 +47,11 @@ def test_hub_example_without_solution_is_solved(tok, task):
 
 def test_collate_left_pads_and_masks_only_responses():
     pairs = [([5, 6, 7], [8, 9, 2]), ([5], [8, 2])]
-    input_ids, attn, pos, labels, mask = collate(pairs, pad_token_id=0)
+    input_ids, attn, labels, mask = collate(pairs, pad_token_id=0)
     assert input_ids.tolist() == [[5, 6, 7, 8, 9, 2], [0, 0, 0, 5, 8, 2]]
     assert attn.tolist() == [[1] * 6, [0, 0, 0, 1, 1, 1]]
-    assert pos.tolist() == [[0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 1, 2]]
+    # positions come from the mask (0 at each first real token), as in the rollouts and PPO
+    assert position_ids_from_mask(attn).tolist() == [[0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 1, 2]]
     assert labels.tolist() == [[8, 9, 2], [5, 8, 2]] and mask.tolist() == [[1, 1, 1], [0, 1, 1]]
 
 
@@ -105,51 +107,3 @@ def test_warm_start_evaluates_held_out_accuracy(tok, task):
     evals = [h for h in history if "accuracy" in h]
     assert [h["step"] for h in evals] == [3, 6]
     assert all(0.0 <= h["accuracy"] <= 1.0 for h in evals)
-
-
-def test_evaluate_batches_scores_and_restores_mode(tok, task, monkeypatch):
-    import sys
-    import types
-    from dataclasses import dataclass
-
-    from tre_edu.evaluation import evaluate
-
-    calls = []
-
-    @dataclass
-    class SamplingConfig:
-        max_new_tokens: int = 64
-        temperature: float = 1.0
-        top_p: float = 1.0
-
-    def generate(actor, prompts, cfg, *, eos_token_id, pad_token_id, generator=None):
-        calls.append((len(prompts), cfg.temperature, cfg.top_p, eos_token_id, pad_token_id))
-        return prompts
-
-    def decode_responses(tokenizer, prompts):  # answer correctly for even-length prompts only
-        out = []
-        for ids in prompts:
-            ex = next(e for e in exs if tokenizer.decode(ids) == task.prompt(e))
-            out.append(task.reference_response(ex) if len(ids) % 2 == 0 else "<answer>1</answer>")
-        return out
-
-    stub = types.ModuleType("tre_edu.rollout")
-    stub.SamplingConfig, stub.generate, stub.decode_responses = SamplingConfig, generate, decode_responses
-    monkeypatch.setitem(sys.modules, "tre_edu.rollout", stub)
-    exs = task.generate(10, seed=5)
-    model = _model(tok).train()
-    res = evaluate(model, tok, task, exs, batch_size=4, temperature=1.0, top_p=0.7, num_samples=2)
-    expected = [float(len(tok(task.prompt(e))["input_ids"]) % 2 == 0) for e in exs]
-    assert res["rewards"] == expected and res["n"] == 10
-    assert res["accuracy"] == pytest.approx(sum(expected) / 10) == res["mean_reward"]
-    assert [c[0] for c in calls] == [4, 4, 2] and calls[0][1:] == (
-        1.0,
-        0.7,
-        tok.eos_token_id,
-        tok.pad_token_id,
-    )
-    assert len(res["samples"]) == 2 and set(res["samples"][0]) == {"prompt", "response", "reward"}
-    assert model.training  # mode restored
-    assert evaluate(model, tok, task, [])["n"] == 0
-    with pytest.raises(ValueError, match="temperature"):
-        evaluate(model, tok, task, exs, temperature=-1.0)

@@ -1,37 +1,20 @@
-"""End-to-end PPO on the tiny Countdown model: every regulariser runs, metrics are complete, resume is exact."""
+"""End-to-end PPO on the tiny Countdown model: every regulariser runs, metrics are complete, ratios are consistent,
+selections follow the config, faults never lose or corrupt a run, and resume is exact."""
 
 import json
 import math
-from pathlib import Path
+import os
+import pickle
 
 import pytest
 import torch
+from conftest import CONFIG, SMALL, small_config
 
+from tre_edu import checkpoint
 from tre_edu.cli import main
-from tre_edu.config import load_config
-from tre_edu.regularizers import KINDS
-from tre_edu.trainer import PPOTrainer
-
-CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "countdown_tiny.yaml")
-
-SMALL = [
-    "model.tail_tokens=300",
-    "model.n_embd=32",
-    "model.n_layer=1",
-    "model.n_head=2",
-    "ppo.prompts_per_step=4",
-    "ppo.samples_per_prompt=4",
-    "ppo.minibatch_size=8",
-    "ppo.micro_batch_size=4",
-    "ppo.max_new_tokens=12",
-    "ppo.actor_lr=1e-3",
-    "ppo.critic_lr=1e-3",
-    "task.eval_size=8",
-    "task.train_size=64",
-    "eval.every=0",
-    "eval.sampled=false",
-    "sft.enabled=false",
-]
+from tre_edu.config import KINDS
+from tre_edu.pipeline import build_trainer, run_training
+from tre_edu.tasks.countdown import CountdownTask
 
 EXPECTED_KEYS = {
     "reward/mean",
@@ -48,17 +31,26 @@ EXPECTED_KEYS = {
     "tail/nucleus_size_p99",
     "tail/sampled_outside_top2",
     "grad/actor_norm",
+    "rollout/logprob_gap",
+    "train/skipped_updates",
 }
 
 
-def _cfg(tmp_path, *extra):
-    return load_config(CONFIG, [*SMALL, f"output_dir={tmp_path}", *extra])
+class DenseRewardTask(CountdownTask):
+    """Countdown prompts with a dense reward (the share of digits in the response), so that a freshly initialised
+    model gets a learning signal at once: the actor really moves in a few steps."""
+
+    def reward(self, responses, examples):
+        return [sum(c.isdigit() for c in r) / max(len(r), 1) for r in responses]
+
+
+def _trainer(tmp_path, *extra, task=None, **kw):
+    return build_trainer(small_config(tmp_path, *extra), task=task, progress=False, **kw)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_regularizer_trains(tmp_path, kind):
-    cfg = _cfg(tmp_path, f"regularizer.kind={kind}", "ppo.steps=2", "regularizer.coef=0.01")
-    trainer = PPOTrainer(cfg, progress=False)
+    trainer = _trainer(tmp_path, f"regularizer.kind={kind}", "ppo.steps=2", "regularizer.coef=0.01")
     before = [p.detach().clone() for p in trainer.actor.parameters()]
     history = trainer.train()
     assert len(history) == 2
@@ -73,36 +65,156 @@ def test_each_regularizer_trains(tmp_path, kind):
 
 
 def test_grpo_advantage_needs_no_critic(tmp_path):
-    cfg = _cfg(tmp_path, "ppo.advantage=grpo", "ppo.steps=1")
-    history = PPOTrainer(cfg, progress=False).train()
+    history = _trainer(tmp_path, "ppo.advantage=grpo", "ppo.steps=1").train()
     assert math.isfinite(history[0]["policy/loss"])
 
 
 def test_kl_to_reference(tmp_path):
-    cfg = _cfg(tmp_path, "ppo.kl_coef=0.1", "ppo.steps=2")
-    history = PPOTrainer(cfg, progress=False).train()
+    history = _trainer(tmp_path, "ppo.kl_coef=0.1", "ppo.steps=2").train()
     assert "kl/loss" in history[-1] and history[0]["kl/ref"] == pytest.approx(0.0, abs=1e-5)
 
 
-def test_resume_is_exact(tmp_path):
-    full = PPOTrainer(_cfg(tmp_path / "a", "ppo.steps=4"), progress=False)
-    h_full = full.train()
+# ---- ratios: the old log-probs are the update's own forward -----------------------------------------------------
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_first_minibatch_ratio_is_exactly_one(tmp_path, precision, temperature):
+    """One mini-batch, one epoch: the update sees the weights the old log-probs came from, in the same precision
+    and at the same temperature, so approx_kl and clipfrac are exactly 0 (issue: bf16 gave 8e-7)."""
+    trainer = _trainer(
+        tmp_path,
+        f"ppo.mixed_precision={precision}",
+        f"ppo.temperature={temperature}",
+        "ppo.minibatch_size=16",
+        "ppo.micro_batch_size=8",
+        "ppo.steps=1",
+        task=DenseRewardTask(),
+    )
+    m = trainer.train_step()
+    assert m["policy/approx_kl"] == 0.0 and m["policy/clipfrac"] == 0.0
+    assert m["rollout/logprob_gap"] < (1e-4 if precision == "no" else 0.1)
 
-    first = PPOTrainer(_cfg(tmp_path / "b", "ppo.steps=4", "checkpoint_every=2"), progress=False)
+
+# ---- selections: micro-batch (the paper's code) or the whole mini-batch -----------------------------------------
+def _second_gradient(tmp_path, *extra):
+    """The actor's gradient at the second optimiser step of a PPO step (Adam's normalised step would hide small
+    differences; at the first, log pi = log pi_old, so KL-Cov's |log pi - log pi_old| has no gradient yet)."""
+    trainer = _trainer(tmp_path, "ppo.steps=1", "ppo.minibatch_size=8", *extra, task=DenseRewardTask())
+    grads, step = [], trainer._clip_and_step
+
+    def record():
+        grads.append(torch.cat([p.grad.flatten() for p in trainer._actor_params]))
+        return step()
+
+    trainer._clip_and_step = record
+    trainer.train_step()
+    return grads[1]
+
+
+@pytest.mark.parametrize("kind", ["forking", "kl-cov"])
+def test_minibatch_selection_equals_one_big_micro_batch(tmp_path, kind):
+    reg = [f"regularizer.kind={kind}", "regularizer.cov_ratio=0.05", "regularizer.kl_cov_coef=10"]
+    whole = _second_gradient(tmp_path / "a", *reg, "ppo.micro_batch_size=8")
+    pre_pass = _second_gradient(tmp_path / "b", *reg, "ppo.micro_batch_size=2", "regularizer.selection=minibatch")
+    per_micro = _second_gradient(tmp_path / "c", *reg, "ppo.micro_batch_size=2", "regularizer.selection=microbatch")
+    scale = whole.abs().max()
+    assert (pre_pass - whole).abs().max() < 1e-4 * scale
+    assert (per_micro - whole).abs().max() > 1e-2 * scale  # selecting per micro-batch picks other tokens
+
+
+# ---- faults -----------------------------------------------------------------------------------------------------
+def test_non_finite_gradient_skips_the_step_and_never_saves_nan(tmp_path):
+    trainer = _trainer(tmp_path, "ppo.steps=2", "ppo.minibatch_size=16", task=DenseRewardTask())
+    poisoned = {"left": 1}
+
+    def hook(grad):
+        if poisoned["left"]:
+            poisoned["left"] -= 1
+            return torch.full_like(grad, float("nan"))
+        return grad
+
+    weight = next(trainer.actor.parameters())
+    weight.register_hook(hook)
+    with pytest.warns(RuntimeWarning, match="non-finite gradient norm"):
+        history = trainer.train()
+    assert [h["train/skipped_updates"] for h in history] == [1.0, 0.0] and trainer.skipped_updates == 1
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.unwrapped.parameters())
+    assert (tmp_path / "final" / "config.json").is_file()
+    with torch.no_grad():
+        weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="refusing to save"):
+        trainer.save_checkpoint(tmp_path / "nan_ckpt")
+    assert not (tmp_path / "nan_ckpt").exists()
+
+
+def test_a_second_run_never_replaces_the_first(tmp_path):
+    cfg = small_config(tmp_path, "ppo.steps=1")
+    run_training(cfg, progress=False)
+    first = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="--resume.*--overwrite"):
+        run_training(small_config(tmp_path, "ppo.steps=1", "seed=2"), progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == first  # untouched
+    run_training(small_config(tmp_path, "ppo.steps=1", "seed=2"), overwrite=True, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x.get("kind") != "eval"] == [1]  # one run's lines only
+    assert "seed: 2" in (tmp_path / "config.yaml").read_text()
+
+
+def test_resume_logs_each_step_once_and_skips_a_cut_checkpoint(tmp_path):
+    cfg = small_config(tmp_path, "ppo.steps=4", "checkpoint_every=2")
+    run_training(cfg, progress=False)
+    # the run died after step 4's log line, before its final checkpoint: keep only step 2's checkpoint ...
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000004"]
+    (ckpts / "step_000004" / checkpoint.MARKER).unlink()  # ... whose save was cut short (no marker)
+    state = ckpts / "step_000003"  # and a folder with a truncated state file
+    state.mkdir()
+    (state / checkpoint.STATE_FILE).write_bytes((ckpts / "step_000002" / checkpoint.STATE_FILE).read_bytes()[:1000])
+    (state / checkpoint.MARKER).write_text("{}")
+    with pytest.warns(UserWarning, match="skipping"):
+        run_training(cfg, resume=True, progress=False)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [s for s, x in zip(steps, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "eval" not in x]
+    assert train_steps == [1, 2, 3, 4]
+
+
+def test_a_hostile_checkpoint_is_refused(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    folder = tmp_path / "checkpoints" / "step_999999"
+    folder.mkdir(parents=True)
+    with (folder / checkpoint.STATE_FILE).open("wb") as f:
+        pickle.dump({"step": Boom()}, f)
+    (folder / checkpoint.MARKER).write_text("{}")
+    trainer = _trainer(tmp_path, "ppo.steps=1")
+    with pytest.raises(ValueError, match="refusing to load"):
+        trainer.load_checkpoint("latest")
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resume_is_exact_while_the_actor_learns(tmp_path, kind):
+    reg = [f"regularizer.kind={kind}", "regularizer.coef=0.01", "regularizer.seed=3", "regularizer.clip_cov_ratio=0.05"]
+    task = DenseRewardTask()
+    full = _trainer(tmp_path / "a", "ppo.steps=4", *reg, task=task)
+    h_full = full.train()
+    assert all(h["grad/actor_norm"] > 0 for h in h_full)  # the actor learns: rewards are not all 0
+    first = _trainer(tmp_path / "b", "ppo.steps=4", *reg, task=task)
     first.train(steps=2)
     ckpt = first.save_checkpoint()
-    second = PPOTrainer(_cfg(tmp_path / "b", "ppo.steps=4"), progress=False)
+    second = _trainer(tmp_path / "b", "ppo.steps=4", *reg, task=task)
     h_resumed = second.train(resume_from=ckpt)
-
     assert len(h_resumed) == 4
     for a, b in zip(h_full, h_resumed):
         for k in a:
             if not k.startswith("time/"):
                 assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
-    for pa, pb in zip(full.actor.parameters(), second.actor.parameters()):
-        assert torch.allclose(pa, pb)
+    for pa, pb in zip(full.unwrapped.parameters(), second.unwrapped.parameters()):
+        assert torch.equal(pa, pb)
 
 
+# ---- the command line -------------------------------------------------------------------------------------------
 def test_cli_train_and_eval(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "-c", CONFIG, "--steps", "1", "--output-dir", str(out), "--kind", "tre-p"]
@@ -127,28 +239,8 @@ def test_cli_dry_run_and_bad_override(capsys):
     assert "ppo.clip_low" in capsys.readouterr().err
 
 
-def test_cli_train_rm_tiny(tmp_path, capsys):
-    args = [
-        "train-rm",
-        "--backend",
-        "torch",
-        "--epochs",
-        "1",
-        "--lr",
-        "1e-3",
-        "--n-train",
-        "8",
-        "--n-test",
-        "4",
-    ]
-    assert main(args + ["--output-dir", str(tmp_path / "rm")]) == 0
-    res = json.loads(capsys.readouterr().out)
-    assert res["source"] and 0.0 <= res["test_accuracy"] <= 1.0
-
-
 def test_separate_critic_with_gradient_checkpointing(tmp_path):
-    cfg = _cfg(tmp_path, "model.critic=separate", "model.gradient_checkpointing=true", "ppo.steps=1")
-    trainer = PPOTrainer(cfg, progress=False)
+    trainer = _trainer(tmp_path, "model.critic=separate", "model.gradient_checkpointing=true", "ppo.steps=1")
     assert trainer.unwrapped.critic is not None
     history = trainer.train()
     # a fresh model earns no reward, so the (zero-initialised) value head may get a zero gradient: check it is tracked

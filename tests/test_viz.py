@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from tre_edu import dynamics as dyn
-from tre_edu import viz
-from tre_edu.viz import figures
+from tre_edu import env, viz
+from tre_edu.config import KINDS
+from tre_edu.viz import figures, style
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,17 @@ def test_fast_mode(monkeypatch, value, expected):
 def test_fast_mode_unset(monkeypatch):
     monkeypatch.delenv("TRE_EDU_FAST", raising=False)
     assert viz.fast_mode() is False
+    assert viz.fast_mode is env.fast_mode and viz.pick is env.pick  # one definition, in tre_edu.env
+
+
+def test_one_name_and_one_colour_per_method():
+    assert set(dyn.METHODS) <= set(KINDS) and set(viz.METHODS) <= set(KINDS)  # the config's regularizer.kind
+    assert all(m in style.COLORS for m in KINDS)
+    assert style.method_label("entropy") == "global entropy" and style.method_label("tre-k") == "TRE-K"
+    used: dict[str, str] = {}
+    assert style.run_color("entropy α=1e-3", used) == style.COLORS["entropy"]
+    assert style.run_color("entropy s1", used) != style.COLORS["entropy"]  # taken: a spare colour
+    assert style.run_color("entropy α=1e-3", used) == style.COLORS["entropy"]  # a run keeps its colour
 
 
 @pytest.mark.parametrize("k", [1, 2, 5])
@@ -66,7 +78,7 @@ def test_gradient_figure_signs(z):
 
 
 def test_small_figures(z):
-    res = dyn.ascent_sweep([200, 400], ("global", "tre-k"), steps=5, coef=0.5)
+    res = dyn.ascent_sweep([200, 400], ("entropy", "tre-k"), steps=5, coef=0.5)
     fig = viz.tail_mass_figure(res)
     assert len(fig.data) == 4 and fig.layout.yaxis.type == "log"
     assert len(viz.rank_curves_figure({"a": z, "b": z * 0.5}).data) == 2
@@ -74,7 +86,7 @@ def test_small_figures(z):
     assert len(fig.data) == 5 and fig.data[2].x[0] == 100
     assert fig.data[2].y[0] == pytest.approx(0.99**100)
     assert len(viz.effective_coef_figure([1000, 151_936], ks=(2, 4)).data) == 2
-    runs = {m: res[(m, 400)] for m in ("global", "tre-k")}
+    runs = {m: res[(m, 400)] for m in ("entropy", "tre-k")}
     fig = viz.tail_dilution_figure(runs, horizon=64, t_max=1024)
     assert len(fig.data) == 3 + 2 + 3 + 3 + 1
     with pytest.raises(ValueError):

@@ -1,4 +1,4 @@
-"""The live dashboard, run comparison, recorded-run loader and launcher panel of tre_edu.viz.training."""
+"""The live dashboard, run comparison, recorded-run loader and launcher panel of tre_edu.viz."""
 
 import json
 from pathlib import Path
@@ -9,20 +9,13 @@ import pytest
 import yaml
 
 from tre_edu.config import load_config
-from tre_edu.trainer import PPOTrainer
-from tre_edu.viz.training import (
-    DASHBOARD_PANELS,
-    FAST_OVERRIDES,
-    LiveDashboard,
-    RunLauncher,
-    comparison_figure,
-    comparison_table,
-    group_runs,
-    load_recorded_runs,
-    normalize_run,
-)
+from tre_edu.pipeline import run_training
+from tre_edu.viz import LiveDashboard, RunLauncher, comparison_figure, comparison_table, load_recorded_runs
+from tre_edu.viz.dashboard import DASHBOARD_PANELS
+from tre_edu.viz.records import group_runs, normalize_run
 
-CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "countdown_tiny.yaml")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+FAST = [str(CONFIGS / "countdown_tiny.yaml"), str(CONFIGS / "presets" / "fast.yaml")]  # the recipe in fast mode
 N_SERIES = sum(len(p.series) for p in DASHBOARD_PANELS)
 
 
@@ -93,17 +86,23 @@ def test_dashboard_callbacks_throttle_and_widget():
 
 
 def test_dashboard_on_a_one_step_real_run(tmp_path):
-    cfg = load_config(
-        CONFIG, [*FAST_OVERRIDES, "threads=0", "sft.enabled=false", "ppo.steps=1", f"output_dir={tmp_path}"]
-    )
+    cfg = load_config(FAST, ["threads=0", "sft.enabled=false", "ppo.steps=1", f"output_dir={tmp_path}"])
     dash = LiveDashboard(live=False)
     dash.start_run("tiny tre-k")
-    PPOTrainer(cfg.replace({"regularizer.kind": "tre-k"}), callbacks=[dash], progress=False).train()
+    run_training(cfg.replace({"regularizer.kind": "tre-k"}), callbacks=[dash], progress=False)
     assert dash.run_names == ["tiny tre-k"]
     assert list(_trace(dash, "tiny tre-k", "reward/mean").x) == [1]
     assert list(_trace(dash, "tiny tre-k", "eval/greedy_accuracy").x) == [0, 1]
     tail = _trace(dash, "tiny tre-k", "tail/mass_outside_top10").y
     assert len(tail) == 1 and (tail[0] is None or 0 < tail[0] < 1)
+
+
+def test_fast_preset_is_a_config_file():
+    cfg = load_config(FAST)
+    assert (cfg.model.tail_tokens, cfg.model.n_embd, cfg.model.n_layer, cfg.threads) == (300, 32, 1, 1)
+    assert (cfg.sft.steps, cfg.ppo.steps, cfg.ppo.max_new_tokens, cfg.task.eval_size) == (5, 2, 16, 8)
+    assert cfg.eval.every == 0 and cfg.eval.sampled is False and cfg.device == "cpu"
+    assert cfg.regularizer.coef == load_config(FAST[:1]).regularizer.coef  # the recipe's other settings stay
 
 
 def _write_run(root, name, kind, seed, final, growth, coef=0.001):
@@ -171,7 +170,7 @@ def test_comparison_figure_on_recorded_runs(recorded):
 
 
 def test_launcher_builds_and_trains(tmp_path):
-    cfg = load_config(CONFIG, [*FAST_OVERRIDES, "threads=0", "ppo.steps=1", f"output_dir={tmp_path / 'unused'}"])
+    cfg = load_config(FAST, ["threads=0", "ppo.steps=1", f"output_dir={tmp_path / 'unused'}"])
     launcher = RunLauncher(cfg, output_root=tmp_path, dashboard=LiveDashboard(live=False), max_steps=5)
     assert [w.description for w in (launcher.coef, launcher.k_slider, launcher.p_slider)] == [
         "coef",

@@ -1,177 +1,181 @@
-"""The ``tre-edu`` command.
+"""The ``tre-edu`` command; its setting flags come from the config fields (:mod:`tre_edu.config`).
 
-    tre-edu train --config configs/countdown_tiny.yaml [--kind tre-k --coef 0.001 --steps 50 --seed 1 ...]
-                  [--set ppo.actor_lr=3e-5 --set task.options.think=true] [--resume] [--dry-run]
-    tre-edu sft   --config configs/countdown_tiny.yaml --output-dir runs/warm
-    tre-edu eval  --model runs/x/final --config configs/countdown_tiny.yaml [--n 500]
-    tre-edu bench entropy|sampling|ppo-step
-    tre-edu train-rm --source ultrafeedback --model <id or path> --output-dir runs/rm
+    tre-edu train -c configs/countdown_tiny.yaml [--kind tre-k --k 2 --steps 50 --ppo.actor_lr 3e-5 --set KEY=VALUE]
+                  [--resume | --overwrite] [--dry-run [--processes 8] [--no-fsdp]]
+    tre-edu sft | eval --model-dir DIR [--n 500] | bench entropy|sampling|ppo-step | train-rm --source ... --model ...
+    tre-edu study run configs/studies/NAME.yaml [--workers 2]  |  tre-edu study report DIR [--figures OUTDIR]
 
-Any config field can be overridden with ``--set section.field=value``; the common ones have short flags.
+Every setting has a flag ``--section.field VALUE``, a few a short one (``--steps``, ``--k``, ``--output-dir``);
+``--set section.field=value`` also reaches inside ``task.options`` (read as YAML there). Values are converted by the
+field's type, never re-read as YAML (``--output-dir "runs/a #b"`` is that directory). A user error prints one line
+``tre-edu: error: ...`` and exits 2; a bug raises (exit 1, with its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import runpy
 import sys
 from pathlib import Path
 
-SHORT_FLAGS = {
-    # flag: (config key, type)
-    "kind": ("regularizer.kind", str),
-    "coef": ("regularizer.coef", float),
-    "k": ("regularizer.k", int),
-    "p": ("regularizer.p", float),
-    "tail_tokens": ("model.tail_tokens", int),
-    "steps": ("ppo.steps", int),
-    "seed": ("seed", int),
-    "output_dir": ("output_dir", str),
-    "init_from": ("init_from", str),
-    "device": ("device", str),
-    "model": ("model.name", str),
-}
+from tre_edu import pipeline, study
+from tre_edu.config import ConfigError, RewardModelConfig, TrainConfig, allowed, iter_fields, load_config, parse_value
+from tre_edu.memory import estimate_memory
+from tre_edu.tasks.hh import train_reward_model
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        "-c",
-        action="append",
-        help="YAML config (see configs/); repeat to merge files left to right",
-    )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field, repeatable")
-    p.add_argument("--kind", help="regularizer: none, entropy, tre-k, tre-p, forking, kl-cov, clip-cov")
-    p.add_argument("--coef", type=float, help="regularizer coefficient (paper units: 0.001 for TRE)")
-    p.add_argument("--k", type=int, help="TRE-K trust-region size K")
-    p.add_argument("--p", type=float, help="TRE-P nucleus mass p")
-    p.add_argument("--tail-tokens", dest="tail_tokens", type=int, help="tiny model: vocabulary tail size")
-    p.add_argument("--steps", type=int, help="PPO steps")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--output-dir", dest="output_dir")
-    p.add_argument("--init-from", dest="init_from", help="start from this saved model directory")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--model", help="model.name: tiny, a hub id or a local path")
+class _Parser(argparse.ArgumentParser):
+    """argparse without abbreviations whose errors become one line (printed by :func:`main`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
-def resolve_config(args: argparse.Namespace):
-    from tre_edu.config import load_config
+def _typed(tp, key: str):
+    def convert(raw: str):
+        try:
+            return parse_value(tp, raw, key)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
-    overrides = [
-        f"{key}={getattr(args, flag)}"
-        for flag, (key, _t) in SHORT_FLAGS.items()
-        if getattr(args, flag, None) is not None
-    ]
-    return load_config(args.config, list(args.set) + overrides)
+    return convert
+
+
+def _add_fields(p: argparse.ArgumentParser, cls: type, title: str, dashed: bool = False) -> None:
+    """One flag per field of ``cls`` (``--ppo.steps``; ``--n-train`` when ``dashed``) plus its declared short flag."""
+    group = p.add_argument_group(title)
+    for key, tp, f in iter_fields(cls):
+        md = f.metadata
+        flags = dict.fromkeys(["--" + (key.replace("_", "-") if dashed else key), md.get("flag") or "--" + key])
+        extra = {"nargs": "?", "const": True} if tp is bool else {}
+        help = f"{md['help']}; {allowed(tp, md)}".replace("%", "%%")
+        group.add_argument(
+            *flags, dest=key, type=_typed(tp, key), default=argparse.SUPPRESS, help=help, metavar="V", **extra
+        )
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    typed = [(k, v) for k, v in vars(args).items() if k in _TRAIN_KEYS]  # flags after --set: flags win
+    return load_config(args.config, [*args.set, *typed])
+
+
+_TRAIN_KEYS = {key for key, _, _ in iter_fields(TrainConfig)}
+_RM_KEYS = {key for key, _, _ in iter_fields(RewardModelConfig)}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args)
+    cfg = _config(args)
     if args.dry_run:
-        import yaml
-
-        from tre_edu.memory import estimate_memory
-
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        print(cfg.to_yaml())
         print(estimate_memory(cfg, processes=args.processes, fsdp=False if args.no_fsdp else None).report())
         return 0
-    from tre_edu.pipeline import run_training
-
-    result = run_training(cfg, resume=args.resume)
+    result = pipeline.run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(result["summary"], indent=2))
     return 0
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args)
-    from tre_edu.pipeline import run_warm_start
-
-    out = run_warm_start(cfg, output_dir=args.output_dir or str(Path(cfg.output_dir) / "warm_start"))
+    cfg = _config(args)
+    out = pipeline.run_warm_start(cfg, output_dir=getattr(args, "output_dir", None) or f"{cfg.output_dir}/warm_start")
     print(json.dumps(out["summary"], indent=2))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args)
-    from tre_edu.pipeline import run_eval
-
-    out = run_eval(cfg, model_dir=args.model_dir, n=args.n)
-    print(json.dumps(out, indent=2))
+    cfg = _config(args)
+    if not Path(args.model_dir).is_dir():
+        raise ConfigError(f"not found: {args.model_dir} (a model directory, e.g. <output_dir>/final of tre-edu train)")
+    print(json.dumps(pipeline.run_eval(cfg, model_dir=args.model_dir, n=args.n), indent=2))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import runpy
-
-    root = Path(__file__).resolve().parent.parent / "benchmarks"
-    script = root / f"bench_{args.which.replace('-', '_')}.py"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{args.which.replace('-', '_')}.py"
     if not script.is_file():
-        raise SystemExit(f"benchmark script not found: {script} (benchmarks live in the source checkout)")
+        raise ConfigError(f"not found: {script} (the benchmarks live in the source checkout)")
     sys.argv = [str(script), *args.rest]
     runpy.run_path(str(script), run_name="__main__")
     return 0
 
 
 def cmd_train_rm(args: argparse.Namespace) -> int:
-    from tre_edu.reward_model import train_rm_main
+    cfg = RewardModelConfig(**{k: v for k, v in vars(args).items() if k in _RM_KEYS})
+    with contextlib.redirect_stdout(sys.stderr):  # TRL logs to stdout; the result alone goes there, as JSON
+        result = train_reward_model(cfg)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
 
-    opts = {k: v for k, v in vars(args).items() if k not in ("func", "command") and v is not None}
-    out = train_rm_main(opts)
-    print(json.dumps(out, indent=2, default=str))
+
+def cmd_study(args: argparse.Namespace) -> int:
+    if args.action == "run":
+        out = study.run_study(args.path, workers=args.workers)
+    else:
+        out = study.report(args.path, figures_dir=args.figures)
+    print(out if isinstance(out, str) else json.dumps(out, indent=2, default=str))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tre-edu", description="PPO for language models with Trust Region Entropy")
+    parser = _Parser(prog="tre-edu", description="PPO for language models with Trust Region Entropy")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="PPO training (with the warm start first when sft.enabled)")
-    _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    def config_command(name: str, help: str, func) -> argparse.ArgumentParser:
+        usage = f"tre-edu {name} [-c FILE]... [--section.field VALUE]... [--set KEY=VALUE]... [options]"
+        p = sub.add_parser(name, help=help, description=help, usage=usage)
+        p.add_argument("--config", "-c", action="append", help="YAML config; repeat to merge files left to right")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+        _add_fields(p, TrainConfig, "settings (any field of tre_edu/config.py)")
+        p.set_defaults(func=func)
+        return p
+
+    p = config_command("train", "PPO training (after the warm start when sft.enabled)", cmd_train)
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    again.add_argument("--overwrite", action="store_true", help="replace what a non-empty output_dir holds")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and a memory estimate")
     p.add_argument("--processes", type=int, default=1, help="dry run: N GPUs (FSDP if N > 1)")
-    p.add_argument("--no-fsdp", dest="no_fsdp", action="store_true", help="dry run: DDP, no sharding")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("sft", help="supervised warm start of the tiny model on solver-made solutions")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_sft)
-
-    p = sub.add_parser("eval", help="held-out accuracy of a saved model (greedy and sampled pass@1)")
-    _add_config_args(p)
-    p.add_argument("--model-dir", dest="model_dir", required=True, help="a directory written by save_pretrained")
-    p.add_argument("--n", type=int, default=None, help="number of held-out examples (default: eval.eval_size)")
-    p.set_defaults(func=cmd_eval)
+    p.add_argument("--no-fsdp", action="store_true", help="dry run: DDP, no sharding")
+    config_command("sft", "supervised warm start of the tiny model on solver-made solutions", cmd_sft)
+    p = config_command("eval", "held-out accuracy of a saved model (greedy and sampled pass@1)", cmd_eval)
+    p.add_argument("--model-dir", required=True, help="a directory written by save_pretrained")
+    p.add_argument("--n", type=int, default=None, help="held-out examples (default: task.eval_size)")
 
     p = sub.add_parser("bench", help="run a benchmark script (entropy, sampling, ppo-step)")
     p.add_argument("which", choices=["entropy", "sampling", "ppo-step"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
-
     p = sub.add_parser("train-rm", help="train a scalar reward model on preference pairs (HH / UltraFeedback)")
-    p.add_argument("--source", choices=["ultrafeedback", "hh-rlhf"], default="ultrafeedback")
-    p.add_argument("--model", default="tiny", help="hub id or local path of the base model ('tiny': a CPU toy)")
-    p.add_argument("--output-dir", dest="output_dir")
-    p.add_argument("--n-train", dest="n_train", type=int, help="pairs to train on (default: the whole split)")
-    p.add_argument("--n-test", dest="n_test", type=int)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--max-length", dest="max_length", type=int)
-    p.add_argument("--backend", choices=["trl", "torch"], default="trl")
-    p.add_argument("--seed", type=int)
+    _add_fields(p, RewardModelConfig, "reward-model settings", dashed=True)
     p.set_defaults(func=cmd_train_rm)
+
+    study = sub.add_parser("study", help="a study: many runs from one file, and its report").add_subparsers(
+        dest="action", required=True
+    )
+    p = study.add_parser("run", help="run (or continue) every run of a study file")
+    p.add_argument("path", metavar="CONFIG")
+    p.add_argument("--workers", type=int, default=1, help="runs at once")
+    p.set_defaults(func=cmd_study)
+    p = study.add_parser("report", help="print a study's markdown report")
+    p.add_argument("path", metavar="DIR")
+    p.add_argument("--figures", metavar="OUTDIR", help="also write its figures here")
+    p.set_defaults(func=cmd_study)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``tre-edu``; a user error (bad file, value or path) prints one line and returns 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"tre-edu: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(f"tre-edu: error: {err}".replace("\n", " "), file=sys.stderr)
         return 2
 
 

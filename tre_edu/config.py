@@ -1,395 +1,494 @@
-"""Run configuration: dataclasses, YAML load / save, command-line overrides and validation.
+"""Run configuration as plain data (no torch): dataclass sections, YAML files, overrides, one validator.
 
-A run is described by one :class:`TrainConfig` made of small sections::
+Sections of a :class:`TrainConfig`: ``task`` (task, data, prompt style, task options), ``model`` (tiny CPU model or a
+Hugging Face model, critic, precision), ``sft`` (warm start), ``ppo`` (rollout sizes, optimisation, GAE, clipping,
+sampling), ``regularizer`` (none | entropy | tre-k | tre-p | forking | kl-cov | clip-cov), ``eval``. Each setting is
+declared once (:func:`opt`: help, allowed values or bounds, optional short flag); :func:`check` validates every
+field from its declaration and ``tre-edu`` derives its flags from the same fields.
 
-    task:        which task, which data, which prompt style
-    model:       the tiny CPU model or a Hugging Face model (name or local path), critic layout, precision
-    sft:         the supervised warm start (tiny model recipes)
-    ppo:         rollout sizes, PPO optimisation, GAE, clipping, sampling
-    regularizer: none | entropy | tre-k | tre-p | forking | kl-cov | clip-cov and their settings
-    eval:        held-out evaluation (greedy and the paper's sampled pass@1)
-
-YAML files may ``base:`` another YAML file (a path relative to the file); the child's keys override the base's,
-section by section. Overrides from the command line use dotted keys: ``ppo.steps=50 regularizer.kind=tre-k``.
-Every value is validated; an error names the field and the allowed values.
+YAML files may ``base:`` another file (relative path); several files merge left to right, section by section. A file's
+``by_task: {<task>: {...}}`` block is merged right after the file when the run's ``task.name`` is that task. Overrides
+are dotted keys: ``{"ppo.steps": 50}`` (typed values, used as given) or ``"ppo.steps=50"`` strings converted by the
+field's type (a string field keeps the raw text; values inside ``task.options`` are read as YAML).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from tre_edu.regularizers import Regularizer
+from tre_edu.tasks import TASK_NAMES, check_options  # torch-free; tasks never import the config (no circle)
+from tre_edu.tasks.base import PROMPT_STYLES
 
+KINDS = ("none", "entropy", "tre-k", "tre-p", "forking", "kl-cov", "clip-cov")
+SELECTIONS = ("microbatch", "minibatch")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 ADVANTAGES = ("gae", "grpo")
 KL_KINDS = ("k1", "k2", "k3")
 DTYPES = ("float32", "bfloat16", "float16")
-PROMPT_STYLES = ("compact", "plain", "chat")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+CRITICS = ("value-head", "separate")
+ROLLOUT_BACKENDS = ("hf", "vllm")
+
+# Named regulariser settings from the papers (entropy-type coefficients in the paper's units, see effective_coef).
+# The global-entropy coefficient was not published: no "entropy" preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    "ppo": {"kind": "none"},
+    "tre-k": {"kind": "tre-k", "coef": 0.001, "k": 2},  # TRE paper: alpha = 0.001, K = 2
+    "tre-p": {"kind": "tre-p", "coef": 0.001, "p": 0.99, "max_candidates": 256},  # p = 0.99 among the top 256
+    "forking": {"kind": "forking", "forking_ratio": 0.2, "selection": "microbatch"},  # top 20 % per micro-batch
+    # KL-Cov as run in the TRE paper (top 0.2 % by Cov, coef 1, on top of the clipped loss) and its own paper's.
+    "kl-cov": {"kind": "kl-cov", "cov_ratio": 0.002, "kl_cov_coef": 1.0},
+    "kl-cov-original": {"kind": "kl-cov", "cov_ratio": 0.0002, "kl_cov_coef": 0.1},
+    "clip-cov": {"kind": "clip-cov", "clip_cov_ratio": 0.0002, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0},
+}
 
 
-def _check(cond: bool, name: str, allowed: str, value: Any) -> None:
-    if not cond:
-        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+class ConfigError(ValueError):
+    """A bad config: names the file (and line), the field and the allowed values."""
 
 
-def _in(name: str, value: Any, choices: tuple) -> None:
-    _check(value in choices, name, "one of " + ", ".join(map(str, choices)), value)
+def opt(default: Any, help: str, *, flag: str | None = None, choices=None, pattern=None, **bounds) -> Any:
+    """A config field: its default, help, allowed ``choices`` / bounds (ge, gt, le, lt) / a regex ``pattern`` (then
+    the help says what it allows), and an optional short command-line ``flag`` (e.g. ``"--steps"``)."""
+    md = {"help": help, "flag": flag, "choices": choices, "pattern": pattern, **bounds}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=md)
+    return field(default=default, metadata=md)
 
 
-def _pos_int(name: str, value: Any, minimum: int = 1) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    _check(ok, name, f"an integer >= {minimum}", value)
+_WORDS = {bool: "true or false", int: "an integer", float: "a finite number", dict: "a mapping", Any: "a YAML value"}
+_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
 
 
-def _num(name: str, value: Any, lo: float | None = None, hi: float | None = None, lo_open=False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and lo is not None:
-        ok = value > lo if lo_open else value >= lo
-    if ok and hi is not None:
-        ok = value <= hi
-    lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
-    hi_s = "" if hi is None else f"<= {hi}"
-    _check(ok, name, "a finite number " + " and ".join(s for s in (lo_s, hi_s) if s), value)
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(the base type, whether None is allowed) of an annotation such as ``int | None``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return (args[0], True) if args else (tp, False)
+
+
+def allowed(tp: Any, md: dict) -> str:
+    """The allowed values of a field in words: 'an integer >= 1', 'one of a, b', 'true or false', ..."""
+    base, optional = _unwrap(tp)
+    if md.get("choices"):
+        text = "one of " + ", ".join(map(str, md["choices"]))
+    else:
+        text = _WORDS.get(base, md["help"] if md.get("pattern") else "a string")
+        text += " " + " and ".join(f"{op} {md[key]}" for key, (op, _) in _BOUNDS.items() if md.get(key) is not None)
+    return text.strip() + (" or null" if optional else "")
+
+
+def _normal(value: Any, base: Any) -> Any:
+    """Light coercion: ints for floats, integral floats for ints, YAML's bare yes / no / numbers for strings."""
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if base is str and isinstance(value, bool):  # YAML 1.1 reads a bare `no` (ppo.mixed_precision: no) as False
+        return "yes" if value else "no"
+    if base is str and isinstance(value, int | float):
+        return str(value)
+    return {} if base is dict and value is None else value  # an empty `options:` in YAML
+
+
+def _ok(value: Any, base: Any, md: dict) -> bool:
+    if base in (bool, str, dict):
+        good = isinstance(value, base) and (not md.get("choices") or value in md["choices"])
+        return good and (not md.get("pattern") or re.fullmatch(md["pattern"], value) is not None)
+    if isinstance(value, bool) or not isinstance(value, int if base is int else int | float):
+        return False
+    return math.isfinite(value) and all(f(value, md[k]) for k, (_, f) in _BOUNDS.items() if md.get(k) is not None)
+
+
+def check(section: Any, prefix: str) -> None:
+    """The one validator: normalise and check each field of ``section`` against its declaration (recursively), then
+    the section's cross-field ``_rules``. Raises ConfigError naming the field and the allowed values."""
+    hints = _hints(type(section))
+    for f in fields(section):
+        value, tp, name = getattr(section, f.name), hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            check(value, name + ".")
+            continue
+        base, optional = _unwrap(tp)
+        if value is None and optional:
+            continue
+        value = _normal(value, base)
+        if not _ok(value, base, f.metadata):
+            raise ConfigError(f"{name} must be {allowed(tp, f.metadata)}; got {value!r}")
+        setattr(section, f.name, value)
+    for rule_ok, name, text in section._rules():
+        if not rule_ok:
+            raise ConfigError(f"{prefix}{name} must be {text}; got {getattr(section, name)!r}")
+
+
+class _Section:
+    """A config section: validated on construction and by :meth:`validate` (errors name ``<section>.<field>``)."""
+
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self):
+        """Check every field (again, e.g. after an edit in place); returns self."""
+        check(self, self.section + "." if self.section else "")
+        return self
+
+    def _rules(self):  # cross-field rules: (holds, field name, allowed values in words)
+        return ()
 
 
 @dataclass
-class TaskConfig:
+class TaskConfig(_Section):
     """Which task and data. ``options`` go to the task's ``make_task`` (e.g. ``num_count``, ``think``)."""
 
-    name: str = "countdown"
-    style: str = "compact"  # compact (tiny model) | plain (paper prompt, raw) | chat (paper prompt, chat template)
-    train_size: int | None = None  # None: the whole training split
-    eval_size: int = 200
-    options: dict = field(default_factory=dict)
+    section: ClassVar[str] = "task"
+    name: str = opt("countdown", "task", choices=TASK_NAMES)
+    style: str = opt("compact", "compact (tiny model) | plain | chat (the paper's prompt)", choices=PROMPT_STYLES)
+    train_size: int | None = opt(None, "training examples (null: the whole training split)", ge=1)
+    eval_size: int = opt(200, "held-out examples", ge=1)
+    options: dict = opt({}, "task options, checked by tre_edu.tasks.check_options")
 
-    def validate(self) -> None:
-        from tre_edu.tasks import TASK_NAMES
-
-        _in("task.name", self.name, TASK_NAMES)
-        _in("task.style", self.style, PROMPT_STYLES)
-        if self.train_size is not None:
-            _pos_int("task.train_size", self.train_size)
-        _pos_int("task.eval_size", self.eval_size)
-        _check(isinstance(self.options, dict), "task.options", "a mapping", self.options)
+    def _rules(self):
+        check_options(self.name, self.options)  # raises ValueError naming task.options.<key> and what it allows
+        return ()
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """The policy. ``name: tiny`` builds the CPU model of :mod:`tre_edu.models.tiny`; anything else is a Hugging
     Face model id or a local directory (a saved tiny model, a warm start, a Qwen2.5 checkpoint)."""
 
-    name: str = "tiny"
-    tail_tokens: int = 2000  # tiny model only: extra vocabulary entries that never occur in the data
-    n_embd: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    n_positions: int = 128
-    critic: str = "value-head"  # value-head (shared trunk) | separate (the paper: critic initialised from the actor)
-    dtype: str = "float32"  # parameters; bf16 autocast is `ppo.mixed_precision`
-    gradient_checkpointing: bool = False
+    section: ClassVar[str] = "model"
+    name: str = opt("tiny", "tiny, a hub id or a local path", flag="--model", pattern=r".+")
+    tail_tokens: int = opt(2000, "tiny model: vocabulary tail never seen in the data", flag="--tail-tokens", ge=0)
+    n_embd: int = opt(128, "tiny model: width (a multiple of n_head)", ge=1)
+    n_layer: int = opt(4, "tiny model: layers", ge=1)
+    n_head: int = opt(4, "tiny model: attention heads", ge=1)
+    n_positions: int = opt(128, "tiny model: context length", ge=1)
+    critic: str = opt("value-head", "value-head (shared trunk) | separate (a copy of the actor)", choices=CRITICS)
+    dtype: str = opt("float32", "parameter dtype (bf16 autocast is ppo.mixed_precision)", choices=DTYPES)
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass")
 
-    def validate(self) -> None:
-        _check(
-            isinstance(self.name, str) and self.name != "",
-            "model.name",
-            "'tiny', a hub id or a path",
-            self.name,
-        )
-        _pos_int("model.tail_tokens", self.tail_tokens, 0)
-        for n in ("n_embd", "n_layer", "n_head", "n_positions"):
-            _pos_int(f"model.{n}", getattr(self, n))
-        _check(self.n_embd % self.n_head == 0, "model.n_embd", "a multiple of model.n_head", self.n_embd)
-        _in("model.critic", self.critic, ("value-head", "separate"))
-        _in("model.dtype", self.dtype, DTYPES)
+    def _rules(self):
+        yield self.n_embd % self.n_head == 0, "n_embd", f"a multiple of model.n_head = {self.n_head}"
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(_Section):
     """Supervised warm start on solver-made solutions (only used when ``enabled``)."""
 
-    enabled: bool = False
-    steps: int = 600
-    seconds: float | None = None  # optional time budget; stops at whichever comes first
-    batch_size: int = 128
-    lr: float = 2e-3
-    examples: int = 20000
-    eval_every: int = 100
-
-    def validate(self) -> None:
-        _pos_int("sft.steps", self.steps, 0)
-        if self.seconds is not None:
-            _num("sft.seconds", self.seconds, 0, lo_open=True)
-        _pos_int("sft.batch_size", self.batch_size)
-        _num("sft.lr", self.lr, 0, lo_open=True)
-        _pos_int("sft.examples", self.examples)
-        _pos_int("sft.eval_every", self.eval_every)
+    section: ClassVar[str] = "sft"
+    enabled: bool = opt(False, "run the warm start before PPO")
+    steps: int = opt(600, "optimiser steps", ge=0)
+    seconds: float | None = opt(None, "optional time budget; stops at whichever comes first", gt=0)
+    batch_size: int = opt(128, "examples per step", ge=1)
+    lr: float = opt(2e-3, "learning rate", gt=0)
+    examples: int = opt(20000, "training examples", ge=1)
+    eval_every: int = opt(100, "steps between held-out evaluations", ge=1)
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(_Section):
     """PPO with a GAE critic, as in the paper (verl). Sizes count *responses* unless they say prompts."""
 
-    steps: int = 100  # PPO iterations (rollout + update)
-    prompts_per_step: int = 16
-    samples_per_prompt: int = 8
-    ppo_epochs: int = 1
-    minibatch_size: int = 64  # responses per optimiser step
-    micro_batch_size: int = 64  # responses per forward/backward (gradient accumulation inside a mini-batch)
-    actor_lr: float = 1e-6
-    critic_lr: float = 1e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.0  # actor learning-rate warm-up (fraction of all optimiser steps)
-    critic_warmup_ratio: float = 0.05
-    grad_clip: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = 3.0
-    value_clip: float | None = 0.5
-    value_coef: float = 1.0  # weight of the value loss (separate critic: only scales its gradient)
-    gamma: float = 1.0
-    lam: float = 1.0
-    advantage: str = "gae"  # gae (critic) | grpo (reward minus the group mean; no critic needed)
-    whiten_advantages: bool = True
-    agg: str = "token-mean"
-    kl_coef: float = 0.0  # KL to the initial policy as a loss term (off in the paper)
-    kl_kind: str = "k3"
-    kl_in_reward: bool = False  # fold the KL into the per-token reward instead of the loss
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 64
-    mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
-    rollout_batch_size: int = 0  # responses sampled at once (0: the whole batch); bounds the KV cache
-    rollout_backend: str = (
-        "hf"  # hf (the library's KV-cached sampler) | vllm (optional extra: pip install tre_edu[vllm])
-    )
-    vllm_gpu_memory_utilization: float = 0.4
+    section: ClassVar[str] = "ppo"
+    steps: int = opt(100, "PPO iterations (rollout + update)", flag="--steps", ge=1)
+    prompts_per_step: int = opt(16, "prompts per PPO step", ge=1)
+    samples_per_prompt: int = opt(8, "responses per prompt", ge=1)
+    ppo_epochs: int = opt(1, "passes over the batch", ge=1)
+    minibatch_size: int = opt(64, "responses per optimiser step", ge=1)
+    micro_batch_size: int = opt(64, "responses per forward / backward (per process)", ge=1)
+    actor_lr: float = opt(1e-6, "actor learning rate", ge=0)
+    critic_lr: float = opt(1e-5, "critic learning rate", ge=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay", ge=0)
+    warmup_ratio: float = opt(0.0, "actor lr warm-up, fraction of all optimiser steps", ge=0, le=1)
+    critic_warmup_ratio: float = opt(0.05, "critic lr warm-up fraction", ge=0, le=1)
+    grad_clip: float = opt(1.0, "gradient-norm clip", gt=0)
+    clip_low: float = opt(0.2, "ratio clip below 1", gt=0, le=1)
+    clip_high: float = opt(0.2, "ratio clip above 1", gt=0)
+    dual_clip: float | None = opt(3.0, "dual-clip c for negative advantages (null: off)", gt=1)
+    value_clip: float | None = opt(0.5, "value clip (null: off)", gt=0)
+    value_coef: float = opt(1.0, "weight of the value loss", ge=0)
+    gamma: float = opt(1.0, "discount", ge=0, le=1)
+    lam: float = opt(1.0, "GAE lambda", ge=0, le=1)
+    advantage: str = opt("gae", "gae (critic) | grpo (reward minus the group mean)", choices=ADVANTAGES)
+    whiten_advantages: bool = opt(True, "normalise advantages over the batch")
+    agg: str = opt("token-mean", "loss aggregation", choices=AGG_MODES)
+    kl_coef: float = opt(0.0, "KL to the initial policy (off in the paper)", ge=0)
+    kl_kind: str = opt("k3", "KL estimator", choices=KL_KINDS)
+    kl_in_reward: bool = opt(False, "fold the KL into the per-token reward instead of the loss")
+    temperature: float = opt(1.0, "rollout temperature", gt=0)
+    top_p: float = opt(1.0, "rollout nucleus", gt=0, le=1)
+    top_k: int = opt(0, "rollout top-k sampling (0: off; not TRE's K)", ge=0)
+    max_new_tokens: int = opt(64, "response budget", ge=1)
+    mixed_precision: str = opt("no", "autocast", choices=MIXED_PRECISIONS)
+    rollout_batch_size: int = opt(0, "responses sampled at once (0: all); bounds the KV cache", ge=0)
+    rollout_backend: str = opt("hf", "hf | vllm (pip install tre_edu[vllm])", choices=ROLLOUT_BACKENDS)
+    vllm_gpu_memory_utilization: float = opt(0.4, "vLLM's share of GPU memory", gt=0, le=1)
 
-    def validate(self) -> None:
-        for n in ("steps", "prompts_per_step", "samples_per_prompt", "ppo_epochs", "minibatch_size"):
-            _pos_int(f"ppo.{n}", getattr(self, n))
-        _pos_int("ppo.micro_batch_size", self.micro_batch_size)
-        _pos_int("ppo.max_new_tokens", self.max_new_tokens)
-        _pos_int("ppo.top_k", self.top_k, 0)
-        for n in ("actor_lr", "critic_lr"):
-            _num(f"ppo.{n}", getattr(self, n), 0)
-        _num("ppo.weight_decay", self.weight_decay, 0)
-        _num("ppo.warmup_ratio", self.warmup_ratio, 0, 1)
-        _num("ppo.critic_warmup_ratio", self.critic_warmup_ratio, 0, 1)
-        _num("ppo.grad_clip", self.grad_clip, 0, lo_open=True)
-        _num("ppo.clip_low", self.clip_low, 0, 1, lo_open=True)
-        _num("ppo.clip_high", self.clip_high, 0, lo_open=True)
-        if self.dual_clip is not None:
-            _num("ppo.dual_clip", self.dual_clip, 1, lo_open=True)
-        if self.value_clip is not None:
-            _num("ppo.value_clip", self.value_clip, 0, lo_open=True)
-        _num("ppo.value_coef", self.value_coef, 0)
-        _num("ppo.gamma", self.gamma, 0, 1)
-        _num("ppo.lam", self.lam, 0, 1)
-        _in("ppo.advantage", self.advantage, ADVANTAGES)
-        _in("ppo.agg", self.agg, AGG_MODES)
-        _num("ppo.kl_coef", self.kl_coef, 0)
-        _in("ppo.kl_kind", self.kl_kind, KL_KINDS)
-        _num("ppo.temperature", self.temperature, 0, lo_open=True)
-        _num("ppo.top_p", self.top_p, 0, 1, lo_open=True)
-        _in("ppo.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
-        _pos_int("ppo.rollout_batch_size", self.rollout_batch_size, 0)
-        _in("ppo.rollout_backend", self.rollout_backend, ("hf", "vllm"))
-        _num("ppo.vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0, 1, lo_open=True)
+    def _rules(self):
         batch = self.prompts_per_step * self.samples_per_prompt
-        _check(
-            self.minibatch_size <= batch and batch % self.minibatch_size == 0,
-            "ppo.minibatch_size",
-            f"a divisor of prompts_per_step * samples_per_prompt = {batch}",
-            self.minibatch_size,
-        )
-        _check(
-            self.micro_batch_size <= self.minibatch_size and self.minibatch_size % self.micro_batch_size == 0,
-            "ppo.micro_batch_size",
-            f"a divisor of ppo.minibatch_size = {self.minibatch_size}",
-            self.micro_batch_size,
-        )
-        if self.advantage == "grpo":
-            _check(self.samples_per_prompt >= 2, "ppo.samples_per_prompt", ">= 2 with advantage: grpo", 1)
+        yield batch % self.minibatch_size == 0, "minibatch_size", f"a divisor of prompts_per_step x samples = {batch}"
+        mini = self.minibatch_size
+        yield mini % self.micro_batch_size == 0, "micro_batch_size", f"a divisor of ppo.minibatch_size = {mini}"
+        yield self.advantage != "grpo" or self.samples_per_prompt >= 2, "samples_per_prompt", ">= 2 with grpo"
 
 
 @dataclass
-class EvalConfig:
-    """Held-out evaluation: greedy accuracy and the paper's validation (one sample, temperature 1.0, top_p 0.7)."""
+class RegularizerConfig(_Section):
+    """The exploration term (or baseline) and its settings; ``tre_edu.regularizers.Regularizer`` computes it.
+    ``selection``: forking / KL-Cov / Clip-Cov pick tokens within each micro-batch (the paper's code) or over the
+    whole mini-batch (a no-grad pre-pass)."""
 
-    every: int = 25  # PPO steps between evaluations (0: only at the start and the end)
-    greedy: bool = True
-    sampled: bool = True
-    temperature: float = 1.0
-    top_p: float = 0.7
-    batch_size: int = 128
+    section: ClassVar[str] = "regularizer"
+    kind: str = opt("none", "method", flag="--kind", choices=KINDS)
+    coef: float = opt(0.0, "weight alpha of the entropy-type term, paper units (TRE: 0.001)", flag="--coef", ge=0)
+    k: int = opt(2, "TRE-K trust-region size K (1: min-entropy, unscaled)", flag="--k", ge=1)
+    p: float = opt(0.99, "TRE-P nucleus mass p", flag="--p", gt=0, le=1)
+    rescale: bool = opt(True, "multiply H_TR by log V / log |A_TR| (official code: on)")
+    max_candidates: int | None = opt(256, "TRE-P searches the top this many tokens (null: all)", ge=1)
+    forking_ratio: float = opt(0.2, "forking: fraction of tokens that keep their policy gradient", gt=0, le=1)
+    selection: str = opt("microbatch", "forking / KL-Cov / Clip-Cov rank the tokens of a", choices=SELECTIONS)
+    cov_ratio: float = opt(0.002, "KL-Cov: fraction of tokens penalised (0.002: TRE runs)", gt=0, le=1)
+    kl_cov_coef: float = opt(1.0, "KL-Cov: penalty weight", ge=0)
+    clip_cov_ratio: float = opt(0.0002, "Clip-Cov: fraction of tokens detached", gt=0, le=1)
+    clip_cov_lb: float = opt(1.0, "Clip-Cov: lower end of the Cov band")
+    clip_cov_ub: float = opt(5.0, "Clip-Cov: upper end of the Cov band")
+    seed: int | None = opt(None, "Clip-Cov draw seed (null: torch's global RNG)", ge=0)
 
-    def validate(self) -> None:
-        _pos_int("eval.every", self.every, 0)
-        _num("eval.temperature", self.temperature, 0, lo_open=True)
-        _num("eval.top_p", self.top_p, 0, 1, lo_open=True)
-        _pos_int("eval.batch_size", self.batch_size)
+    def _rules(self):
+        yield self.clip_cov_lb <= self.clip_cov_ub, "clip_cov_lb", f"<= clip_cov_ub ({self.clip_cov_ub})"
+
+    def effective_coef(self, vocab_size: int, nucleus_size: int | None = None) -> float:
+        """The weight of the entropy-type term in units of an un-rescaled entropy: coef for ``entropy`` (and TRE
+        without rescale or with K = 1); coef * log V / log K for ``tre-k`` (0.001 at V = 151,936, K = 2: 0.017);
+        coef * log V / log max(n, 2) for ``tre-p`` with a nucleus of n tokens (default 2, an upper bound); 0 for
+        the kinds without an entropy term."""
+        size = self.k if self.kind == "tre-k" else 2 if nucleus_size is None else nucleus_size
+        for name, value, low in (("vocab_size", vocab_size, 2), ("nucleus_size", size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an int >= {low}; got {value!r}")
+        if self.kind not in ("entropy", "tre-k", "tre-p"):
+            return 0.0
+        rescaled = self.kind != "entropy" and self.rescale and not (self.kind == "tre-k" and self.k < 2)
+        return self.coef * math.log(vocab_size) / math.log(max(size, 2)) if rescaled else self.coef
 
 
 @dataclass
-class TrainConfig:
+class EvalConfig(_Section):
+    """Held-out evaluation: greedy accuracy, the paper's validation (one sample, temperature 1.0, top_p 0.7), pass@k
+    and the tail metrics."""
+
+    section: ClassVar[str] = "eval"
+    every: int = opt(25, "PPO steps between evaluations (0: only at the start and the end)", ge=0)
+    greedy: bool = opt(True, "greedy accuracy")
+    sampled: bool = opt(True, "accuracy of one sampled answer at eval.temperature / eval.top_p")
+    temperature: float = opt(1.0, "sampled evaluation temperature", gt=0)
+    top_p: float = opt(0.7, "sampled evaluation nucleus", gt=0, le=1)
+    batch_size: int = opt(128, "prompts per generation batch", ge=1)
+    pass_k: int = opt(0, "pass@k: n samples per prompt at eval.temperature, top_p 1.0 (0: off)", ge=0)
+    tail_metrics: bool = opt(True, "tail response fraction, mass outside the top 10 / the nucleus, entropies")
+
+
+@dataclass
+class TrainConfig(_Section):
+    """One run: the sections above and a few run-level settings."""
+
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    regularizer: Regularizer = field(default_factory=Regularizer)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
-    output_dir: str = "runs/default"
-    init_from: str | None = None  # a checkpoint / warm-start directory to start PPO from
-    checkpoint_every: int = 0  # PPO steps between checkpoints (0: only at the end)
-    tensorboard: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (with `accelerate launch` the launcher decides)
-    threads: int = 0  # torch CPU threads (0: leave torch's default)
-    notes: str = ""
+    seed: int = opt(0, "seed of everything", flag="--seed", ge=0)
+    output_dir: str = opt("runs/default", "the run directory (a path)", flag="--output-dir", pattern=r"(?s).+")
+    init_from: str | None = opt(None, "a checkpoint / warm-start directory to start PPO from", flag="--init-from")
+    checkpoint_every: int = opt(0, "PPO steps between checkpoints (0: only at the end)", ge=0)
+    tensorboard: bool = opt(False, "also log to TensorBoard")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N", flag="--device", pattern=r"auto|cpu|cuda(:\d+)?")
+    threads: int = opt(0, "torch CPU threads (0: torch's default)", ge=0)
+    notes: str = opt("", "free text kept with the run")
 
-    def validate(self) -> TrainConfig:
-        for sec in (self.task, self.model, self.sft, self.ppo, self.eval):
-            sec.validate()
-        self.regularizer.__post_init__()
-        _pos_int("seed", self.seed, 0)
-        _pos_int("checkpoint_every", self.checkpoint_every, 0)
-        _pos_int("threads", self.threads, 0)
-        _check(
-            isinstance(self.output_dir, str) and self.output_dir != "",
-            "output_dir",
-            "a path",
-            self.output_dir,
-        )
-        ok = self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")
-        _check(ok, "device", "auto, cpu, cuda or cuda:N", self.device)
-        return self
-
-    # ---- conversion -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        return _build(cls, data or {}, "").validate()
+        return _build(cls, data or {}, "")
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
 
     def replace(self, overrides: list[str] | dict | None) -> TrainConfig:
-        """A copy with dotted overrides applied: ``["ppo.steps=10", "regularizer.kind=tre-k"]`` or a dict."""
+        """A copy with dotted overrides: ``{"ppo.steps": 10}`` (typed values) or ``["ppo.steps=10"]``."""
         data = self.to_dict()
-        items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides or [])
-        for key, value in items:
+        for key, value in _pairs(overrides):
             _set_dotted(data, key, value)
         return TrainConfig.from_dict(data)
 
 
-def _split(override: str) -> tuple[str, Any]:
-    if "=" not in override:
-        raise ValueError(f"an override must look like section.field=value (e.g. ppo.steps=50); got {override!r}")
-    key, raw = override.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() != "" else None
+@dataclass
+class RewardModelConfig(_Section):
+    """``tre-edu train-rm``: a scalar reward model on preference pairs (the paper: TRL's RewardTrainer, 3 epochs,
+    lr 1e-5, warm-up 0.1, center_rewards_coefficient 0.01)."""
+
+    section: ClassVar[str] = "reward_model"
+    source: str = opt("ultrafeedback", "preference data: ultrafeedback (the paper's code) or hh-rlhf")
+    model: str = opt("tiny", "a hub id or local path of the base model (tiny: a CPU toy)", pattern=r".+")
+    output_dir: str | None = opt(None, "where to save the model (null: not saved)")
+    n_train: int | None = opt(None, "training pairs (null: the whole split)", ge=1)
+    n_test: int | None = opt(None, "test pairs (null: the whole split)", ge=1)
+    epochs: int = opt(3, "passes over the pairs", ge=1)
+    lr: float = opt(1e-5, "learning rate", gt=0)
+    warmup_ratio: float = opt(0.1, "lr warm-up fraction", ge=0, lt=1)
+    center_rewards_coefficient: float | None = opt(0.01, "weight of the mean-reward-squared penalty", ge=0)
+    batch_size: int = opt(8, "pairs per optimiser step", ge=1)
+    max_length: int = opt(1024, "tokens per sequence (longer ones keep their last tokens)", ge=1)
+    seed: int = opt(0, "seed", ge=0)
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        if not isinstance(node, dict) or part not in node:
-            raise ValueError(f"unknown config key {'.'.join(parts[: i + 1])!r} in override {key!r}")
-        node = node[part]
-        if node is None:
-            node = {}
-    if not isinstance(node, dict):
-        raise ValueError(f"config key {key!r} does not name a field")
-    leaf = parts[-1]
-    # `task.options` is free-form; everywhere else the key must exist.
-    if leaf not in node and not (len(parts) >= 2 and parts[-2] == "options"):
-        raise ValueError(f"unknown config key {key!r}; allowed here: {', '.join(sorted(node))}")
-    node[leaf] = value
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-def _coerce(name: str, tp: Any, value: Any) -> Any:
-    """Light type coercion for YAML / command-line values (ints given for floats, strings of numbers)."""
-    origin = typing.get_origin(tp)
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if value is None:
-        if origin is typing.Union or type(None) in typing.get_args(tp):
-            return None
-        raise ValueError(f"{name} must not be empty (null)")
-    target = args[0] if args else tp
-    if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if target is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{name} must be a number; got {value!r}") from None
-    if target is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if target is bool and not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false; got {value!r}")
-    if target is str and isinstance(value, bool):
-        # YAML 1.1 reads a bare `no` / `yes` as a boolean (e.g. `ppo.mixed_precision: no`): give the word back.
-        return "yes" if value else "no"
-    if target is str and not isinstance(value, str):
-        return str(value)
-    return value
-
-
-def _build(cls: type, data: dict, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping; got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {', '.join(prefix + k for k in sorted(unknown))}; "
-            f"allowed{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
+def iter_fields(cls: type = TrainConfig, prefix: str = ""):
+    """(dotted key, annotation, dataclasses.Field) of every setting, sections flattened: ``("ppo.steps", int, f)``."""
     for f in fields(cls):
-        if f.name not in data:
-            continue
-        tp = hints[f.name]
-        value = data[f.name]
+        tp = _hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, value or {}, prefix + f.name + ".")
+            yield from iter_fields(tp, prefix + f.name + ".")
         else:
-            kwargs[f.name] = _coerce(prefix + f.name, tp, value)
-    return cls(**kwargs)
+            yield prefix + f.name, tp, f
 
 
-def _merge(base: dict, child: dict) -> dict:
-    out = dict(base)
-    for k, v in child.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options" else v
-        if k == "options" and isinstance(v, dict) and isinstance(base.get(k), dict):
-            out[k] = {**base[k], **v}
+def field_type(key: str) -> Any:
+    """The annotation of the setting ``key`` (``Any`` inside the free-form ``task.options``)."""
+    cls, parts = TrainConfig, key.split(".")
+    for i, part in enumerate(parts):
+        names = {f.name for f in fields(cls)}
+        if part not in names:
+            where = " in " + ".".join(parts[:i]) if i else ""
+            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r}; allowed{where}: {', '.join(names)}")
+        cls = _hints(cls)[part]
+        if cls is dict and i < len(parts) - 1:
+            return Any
+        if not dataclasses.is_dataclass(cls):
+            if i < len(parts) - 1:
+                raise ConfigError(f"config key {key!r}: {'.'.join(parts[: i + 1])} is a setting, not a section")
+            return cls
+    raise ConfigError(f"config key {key!r} names a section, not a setting")
+
+
+def parse_value(tp: Any, raw: str, name: str = "value") -> Any:
+    """Command-line text as a value of type ``tp``: a string stays the exact text; int, float and bool (true / false,
+    yes / no, on / off, 1 / 0) are converted; null / none give None where allowed; mappings and task options: YAML."""
+    base, optional = _unwrap(tp)
+    text = raw.strip().lower()
+    if optional and text in ("null", "none", "~", ""):
+        return None
+    reason = ""
+    try:
+        if base is str or (base is bool and text in ("true", "yes", "on", "1", "false", "no", "off", "0")):
+            return raw if base is str else text in ("true", "yes", "on", "1")
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        if base is dict or base is Any:
+            return yaml.safe_load(raw)
+    except (ValueError, yaml.YAMLError) as err:
+        reason = f" ({getattr(err, 'problem', err)})" if isinstance(err, yaml.YAMLError) else ""
+    raise ConfigError(f"{name} must be {allowed(tp, {})}; got {raw!r}{reason}")
+
+
+def _pairs(overrides: list[str] | dict | None) -> list[tuple[str, Any]]:
+    """Overrides as (key, typed value): a dict is taken as is; "key=value" strings are converted by type."""
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    out = []
+    for text in overrides or []:
+        if not isinstance(text, str):  # a (key, typed value) pair
+            out.append(tuple(text))
+            continue
+        if "=" not in text:
+            raise ConfigError(f"an override must look like section.field=value (e.g. ppo.steps=50); got {text!r}")
+        key, raw = text.split("=", 1)
+        out.append((key.strip(), parse_value(field_type(key.strip()), raw, key.strip())))
     return out
 
 
-def load_yaml_dict(path: str | Path) -> dict:
-    """Read a YAML config, following ``base:`` chains (relative to each file)."""
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    field_type(key)  # raises for an unknown key
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'a config'} must be a mapping; got {data!r}")
+    names, hints = [f.name for f in fields(cls)], _hints(cls)
+    if unknown := sorted(set(data) - set(names)):
+        keys, where = ", ".join(prefix + k for k in unknown), prefix.rstrip(".") or "a config"
+        raise ConfigError(f"unknown config key(s) {keys}; allowed in {where}: {', '.join(names)}")
+    sub = {k: _build(hints[k], v or {}, f"{prefix}{k}.") for k, v in data.items() if dataclasses.is_dataclass(hints[k])}
+    return cls(**{**data, **sub})
+
+
+def _merge(base: dict, child: dict) -> dict:
+    """Child over base, section by section; ``options`` mappings merge one level (their values are replaced)."""
+    out = dict(base)
+    for k, v in child.items():
+        deep = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = ({**out[k], **v} if k == "options" else _merge(out[k], v)) if deep else v
+    return out
+
+
+def load_yaml_dict(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config, following ``base:`` chains (relative to each file). Errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in _chain:
+        raise ConfigError("base: cycle " + " -> ".join(str(p) for p in (*_chain, path.resolve())))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark, ctx = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+        what = getattr(err, "problem", None) or " ".join(str(err).split())
+        what += f" ({err.context} at line {ctx.line + 1})" if ctx and getattr(err, "context", None) else ""
+        raise ConfigError(f"{path}{f', line {mark.line + 1}' if mark else ''}: malformed YAML: {what}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping at the top level")
+        raise ConfigError(f"{path}: a config file must hold a mapping at the top level")
     base = data.pop("base", None)
     if base is not None:
-        data = _merge(load_yaml_dict(path.parent / base), data)
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base must be a file name; got {base!r}")
+        data = _merge(load_yaml_dict(path.parent / base, (*_chain, path.resolve())), data)
+    for task, block in (data.get("by_task") or {}).items():
+        if task not in TASK_NAMES or not isinstance(block, dict):
+            raise ConfigError(f"{path}: by_task must map task names ({', '.join(TASK_NAMES)}) to mappings")
     return data
 
 
@@ -398,13 +497,23 @@ def load_config(
 ) -> TrainConfig:
     """Load YAML config(s) and apply dotted overrides.
 
-    ``path`` may be one file, a list of files merged left to right (e.g. a task base, a method, a model:
-    ``["configs/paper/math.yaml", "configs/paper/methods/tre-k.yaml", "configs/paper/models/qwen2.5-7b.yaml"]``),
-    or None for the defaults.
+    ``path``: one file, a list merged left to right (a task, a method, a model: ``["configs/paper/math.yaml",
+    "configs/paper/methods/tre-k.yaml", "configs/paper/models/qwen2.5-7b.yaml"]``), or None for the defaults.
+    ``overrides``: ``{"ppo.steps": 3}`` (typed values, used unchanged) or ``["ppo.steps=3"]`` (converted by type).
     """
-    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
+    files, pairs = [load_yaml_dict(p) for p in paths], _pairs(overrides)
+    task = dict(pairs).get("task.name") or (_merge_files(files, None).get("task") or {}).get("name", "countdown")
+    data = _merge_files(files, task)
+    for key, value in pairs:
+        _set_dotted(data, key, value)
+    return TrainConfig.from_dict(data)
+
+
+def _merge_files(files: list[dict], task: str | None) -> dict:
+    """The files merged left to right, each followed by its ``by_task[task]`` block (none when task is None)."""
     data: dict = {}
-    for p in paths:
-        data = _merge(data, load_yaml_dict(p))
-    cfg = TrainConfig.from_dict(data)
-    return cfg.replace(overrides) if overrides else cfg
+    for d in files:
+        data = _merge(data, {k: v for k, v in d.items() if k != "by_task"})
+        data = _merge(data, (d.get("by_task") or {}).get(task, {}))
+    return data

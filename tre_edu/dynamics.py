@@ -26,10 +26,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tre_edu import entropy as ent
+from tre_edu.regularizers import Regularizer
 
-METHODS = ("global", "tre-k", "tre-p")
+# The regularisers' config kinds (``regularizer.kind``); plots label "entropy" as "global entropy".
+METHODS = ("entropy", "tre-k", "tre-p")
 OPTIMIZERS = ("sgd", "adam")
 
 #: The width of Qwen2.5's LM head (its output vocabulary), the paper's models.
@@ -150,12 +153,12 @@ def regularizer_value(
     rescale: bool = True,
     max_candidates: int | None = 256,
 ) -> Tensor:
-    """The entropy a regulariser maximises: ``H`` (global), ``H_TRE`` with TRE-K or with TRE-P.
+    """The entropy a regulariser maximises: ``H`` ("entropy": the global entropy), ``H_TRE`` with TRE-K or TRE-P.
 
     ``logits`` has shape ``(..., V)``; returns shape ``(...)``. Delegates to :mod:`tre_edu.entropy`.
     """
     _check_method(method)
-    if method == "global":
+    if method == "entropy":
         return ent.global_entropy(logits)
     if method == "tre-k":
         return ent.trust_region_entropy(logits, top_k=k, rescale=rescale, max_candidates=max_candidates)
@@ -164,7 +167,7 @@ def regularizer_value(
 
 def entropy_gradient(
     logits: Tensor,
-    method: str = "global",
+    method: str = "entropy",
     *,
     k: int = 2,
     p: float = 0.99,
@@ -206,13 +209,10 @@ def rescale_factor(vocab_size: int, region_size: int) -> float:
     """``log V / log |A_TR|`` (``|A_TR|`` clamped to >= 2): the factor that maps ``H_TR`` onto ``[0, log V]``.
 
     The effective coefficient of a TRE term is ``coef * rescale_factor``: with the paper's ``coef = 0.001``,
-    K = 2 and V = 151,936 the local entropy is weighted ``0.001 * 17.2 = 0.017``.
+    K = 2 and V = 151,936 the local entropy is weighted ``0.001 * 17.2 = 0.017``. Computed by
+    :meth:`tre_edu.regularizers.Regularizer.effective_coef` (the one place that knows the rescaling) at coef 1.
     """
-    if vocab_size < 2:
-        raise ValueError(f"vocab_size must be >= 2; got {vocab_size}")
-    if region_size < 1:
-        raise ValueError(f"region_size must be >= 1; got {region_size}")
-    return math.log(vocab_size) / math.log(max(int(region_size), 2))
+    return Regularizer(kind="tre-p", coef=1.0).effective_coef(vocab_size, region_size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ class AscentResult:
 
 def entropy_ascent(
     logits: Tensor,
-    method: str = "global",
+    method: str = "entropy",
     *,
     steps: int = 200,
     coef: float = 1.0,
@@ -262,7 +262,7 @@ def entropy_ascent(
 
     Args:
         logits: starting logits, shape ``(V,)``.
-        method: "global" | "tre-k" | "tre-p".
+        method: "entropy" (global entropy) | "tre-k" | "tre-p".
         steps: number of ascent steps (>= 0).
         coef, lr: entropy coefficient and step size (both > 0).
         k, p, rescale, max_candidates: the trust region (see :func:`tre_edu.entropy.trust_region_entropy`).
@@ -341,8 +341,6 @@ def ascent_sweep(
     ``ascent_kwargs`` go to :func:`entropy_ascent` (``tail_k`` defaults to ``n_plausible``).
     Returns ``{(method, V): AscentResult}``.
     """
-    from tqdm.auto import tqdm
-
     for m in methods:
         _check_method(m)
     ascent_kwargs.setdefault("tail_k", n_plausible)

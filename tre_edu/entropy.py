@@ -1,8 +1,8 @@
-"""Entropies and tail statistics of next-token distributions, memory-bounded and float32-accurate.
+"""Entropies and tail statistics of next-token distributions, memory-bounded and accurate at any V.
 
 Every function takes logits ``z`` of shape ``(..., V)`` (usually ``(B, T, V)``) and works along the last
-dimension; ``pi = softmax(z)``. Results are float32 for any floating input (bf16 / fp16 are computed in
-float32).
+dimension; ``pi = softmax(z)``. float64 logits are computed in float64 and give float64 results; every other
+floating dtype (float32, bf16, fp16) is computed in float32 and gives float32 results.
 
 Functions (PAPER.md has the formulas):
 
@@ -14,17 +14,21 @@ Functions (PAPER.md has the formulas):
 - :func:`topk_mass`, :func:`tail_mass`                mass inside / outside the top-k
 - :func:`nucleus_size`, :func:`nucleus_tail_mass`     |nucleus of mass p| and the mass outside it
 - :func:`token_logprobs`        log pi_token = z_token - logsumexp(z)
-- :func:`tail_metrics`          a dict of masked means of the above, for logging
+- :func:`tail_metrics`          a dict of masked means of the above, for logging (one pass per chunk)
 
-Numerics. The textbook float32 formula ``logsumexp(z) - sum(softmax(z) * z)`` subtracts two numbers of size
-~|z| to get an entropy that can be far smaller (a peaked distribution): catastrophic cancellation. Here every
-entropy uses shifted logits ``s = z - max z <= 0``, ``e = exp(s)``, ``S = sum e >= 1``:
+Numerics. The textbook formula ``logsumexp(z) - sum(softmax(z) * z)`` subtracts two numbers of size ~|z| to
+get an entropy that can be far smaller: catastrophic cancellation. Here every entropy uses shifted logits
+``s = z - max z <= 0``, ``e = exp(s)``, ``S = sum e >= 1``:
 
     H = log S - (sum_a e_a s_a) / S          both terms are >= 0, so there is no cancellation,
 
-and its gradient in the equally cancellation-free form
+    dH/dz_a = -pi_a (log pi_a + H) = -pi_a (s_a - (sum_b e_b s_b) / S)     (equally cancellation-free).
 
-    dH/dz_a = -pi_a (log pi_a + H) = -pi_a (s_a - (sum_b e_b s_b) / S).
+Both sums are ``torch.sum`` reductions (pairwise on CPU: relative error ~ eps log2 V, not eps V), so the float32
+error of H stays ~1e-6 at V = 151,936. Masses that decide a cut (TRE-P) or are tiny (tails) are never formed
+as ``1 - inside``: the candidates' e are taken in float64 and only the sum of e outside them (the tail, a small
+part of S) comes from the float32 pass, so the nucleus cut equals the float64 cut unless a rank's mass-before
+lies within ``2e-6 * (mass outside the candidates) + 1e-12`` of p.
 
 Memory. Nothing of size (N, V) is allocated except the gradient itself: the global passes run over chunks of
 rows (custom ``torch.autograd.Function``s that save only the logits reference and a few numbers per row and
@@ -57,13 +61,12 @@ __all__ = [
 ]
 
 # Elements per chunk of rows in the chunked passes (at least one row per chunk). On one CPU thread small
-# chunks whose float32 temporaries stay in cache are fastest; with several threads every op ends in a barrier,
-# which is costly on a loaded machine, so fewer, larger ops win (measured: 2^22 is 3-10x faster than 2^18 on 2
-# busy cores). On a GPU, kernel-launch cost dominates. Scratch memory: 1-2 chunk buffers (16-32 MiB on a CPU).
+# chunks whose temporaries stay in cache are fastest; with several threads every op ends in a barrier, which
+# is costly on a loaded machine, so fewer, larger ops win. On a GPU, kernel-launch cost dominates.
 _CHUNK_ELEMS_CPU_1THREAD = 1 << 19
-_CHUNK_ELEMS_CPU = 1 << 22
+_CHUNK_ELEMS_CPU = 1 << 24
 _CHUNK_ELEMS_GPU = 1 << 24
-_FMIN = torch.finfo(torch.float32).min  # finite stand-in for -inf so that 0 * (-inf) never happens
+_SAFE_MIN = -1e4  # stand-in for -inf in s = z - max z: exp(-1e4) = 0 in float32 and float64, no 0 * (-inf)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,6 +116,11 @@ def _raise_bad_rows(m: Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} have a row that is entirely -inf; at least one token per position must be finite")
 
 
+def _cdtype(x: Tensor) -> torch.dtype:
+    """Compute dtype: float64 for float64 logits, float32 for everything else."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _row_views(x: Tensor) -> list[Tensor]:
     """2-D views ``(r, V)`` covering the rows of ``x`` (..., V) in row-major order, without copying.
 
@@ -128,78 +136,77 @@ def _row_views(x: Tensor) -> list[Tensor]:
         return [v for i in range(x.shape[0]) for v in _row_views(x[i])]
 
 
-def _chunk_elems(x: Tensor) -> int:
-    if x.is_cuda:
-        return _CHUNK_ELEMS_GPU
-    return _CHUNK_ELEMS_CPU_1THREAD if torch.get_num_threads() == 1 else _CHUNK_ELEMS_CPU
+def _chunk_rows(x: Tensor) -> int:
+    elems = (
+        _CHUNK_ELEMS_GPU
+        if x.is_cuda
+        else (_CHUNK_ELEMS_CPU_1THREAD if torch.get_num_threads() == 1 else _CHUNK_ELEMS_CPU)
+    )
+    return max(1, elems // max(1, x.shape[-1]))
 
 
-def _chunks(views: list[Tensor]) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(row_offset, chunk)`` with ``chunk`` a (r, V) view of consecutive rows."""
+def _chunks(views: list[Tensor]) -> Iterator[tuple[slice, Tensor]]:
+    """Yield ``(rows, chunk)`` with ``chunk`` a (r, V) view of consecutive rows and ``rows`` their slice."""
     offset = 0
     for v in views:
-        rows = max(1, _chunk_elems(v) // max(1, v.shape[-1]))
+        rows = _chunk_rows(v)
         for r0 in range(0, v.shape[0], rows):
             c = v[r0 : r0 + rows]
-            yield offset + r0, c
+            yield slice(offset + r0, offset + r0 + c.shape[0]), c
         offset += v.shape[0]
 
 
-def _buffers(views: list[Tensor], n: int) -> list[Tensor]:
-    """``n`` float32 scratch buffers of one chunk's size (re-used by every chunk)."""
+def _buffers(views: list[Tensor], n: int, dtype: torch.dtype) -> list[Tensor]:
+    """``n`` scratch buffers of one chunk's size (re-used by every chunk)."""
     x = views[0]
-    V = x.shape[-1]
-    rows = min(max(1, _chunk_elems(x) // max(1, V)), max(v.shape[0] for v in views))
-    return [torch.empty(rows, V, dtype=torch.float32, device=x.device) for _ in range(n)]
+    rows = min(_chunk_rows(x), max(v.shape[0] for v in views))
+    return [torch.empty(rows, x.shape[-1], dtype=dtype, device=x.device) for _ in range(n)]
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """sum_v a[r, v] * b[r, v] for 2-D (r, V) tensors, without an (r, V) temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
+def _row_pass(
+    logits: Tensor, *, entropy: bool = False, idx: Tensor | None = None, m: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """One chunked pass over the rows of ``logits`` (..., V), no autograd, in the compute dtype.
 
-
-def _shifted(c: Tensor, m: Tensor, out: Tensor) -> Tensor:
-    """s = z - m (float32) written into ``out``."""
-    return torch.sub(c, m, out=out) if c.dtype == torch.float32 else torch.sub(c.float(), m, out=out)
-
-
-def _stats_pass(logits: Tensor, *, entropy: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """One chunked pass over the rows of ``logits`` (..., V), no autograd.
-
-    Returns per-row float32 vectors of length N = numel / V: ``m = max z``, ``log S`` with
-    ``S = sum exp(z - m)``, and, when ``entropy``: ``c = -(sum e s) / S >= 0`` (so that H = log S + c) and
-    a bool flag ``ninf`` for rows with -inf logits (their 0 * (-inf) products need the safe path).
+    Per row (N = numel / V), with ``s = z - m`` and ``e = exp(s)``: ``m = max z`` (or the given one),
+    ``S = sum e`` in [1, V]; with ``entropy``: ``d = sum e s <= 0`` and a bool flag for rows with -inf logits;
+    with ``idx`` (N, C): ``T = sum of e outside idx`` (summed directly, not S minus the inside).
     """
     views = _row_views(logits)
     N = sum(v.shape[0] for v in views)
-    dev = logits.device
-    m_all = torch.empty(N, dtype=torch.float32, device=dev)
-    logs_all = torch.empty(N, dtype=torch.float32, device=dev)
-    c_all = torch.empty(N, dtype=torch.float32, device=dev) if entropy else None
+    dt, dev = _cdtype(logits), logits.device
+    check = m is None
+    m_all = torch.empty(N, dtype=dt, device=dev) if m is None else m.to(dt)
+    S_all = torch.empty(N, dtype=dt, device=dev) if entropy or idx is None else None
+    d_all = torch.empty(N, dtype=dt, device=dev) if entropy else None
     ninf_all = torch.zeros(N, dtype=torch.bool, device=dev) if entropy else None
+    T_all = torch.empty(N, dtype=dt, device=dev) if idx is not None else None
     if N == 0:
-        return m_all, logs_all, c_all, ninf_all
-    b_s, b_e = _buffers(views, 2)
+        return m_all, S_all, d_all, ninf_all, T_all
+    b_s, b_e = _buffers(views, 2, dt)
     with torch.no_grad():
-        for r0, c in _chunks(views):
+        for sl, c in _chunks(views):
             r = c.shape[0]
-            m = c.amax(-1).float()  # NaN propagates: checked once at the end
-            m_all[r0 : r0 + r] = m
-            mm = torch.where(torch.isfinite(m), m, 0.0).unsqueeze(-1)
-            s = _shifted(c, mm, b_s[:r])  # s = z - m <= 0
-            e = torch.exp(s, out=b_e[:r])  # e = exp(s), e_max = 1
-            S = e.sum(-1)  # S in [1, V]
-            logs_all[r0 : r0 + r] = torch.log(S)
+            if check:
+                m_all[sl] = c.amax(-1)  # NaN propagates: checked once at the end
+            mm = torch.where(torch.isfinite(m_all[sl]), m_all[sl], 0.0).unsqueeze(-1)
+            s = torch.sub(c, mm, out=b_s[:r])  # s = z - m <= 0
+            e = torch.exp(s, out=b_e[:r])  # e_max = 1
+            if S_all is not None:
+                S_all[sl] = e.sum(-1)
             if entropy:
-                d = _rowdot(e, s)  # sum e s <= 0; NaN only from 0 * (-inf)
+                d = s.mul_(e).sum(-1)  # NaN only from 0 * (-inf)
                 bad = torch.isnan(d)
                 if bool(bad.any()):
-                    ninf_all[r0 : r0 + r] = bad  # type: ignore[index]
-                    s.clamp_(min=_FMIN)  # -inf -> most negative float: e = 0 there, 0 * finite = 0
-                    d = torch.where(bad, _rowdot(e, s), d)
-                c_all[r0 : r0 + r] = -d / S  # type: ignore[index]
-    _raise_bad_rows(m_all)
-    return m_all, logs_all, c_all, ninf_all
+                    ninf_all[sl] = bad  # type: ignore[index]
+                    s2 = torch.sub(c[bad], mm[bad]).clamp_(min=_SAFE_MIN)
+                    d[bad] = (s2.exp() * s2).sum(-1)
+                d_all[sl] = d  # type: ignore[index]
+            if idx is not None:
+                T_all[sl] = e.scatter_(-1, idx[sl], 0.0).sum(-1)  # type: ignore[index]
+    if check:
+        _raise_bad_rows(m_all)
+    return m_all, S_all, d_all, ninf_all, T_all
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,34 +215,37 @@ def _stats_pass(logits: Tensor, *, entropy: bool) -> tuple[Tensor, Tensor, Tenso
 
 
 class _GlobalEntropy(torch.autograd.Function):
-    """H = log S + c (see module docstring), chunked; backward recomputes each chunk."""
+    """H = log S + c with c = -(sum e s) / S (see module docstring), chunked; backward recomputes each chunk."""
 
     @staticmethod
     def forward(ctx, logits: Tensor) -> Tensor:  # type: ignore[override]
-        m, logs, c, ninf = _stats_pass(logits, entropy=True)
-        ctx.save_for_backward(logits, m, logs, c, ninf)
-        return (logs + c).view(logits.shape[:-1])  # H = log S - (sum e s) / S
+        m, S, d, ninf, _ = _row_pass(logits, entropy=True)
+        c = -d / S  # type: ignore[operator]
+        ctx.save_for_backward(logits, m, S, c, ninf)
+        return (torch.log(S) + c).view(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_h: Tensor) -> Tensor:  # type: ignore[override]
-        logits, m, logs, c, ninf = ctx.saved_tensors
+        logits, m, S, c, ninf = ctx.saved_tensors
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         gflat = grad.view(-1, logits.shape[-1])
-        go = grad_h.reshape(-1).float()
-        views = _row_views(logits)
         if gflat.shape[0] == 0:
             return grad
-        b_s, b_p = _buffers(views, 2)
+        dt = m.dtype
+        a = -grad_h.reshape(-1).to(dt) / S  # dH/dz_a * g = a e_a (s_a + c) with a = -g / S
+        ca = (c * a).unsqueeze(-1)
+        a = a.unsqueeze(-1)
+        views = _row_views(logits)
+        b_e, *b_s = _buffers(views, 1 if grad.dtype == dt else 2, dt)
         ninf_cpu = ninf.cpu()
-        for r0, ch in _chunks(views):
+        for sl, ch in _chunks(views):
             r = ch.shape[0]
-            sl = slice(r0, r0 + r)
-            out = gflat[sl] if grad.dtype == torch.float32 else b_s[:r]
-            s = _shifted(ch, m[sl].unsqueeze(-1), out)  # s = z - m
+            out = gflat[sl] if grad.dtype == dt else b_s[0][:r]
+            s = torch.sub(ch, m[sl].unsqueeze(-1), out=out)
             if bool(ninf_cpu[sl].any()):
-                s.clamp_(min=_FMIN)
-            p = torch.exp(s, out=b_p[:r]).mul_((-go[sl] * torch.exp(-logs[sl])).unsqueeze(-1))  # -g pi = -g e / S
-            s.add_(c[sl].unsqueeze(-1)).mul_(p)  # dH/dz_a = -pi_a (s_a + c) = -pi_a (log pi_a + H)
+                s.clamp_(min=_SAFE_MIN)
+            e = torch.exp(s, out=b_e[:r])
+            torch.addcmul(ca[sl], s, a[sl], out=s).mul_(e)  # (a s + a c) e
             if out.data_ptr() != gflat[sl].data_ptr():
                 gflat[sl].copy_(s)
         return grad
@@ -248,8 +258,8 @@ def global_entropy(logits: Tensor) -> Tensor:
         logits: (..., V) float tensor, e.g. (B, T, V). -inf entries are masked tokens.
 
     Returns:
-        (...) float32, in [0, log V]. Differentiable: dH/dz_a = -pi_a (log pi_a + H), which is positive for
-        every tail token with log pi_a < -H (the global bonus pushes the whole tail up).
+        (...) float32 (float64 for float64 logits), in [0, log V]. Differentiable: dH/dz_a = -pi_a (log pi_a + H),
+        which is positive for every tail token with log pi_a < -H (the global bonus pushes the whole tail up).
     """
     _check_logits(logits)
     return _GlobalEntropy.apply(logits)
@@ -265,9 +275,8 @@ class _TokenLogprob(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, tokens: Tensor) -> Tensor:  # type: ignore[override]
-        m, logs, _, _ = _stats_pass(logits, entropy=False)
-        lse = m + logs  # logsumexp(z) = m + log S
-        zt = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float().reshape(-1)
+        lse = _logsumexp(logits)
+        zt = logits.gather(-1, tokens.unsqueeze(-1)).reshape(-1).to(lse.dtype)
         ctx.save_for_backward(logits, tokens, lse)
         return (zt - lse).view(logits.shape[:-1])
 
@@ -276,21 +285,17 @@ class _TokenLogprob(torch.autograd.Function):
         logits, tokens, lse = ctx.saved_tensors
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         gflat = grad.view(-1, logits.shape[-1])
-        go = grad_out.reshape(-1).float()
+        go = -grad_out.reshape(-1, 1).to(lse.dtype)
         if gflat.shape[0] == 0:
             return grad, None
         views = _row_views(logits)
-        (b_p,) = _buffers(views, 1)
-        for r0, ch in _chunks(views):
-            r = ch.shape[0]
-            sl = slice(r0, r0 + r)
-            out = gflat[sl] if grad.dtype == torch.float32 else b_p[:r]
-            p = _shifted(ch, lse[sl].unsqueeze(-1), out).exp_()  # pi = exp(z - lse)
-            p.mul_(-go[sl].unsqueeze(-1))  # -g * pi
+        (b_p,) = _buffers(views, 1, lse.dtype)
+        for sl, ch in _chunks(views):
+            out = gflat[sl] if grad.dtype == lse.dtype else b_p[: ch.shape[0]]
+            torch.sub(ch, lse[sl].unsqueeze(-1), out=out).exp_().mul_(go[sl])  # -g pi, pi = exp(z - lse)
             if out.data_ptr() != gflat[sl].data_ptr():
-                gflat[sl].copy_(p)
-        # + g * onehot(t)
-        gflat.scatter_add_(-1, tokens.reshape(-1, 1), grad_out.reshape(-1, 1).to(grad.dtype))
+                gflat[sl].copy_(out)
+        gflat.scatter_add_(-1, tokens.reshape(-1, 1), grad_out.reshape(-1, 1).to(grad.dtype))  # + g onehot(t)
         return grad, None
 
 
@@ -304,15 +309,10 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
         tokens: (...) integer tensor of token ids in [0, V), e.g. (B, T).
 
     Returns:
-        (...) float32, differentiable w.r.t. ``logits`` (gradient onehot(token) - pi).
+        (...) float32 (float64 for float64 logits), differentiable w.r.t. ``logits`` (gradient onehot(token) - pi).
     """
     V = _check_logits(logits)
-    if not isinstance(tokens, Tensor) or tokens.dtype not in (
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.uint8,
-    ):
+    if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError("tokens must be an integer tensor of shape logits.shape[:-1]")
     if tuple(tokens.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
@@ -325,7 +325,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
 
 
 def min_entropy(logits: Tensor) -> Tensor:
-    """Min-entropy ``-log max_a pi_a`` per position: (..., V) -> (...) float32, differentiable.
+    """Min-entropy ``-log max_a pi_a`` per position: (..., V) -> (...) float32 (float64 in), differentiable.
 
     Its gradient is pi - onehot(argmax) on the whole vocabulary (the official code's K = 1 case of TRE).
     """
@@ -336,9 +336,9 @@ def min_entropy(logits: Tensor) -> Tensor:
 
 
 def _logsumexp(logits: Tensor) -> Tensor:
-    """Chunked, checked logsumexp over the last dim, no grad: (..., V) -> (N,) float32."""
-    m, logs, _, _ = _stats_pass(logits, entropy=False)
-    return m + logs
+    """Chunked, checked logsumexp over the last dim, no grad: (..., V) -> (N,) in the compute dtype."""
+    m, S, _, _, _ = _row_pass(logits)
+    return m + torch.log(S)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -371,59 +371,68 @@ class _LocalEntropy(torch.autograd.Function):
 
 
 def _flat_topk_idx(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k values (float32, sorted descending) and indices as (N, k), no grad; checks each row's top."""
+    """Top-k values (in the logits' dtype, sorted descending) and indices as (N, k), no grad; checks each row."""
     with torch.no_grad():
         vals, idx = torch.topk(logits, k, dim=-1, sorted=True)
-    vals = vals.reshape(-1, k).float()
-    idx = idx.reshape(-1, k)
+    vals, idx = vals.reshape(-1, k), idx.reshape(-1, k)
     if vals.shape[0]:
         _raise_bad_rows(vals[:, 0])  # topk ranks NaN first, so NaN / +inf / all -inf all show in column 0
     return vals, idx
 
 
+def _head(logits: Tensor, vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float64 per-row statistics of the candidates ``idx`` (their logits ``vals``, sorted, (N, C)), no grad.
+
+    Returns (e (N, C) = exp(z - max z) of the candidates, S = their sum + the float32 sum of e outside them
+    (the tail, summed directly), out = tail / S = the mass outside the candidates). The candidates' masses
+    e / S are then exact up to the tail sum's relative error (~eps log2 V) times the tail mass.
+    """
+    v = vals.double()
+    e = torch.exp(v - v[:, :1])
+    _, _, _, _, T = _row_pass(logits, idx=idx, m=vals[:, 0])
+    S = e.sum(-1) + T.double()  # type: ignore[union-attr]
+    return e, S, T.double() / S  # type: ignore[union-attr]
+
+
 def _nucleus(
-    logits: Tensor, p: float, max_candidates: int | None, lse: Tensor | None = None
+    logits: Tensor, p: float, max_candidates: int | None, head: tuple[Tensor, ...] | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Select the nucleus of mass ``p`` per row, no grad.
 
     Rank i (by probability, descending) is kept iff the mass strictly before it is < p; the first token
     always; tokens with -inf logits never. Only the top ``max_candidates`` tokens are searched (all of them
     are kept if their mass is < p); ``None`` searches as many as needed (growing the candidate set only for
-    the rows that need it).
+    the rows that need it). The cut equals the float64 cut unless a mass-before lies within
+    ``2e-6 * out + 1e-12`` of p (see :func:`_head`). ``head`` = (vals, idx, e, S, out) if already computed.
 
-    Returns (idx (N, C) long, keep (N, C) bool, lse (N,) float32, probs (N, C) float64 of the candidates).
+    Returns (idx (N, C) long, keep (N, C) bool, probs (N, C) float64 of the candidates, out (N,) float64 =
+    the mass outside the candidates).
     """
     V = logits.shape[-1]
-    if lse is None:
-        lse = _logsumexp(logits)
-    C = V if max_candidates is None else min(max_candidates, V)
-    if max_candidates is None:
-        C = min(V, 256)
-    vals, idx = _flat_topk_idx(logits, C)
-    with torch.no_grad():
-        probs = torch.exp(vals.double() - lse.double().unsqueeze(-1))  # pi of the candidates, float64
-        if max_candidates is None and C < V:
-            # grow the candidates of rows whose top-C mass is still below p (exact, without a full sort)
-            need = probs.sum(-1) < p
-            flat = None
-            while bool(need.any()) and C < V:
-                C_new = min(V, 4 * C)
-                rows = need.nonzero().squeeze(-1)
-                if flat is None:
-                    flat = logits.reshape(-1, V)
-                v2, i2 = torch.topk(flat.index_select(0, rows), C_new, dim=-1, sorted=True)
-                pad = C_new - C
-                idx = torch.cat([idx, idx[:, :1].expand(-1, pad)], dim=-1)
-                probs = torch.cat([probs, probs.new_zeros(probs.shape[0], pad)], dim=-1)
-                idx[rows] = i2
-                probs[rows] = torch.exp(v2.double() - lse.double()[rows].unsqueeze(-1))
-                C = C_new
-                need = torch.zeros_like(need)
-                need[rows] = probs[rows].sum(-1) < p
-        before = torch.cumsum(probs, -1) - probs  # mass strictly before rank i
-        keep = (before < p) & (probs > 0)
-        keep[:, 0] = True
-    return idx, keep, lse, probs
+    if head is None:
+        vals, idx = _flat_topk_idx(logits, min(V, 256 if max_candidates is None else max_candidates))
+        e, S, out = _head(logits, vals, idx)
+    else:
+        vals, idx, e, S, out = head
+    C = idx.shape[-1]
+    pS = p * S  # compare unnormalised: mass before rank i < p  <=>  sum_{j<i} e_j < p S
+    need = e.sum(-1) < pS if max_candidates is None and C < V else None
+    while need is not None and bool(need.any()) and C < V:
+        # grow the candidates of rows whose top-C mass is still below p (exact, without a full sort)
+        C_new, rows = min(V, 4 * C), need.nonzero().squeeze(-1)
+        sub = logits.reshape(-1, V).index_select(0, rows)
+        v2, i2 = torch.topk(sub, C_new, dim=-1, sorted=True)
+        e2, _, out2 = _head(sub, v2, i2)  # S of these rows is unchanged
+        idx = torch.cat([idx, idx[:, :1].expand(-1, C_new - C)], dim=-1)
+        e = torch.cat([e, e.new_zeros(e.shape[0], C_new - C)], dim=-1)
+        idx[rows], e[rows], out[rows], C = i2, e2, out2, C_new
+        need = torch.zeros_like(need)
+        need[rows] = e[rows].sum(-1) < pS[rows]
+    before = torch.cumsum(e, -1) - e  # unnormalised mass strictly before rank i (exact for equal e)
+    keep = (before < pS.unsqueeze(-1)) & (e > 0)
+    keep[:, 0] = True
+    probs = e / S.unsqueeze(-1)
+    return idx, keep, probs, out
 
 
 def trust_region_entropy(
@@ -446,7 +455,8 @@ def trust_region_entropy(
         H_TRE = H_TR * log(V) / log(max(|A_TR|, 2))   (rescale)   in [0, log V], 0 where |A_TR| = 1
 
     with V = ``vocab_size`` or ``logits.shape[-1]``. ``top_k=1`` is the official special case: min-entropy
-    ``-log max pi``, never rescaled (its gradient is not confined to the trust region).
+    ``-log max pi``, never rescaled (its gradient is not confined to the trust region). The nucleus cut is
+    the float64 one except within ``2e-6 * (mass outside the candidates) + 1e-12`` of p.
 
     Args:
         logits: (..., V) float tensor, e.g. (B, T, V).
@@ -457,7 +467,8 @@ def trust_region_entropy(
         vocab_size: V used in the rescale factor (the LM head width) if the logits were sliced; integer >= 2.
 
     Returns:
-        (...) float32, differentiable; the gradient w.r.t. every logit outside A_TR is exactly zero.
+        (...) float32 (float64 for float64 logits), differentiable; the gradient w.r.t. every logit outside
+        A_TR is exactly zero.
     """
     V = _check_logits(logits)
     if (top_k is None) == (top_p is None):
@@ -480,44 +491,16 @@ def trust_region_entropy(
         n = keep.sum(-1)
     # differentiable part: only the (N, C) selected logits;
     # gather's backward scatters their gradient into a zero (..., V) tensor
-    v = logits.gather(-1, idx.view(*shape, idx.shape[-1])).float().reshape(idx.shape)
+    v = logits.gather(-1, idx.view(*shape, idx.shape[-1])).to(_cdtype(logits)).reshape(idx.shape)
     h = _LocalEntropy.apply(v, keep)
     if rescale:
-        if n is None:
-            h = h * (log_v / math.log(K))
-        else:
-            h = h * (log_v / torch.log(n.clamp(min=2).float()))  # H_TR = 0 where |A_TR| = 1
+        h = h * (log_v / (math.log(K) if n is None else torch.log(n.clamp(min=2).to(h.dtype))))
     return h.view(shape)
 
 
 # ----------------------------------------------------------------------------------------------------
 # tail statistics (metrics)
 # ----------------------------------------------------------------------------------------------------
-
-
-def _mass_outside(logits: Tensor, lse: Tensor, idx: Tensor, keep: Tensor) -> Tensor:
-    """sum of pi outside the kept candidates, summed directly (not 1 - mass inside): (N,) float32, no grad.
-
-    Per chunk: e = exp(z - lse) (= pi), the kept candidates are zeroed in the scratch buffer and the rest
-    is summed (in float64), so tails far below float32's 1e-7 resolution of "1 - mass inside" keep their
-    relative accuracy.
-    """
-    views = _row_views(logits)
-    N = lse.shape[0]
-    out = torch.empty(N, dtype=torch.float64, device=logits.device)
-    if N == 0:
-        return out.float()
-    (b,) = _buffers(views, 1)
-    with torch.no_grad():
-        for r0, c in _chunks(views):
-            r = c.shape[0]
-            sl = slice(r0, r0 + r)
-            e = _shifted(c, lse[sl].unsqueeze(-1), b[:r]).exp_()  # pi in float32
-            total = e.sum(-1, dtype=torch.float64)  # = 1 up to rounding
-            ic = idx[sl]
-            e.scatter_(-1, ic, torch.where(keep[sl], 0.0, e.gather(-1, ic)))  # drop the kept tokens
-            out[sl] = e.sum(-1, dtype=torch.float64) / total
-    return out.float()
 
 
 def topk_mass(logits: Tensor, k: int) -> Tensor:
@@ -530,10 +513,10 @@ def topk_mass(logits: Tensor, k: int) -> Tensor:
     with torch.no_grad():
         _, idx = _flat_topk_idx(logits, k)
     shape = logits.shape[:-1]
-    v = logits.gather(-1, idx.view(*shape, k)).float()
+    v = logits.gather(-1, idx.view(*shape, k)).to(_cdtype(logits))
     lse_k = torch.logsumexp(v, -1)
     if logits.requires_grad:
-        lse = torch.logsumexp(logits.float(), -1) if V <= 4096 else _lse_autograd(logits)
+        lse = torch.logsumexp(logits.to(v.dtype), -1) if V <= 4096 else _lse_autograd(logits)
     else:
         lse = _logsumexp(logits).view(shape)
     return torch.exp(lse_k - lse)
@@ -543,18 +526,17 @@ def _lse_autograd(logits: Tensor) -> Tensor:
     """Differentiable chunked logsumexp: lse = z_t - log pi_t for any token t (here the argmax)."""
     with torch.no_grad():
         top = logits.argmax(-1)
-    zt = logits.gather(-1, top.unsqueeze(-1)).squeeze(-1).float()
-    return zt - token_logprobs(logits, top)
+    lp = token_logprobs(logits, top)
+    return logits.gather(-1, top.unsqueeze(-1)).squeeze(-1).to(lp.dtype) - lp
 
 
 def tail_mass(logits: Tensor, k: int) -> Tensor:
-    """Mass outside the top-k, ``1 - topk_mass`` without cancellation: (..., V) -> (...) float32, no grad."""
+    """Mass outside the top-k, ``1 - topk_mass`` summed directly (no cancellation): (..., V) -> (...), no grad."""
     V = _check_logits(logits)
     k = _check_int(k, "k", 1, V)
     with torch.no_grad():
-        lse = _logsumexp(logits)
-        _, idx = _flat_topk_idx(logits, k)
-        return _mass_outside(logits, lse, idx, torch.ones_like(idx, dtype=torch.bool)).view(logits.shape[:-1])
+        vals, idx = _flat_topk_idx(logits, k)
+        return _head(logits, vals, idx)[2].to(_cdtype(logits)).view(logits.shape[:-1])
 
 
 def nucleus_size(logits: Tensor, p: float, max_candidates: int | None = None) -> Tensor:
@@ -567,18 +549,17 @@ def nucleus_size(logits: Tensor, p: float, max_candidates: int | None = None) ->
     p = _check_p(p, "p")
     max_candidates = _check_max_candidates(max_candidates)
     with torch.no_grad():
-        _, keep, _, _ = _nucleus(logits, p, max_candidates)
-        return keep.sum(-1).view(logits.shape[:-1])
+        return _nucleus(logits, p, max_candidates)[1].sum(-1).view(logits.shape[:-1])
 
 
 def nucleus_tail_mass(logits: Tensor, p: float, max_candidates: int | None = None) -> Tensor:
-    """Mass outside the nucleus of mass p (see :func:`nucleus_size`): (..., V) -> (...) float32, no grad."""
+    """Mass outside the nucleus of mass p (see :func:`nucleus_size`): (..., V) -> (...), no grad."""
     _check_logits(logits)
     p = _check_p(p, "p")
     max_candidates = _check_max_candidates(max_candidates)
     with torch.no_grad():
-        idx, keep, lse, _ = _nucleus(logits, p, max_candidates)
-        return _mass_outside(logits, lse, idx, keep).view(logits.shape[:-1])
+        _, keep, probs, out = _nucleus(logits, p, max_candidates)
+        return (out + (probs * ~keep).sum(-1)).to(_cdtype(logits)).view(logits.shape[:-1])
 
 
 def _pct_name(p: float) -> str:
@@ -598,6 +579,9 @@ def tail_metrics(
     chunk_rows: int = 64,
 ) -> dict[str, float]:
     """Masked means over valid positions of entropy and vocabulary-tail statistics, for logging (no grad).
+
+    Any floating dtype, no full-size copy: per chunk of valid rows, one top-C search (C = the largest of
+    ``ks``, ``top_k`` and the nucleus candidates) and one pass over the chunk give every statistic.
 
     Args:
         logits: (B, T, V) (any (..., V) works) float tensor.
@@ -619,55 +603,54 @@ def tail_metrics(
     p = _check_p(p, "p")
     top_k = _check_int(top_k, "top_k", 1, V)
     ks = [_check_int(k, "ks", 1, V) for k in ks]
+    max_candidates = _check_max_candidates(max_candidates)
     chunk_rows = _check_int(chunk_rows, "chunk_rows", 1)
     lead = logits.shape[:-1]
     if mask is None:
-        w = torch.ones(lead, dtype=torch.float32, device=logits.device)
+        w = torch.ones(lead, dtype=torch.float64, device=logits.device)
     else:
         if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(lead):
             got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
             raise ValueError(f"mask must be a tensor of shape logits.shape[:-1] = {tuple(lead)}, got {got}")
-        w = mask.to(device=logits.device, dtype=torch.float32)
+        w = mask.to(device=logits.device, dtype=torch.float64)
     w = w.reshape(-1)
     pn = _pct_name(p)
     keys = ["entropy/global", "entropy/tre_k", "entropy/tre_p"]
     keys += ["tail/top1_prob" if k == 1 else f"tail/mass_outside_top{k}" for k in ks]
     keys += [f"tail/nucleus_size_{pn}", f"tail/mass_outside_nucleus_{pn}"]
-    sums = dict.fromkeys(keys, 0.0)
     rows = (w != 0).nonzero().squeeze(-1)
     total_w = float(w[rows].sum()) if rows.numel() else 0.0
     if total_w == 0.0:
-        return sums
+        return dict.fromkeys(keys, 0.0)
+    C = min(V, max([*ks, top_k, 256 if max_candidates is None else max_candidates]))
+    Cp = min(V, 256 if max_candidates is None else max_candidates)
+    log_v = math.log(V)
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=logits.device)
     with torch.no_grad():
-        flat = logits.detach().reshape(-1, V)
+        flat = logits.detach().reshape(-1, V)  # a view unless the logits are strided
         for i in range(0, rows.numel(), chunk_rows):
             r = rows[i : i + chunk_rows]
-            z = flat.index_select(0, r)  # (r, V) copy of one chunk of valid rows only
-            wr = w[r]
-            stats = {
-                "entropy/global": global_entropy(z),
-                "entropy/tre_k": trust_region_entropy(
-                    z, top_k=top_k, rescale=rescale, vocab_size=V, max_candidates=max_candidates
-                ),
-            }
-            lse = _logsumexp(z)
-            idx, keep, _, probs = _nucleus(z, p, max_candidates, lse=lse)
+            z = flat.index_select(0, r)  # one chunk of valid rows, in its own dtype
+            vals, idx = _flat_topk_idx(z, C)
+            _, S, d, _, T = _row_pass(z, entropy=True, idx=idx, m=vals[:, 0])
+            e = torch.exp(vals.double() - vals[:, :1].double())  # the candidates' e = exp(z - max z), float64
+            T = T.double()  # type: ignore[union-attr]
+            S64 = e.sum(-1) + T
+            # outside[:, k] = mass outside the top-k, summed directly (smallest terms first)
+            outside = (torch.cat([e.flip(-1).cumsum(-1).flip(-1), e[:, :1] * 0], -1) + T.unsqueeze(-1)) / S64[:, None]
+            head = (vals[:, :Cp], idx[:, :Cp], e[:, :Cp], S64, outside[:, Cp])
+            idx_n, keep, probs, out = _nucleus(z, p, max_candidates, head=head)
             n = keep.sum(-1)
-            vv = z.gather(-1, idx).float()
-            h = _LocalEntropy.apply(vv, keep)
-            if rescale:
-                h = h * (math.log(V) / torch.log(n.clamp(min=2).float()))
-            stats["entropy/tre_p"] = h
-            for k in ks:
-                if k == 1:
-                    stats["tail/top1_prob"] = torch.exp(z.amax(-1).float() - lse)
-                else:
-                    _, ik = _flat_topk_idx(z, k)
-                    stats[f"tail/mass_outside_top{k}"] = _mass_outside(
-                        z, lse, ik, torch.ones_like(ik, dtype=torch.bool)
-                    )
-            stats[f"tail/nucleus_size_{pn}"] = n.float()
-            stats[f"tail/mass_outside_nucleus_{pn}"] = _mass_outside(z, lse, idx, keep)
-            for key, val in stats.items():
-                sums[key] += float((val.float().reshape(-1) * wr).sum())
-    return {key: val / total_w for key, val in sums.items()}
+            stats = [torch.log(S) - d / S]  # type: ignore[operator]
+            if top_k == 1:
+                stats.append(torch.log(S64))  # min-entropy -log max pi
+            else:
+                vk = vals[:, :top_k].double()
+                hk = _LocalEntropy.apply(vk, vk > -math.inf)
+                stats.append(hk * (log_v / math.log(top_k)) if rescale else hk)
+            hp = _LocalEntropy.apply(z.gather(-1, idx_n).double(), keep)
+            stats.append(hp * (log_v / torch.log(n.clamp(min=2).double())) if rescale else hp)
+            stats += [1.0 / S64 if k == 1 else outside[:, k] for k in ks]
+            stats += [n, out + (probs * ~keep).sum(-1)]
+            sums += torch.stack([x.double() for x in stats]) @ w[r]
+    return {key: float(val) / total_w for key, val in zip(keys, sums, strict=True)}

@@ -1,16 +1,100 @@
-"""Held-out evaluation: greedy accuracy and the paper's sampled pass@1.
+"""Held-out evaluation: the one loop behind the trainer, the warm start and ``tre-edu eval``.
 
-The paper validates with one sample per prompt at temperature 1.0, top_p 0.7 (pass@1 of a sampled answer);
-greedy decoding (temperature 0) is the low-noise number the CPU notebooks plot. Both go through the same
-sampling loop as the PPO rollouts (:func:`tre_edu.rollout.generate`), so evaluation sees exactly what training
-sees.
+Up to three generation passes over the same examples, through the sampler of the PPO rollouts
+(:func:`tre_edu.rollout.generate`), so evaluation sees exactly what training sees:
+
+- greedy (temperature 0): ``greedy_accuracy``, ``greedy_reward``;
+- sampled, the paper's validation (one sample at ``eval.temperature`` = 1, ``eval.top_p`` = 0.7): ``sampled_accuracy``
+  (pass@1 of a sampled answer), ``sampled_reward``;
+- exploration (``eval.pass_k`` = n > 0 samples per example at ``eval.temperature``, top_p 1, the rollout
+  distribution): ``pass@k`` for k = 1, 2, 4, ..., n with the unbiased estimator of Chen et al. (2021)
+  ``pass@k = mean_i [1 - C(n - c_i, k) / C(n, k)]`` (c_i correct samples of example i), and for Countdown
+  ``distinct_correct``, the mean number of distinct correct equations per solved example.
+
+Tail metrics (``eval.tail_metrics``) are measured on the exploration samples (on the sampled pass when
+``pass_k`` = 0), at every sampled position, from the model's temperature-1 distribution:
+``tail_response_frac`` = fraction of responses with at least one tail token (only for a tokenizer with known
+tail ids: the tiny model's ``<tail_*>`` entries), ``mass_outside_top10``, ``mass_outside_nucleus`` (p = 0.99),
+``entropy_global`` (H = -sum pi log pi) and ``entropy_tre`` (TRE-K, K = 2, rescaled by log V / log 2).
+
+A response succeeds when its score is ``>= task.success_threshold``; a task whose threshold is None (no notion
+of success, e.g. a reward model) gets rewards only. NaN / +inf logits raise ValueError (in the sampler).
 """
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
+from tre_edu.entropy import tail_metrics
+from tre_edu.models.tiny import TAIL_FORMAT
+from tre_edu.policy import response_logits
+from tre_edu.rollout import SamplingConfig, decode_responses, generate
+from tre_edu.tasks.countdown import extract_answer
+
+# tre_edu.entropy.tail_metrics key -> evaluation key
+_TAIL_KEYS = {
+    "tail/mass_outside_top10": "mass_outside_top10",
+    "tail/mass_outside_nucleus_p99": "mass_outside_nucleus",
+    "entropy/global": "entropy_global",
+    "entropy/tre_k": "entropy_tre",
+}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct: ``1 - C(n - c, k) / C(n, k)``."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def tail_start(tokenizer: Any) -> int | None:
+    """First id of the tiny tokenizer's tail (every id from it on is a tail token); None for other tokenizers."""
+    first = tokenizer.convert_tokens_to_ids(TAIL_FORMAT.format(0))
+    if not isinstance(first, int) or first == tokenizer.unk_token_id:
+        return None
+    return first
+
+
+def _sample(model, tokenizer, prompts, sampling, batch_size, generator, progress, desc, tail=False):
+    """Generate for every prompt; returns (texts, tail flag per response or None, tail metrics). The tail
+    metrics (``tail=True``) come from one teacher-forced forward over each sampled batch: the model's
+    temperature-1 distribution at every sampled position, averaged over tokens."""
+    first = tail_start(tokenizer)
+    texts: list[str] = []
+    has_tail: list[bool] = []
+    sums: dict[str, float] = {}
+    tokens = 0
+    starts: Any = range(0, len(prompts), batch_size)
+    if progress:
+        starts = tqdm(starts, desc=desc, leave=False)
+    for s in starts:
+        ids = tokenizer(prompts[s : s + batch_size], add_special_tokens=False)["input_ids"]
+        ro = generate(
+            model,
+            ids,
+            sampling,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            generator=generator,
+        )
+        texts += decode_responses(tokenizer, ro)
+        if first is not None:
+            has_tail += ((ro.response >= first) & ro.response_mask).any(-1).tolist()
+        if tail:
+            logits, _ = response_logits(model, ro.input_ids, ro.attention_mask, ro.response_len)
+            n = int(ro.response_mask.sum())
+            for k, v in tail_metrics(logits, ro.response_mask).items():
+                sums[k] = sums.get(k, 0.0) + v * n
+            tokens += n
+    metrics = {_TAIL_KEYS[k]: v / tokens for k, v in sums.items() if k in _TAIL_KEYS} if tokens else {}
+    return texts, (has_tail if first is not None else None), metrics
 
 
 def evaluate(
@@ -18,85 +102,149 @@ def evaluate(
     tokenizer: Any,
     task: Any,
     examples: list[dict[str, Any]],
+    eval_cfg: Any = None,
     *,
     style: str = "compact",
-    temperature: float = 0.0,
-    top_p: float = 1.0,
     max_new_tokens: int = 64,
-    batch_size: int = 64,
-    generator: torch.Generator | None = None,
-    num_samples: int = 4,
+    seed: int = 0,
+    greedy: bool | None = None,
+    sampled: bool | None = None,
     progress: bool = False,
-) -> dict[str, Any]:
-    """Generate one response per example and score it with ``task.reward``.
+    **legacy: Any,
+) -> dict[str, float]:
+    """Evaluate ``model`` on ``examples`` (see the module docstring for the passes and the keys).
 
     Args:
-        model: a Hugging Face causal LM (the actor); it is put in eval mode for the call and restored after.
+        model: a Hugging Face causal LM (the unwrapped actor); its training flag is restored after.
         tokenizer: its tokenizer; prompts are encoded without special tokens, as in training.
-        task: a :class:`~tre_edu.tasks.base.Task`; ``task.prompt(example, tokenizer, style)`` makes the
-        prompts.
-        examples: the puzzles / problems.
-        temperature: 0.0 means greedy decoding; > 0 samples (the paper's validation: 1.0 with ``top_p=0.7``).
-        batch_size: prompts per generation call.
-        generator: the random generator for sampling (reproducible evaluations).
-        num_samples: how many (prompt, response, reward) triples to return in ``"samples"``.
+        task: a :class:`~tre_edu.tasks.base.Task` (``prompt``, ``reward``, ``success_threshold``).
+        examples: the held-out examples (the same list for every method of a comparison).
+        eval_cfg: a :class:`~tre_edu.config.EvalConfig` (``greedy``, ``sampled``, ``temperature``, ``top_p``,
+            ``batch_size``, ``pass_k``, ``tail_metrics``) or any object with those attributes.
+        style: prompt style; max_new_tokens: response budget.
+        seed: seeds the sampled and exploration passes (same seed, same samples).
+        greedy, sampled: run those passes (None: ``eval_cfg.greedy`` / ``eval_cfg.sampled``).
+        progress: a progress bar per pass.
 
     Returns:
-        ``{"accuracy": fraction of rewards >= 1 (for 0/1 rewards: the success rate), "mean_reward", "n",
-        "rewards": list of per-example rewards, "samples": [{"prompt", "response", "reward"}, ...]}``.
+        ``{"greedy_accuracy", "greedy_reward", "sampled_accuracy", "sampled_reward", "pass@1", ..., "pass@n",
+        "distinct_correct", "tail_response_frac", "mass_outside_top10", "mass_outside_nucleus",
+        "entropy_global", "entropy_tre"}``, each present when its pass ran (accuracies, pass@k and
+        distinct_correct only when the task has a success threshold). No examples: ``{}``.
     """
-    from tre_edu.rollout import SamplingConfig, decode_responses, generate
-
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy); got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+    greedy = eval_cfg.greedy if greedy is None else greedy
+    sampled = eval_cfg.sampled if sampled is None else sampled
+    n_pass = int(getattr(eval_cfg, "pass_k", 0) or 0)
+    want_tail = bool(getattr(eval_cfg, "tail_metrics", True))
+    threshold = getattr(task, "success_threshold", 1.0)
+    if eval_cfg is None:  # TEMPORARY (until trainer / sft / pipeline call the new signature): the old call
+        return _legacy(model, tokenizer, task, examples, style, max_new_tokens, progress, **legacy)
+    bs = eval_cfg.batch_size
     examples = list(examples)
     if not examples:
-        return {"accuracy": 0.0, "mean_reward": 0.0, "n": 0, "rewards": [], "samples": []}
-
+        return {}
     prompts = [task.prompt(e, tokenizer, style) for e in examples]
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p))
-    was_training = model.training
-    model.eval()
-    responses: list[str] = []
-    try:
-        batches = range(0, len(prompts), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
+    out: dict[str, float] = {}
 
-            batches = tqdm(batches, desc="evaluate", leave=False)
-        for start in batches:
-            ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]]
-            with torch.no_grad():
-                rollout = generate(
-                    model,
-                    ids,
-                    cfg,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                    generator=generator,
-                )
-            responses.extend(decode_responses(tokenizer, rollout))
-    finally:
-        model.train(was_training)
+    def score(name: str, texts: list[str], exs: list[dict]) -> list[float]:
+        rewards = [float(r) for r in task.reward(texts, exs)]
+        out[f"{name}_reward"] = sum(rewards) / len(rewards)
+        if threshold is not None:
+            out[f"{name}_accuracy"] = sum(r >= threshold for r in rewards) / len(rewards)
+        return rewards
 
-    rewards = [float(r) for r in task.reward(responses, examples)]
-    n = len(rewards)
-    samples = [
-        {"prompt": p, "response": r, "reward": w} for p, r, w in list(zip(prompts, responses, rewards))[:num_samples]
-    ]
+    def tail(has_tail: list[bool] | None, metrics: dict[str, float]) -> None:
+        out.update(metrics)
+        if has_tail is not None:
+            out["tail_response_frac"] = sum(has_tail) / len(has_tail)
+
+    with torch.no_grad():
+        if greedy:
+            cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+            texts, _, _ = _sample(model, tokenizer, prompts, cfg, bs, None, progress, "eval greedy")
+            score("greedy", texts, examples)
+        if sampled:
+            cfg = SamplingConfig(
+                max_new_tokens=max_new_tokens,
+                temperature=eval_cfg.temperature,
+                top_p=eval_cfg.top_p,
+            )
+            g = torch.Generator().manual_seed(seed)
+            tail_here = want_tail and n_pass == 0
+            texts, has_tail, metrics = _sample(
+                model, tokenizer, prompts, cfg, bs, g, progress, "eval sampled", tail=tail_here
+            )
+            score("sampled", texts, examples)
+            if tail_here:
+                tail(has_tail, metrics)
+        if n_pass > 0:
+            cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=eval_cfg.temperature)
+            g = torch.Generator().manual_seed(seed + 1)
+            reps = [p for p in prompts for _ in range(n_pass)]
+            rep_ex = [e for e in examples for _ in range(n_pass)]
+            texts, has_tail, metrics = _sample(
+                model, tokenizer, reps, cfg, bs, g, progress, f"eval pass@{n_pass}", tail=want_tail
+            )
+            rewards = [float(r) for r in task.reward(texts, rep_ex)]
+            if want_tail:
+                tail(has_tail, metrics)
+            if threshold is not None:
+                correct = [sum(r >= threshold for r in rewards[i : i + n_pass]) for i in range(0, len(rewards), n_pass)]
+                for k in sorted({2**i for i in range(n_pass.bit_length()) if 2**i <= n_pass} | {n_pass}):
+                    out[f"pass@{k}"] = sum(pass_at_k(n_pass, c, k) for c in correct) / len(correct)
+                if getattr(task, "name", None) == "countdown":
+                    out["distinct_correct"] = _distinct_correct(texts, rewards, n_pass, threshold)
+    return out
+
+
+def _legacy(
+    model,
+    tokenizer,
+    task,
+    examples,
+    style,
+    max_new_tokens,
+    progress,
+    temperature=0.0,
+    top_p=1.0,
+    batch_size=64,
+    generator=None,
+    num_samples=0,
+):
+    g = greedy = temperature == 0
+    cfg = SimpleNamespace(
+        greedy=g,
+        sampled=not g,
+        temperature=temperature or 1.0,
+        top_p=top_p,
+        batch_size=batch_size,
+        pass_k=0,
+        tail_metrics=False,
+    )
+    seed = int(generator.initial_seed()) if generator is not None else 0
+    out = evaluate(model, tokenizer, task, examples, cfg, style=style, max_new_tokens=max_new_tokens, seed=seed)
+    name = "greedy" if greedy else "sampled"
     return {
-        "accuracy": sum(r >= 1.0 for r in rewards) / n,
-        "mean_reward": sum(rewards) / n,
-        "n": n,
-        "rewards": rewards,
-        "samples": samples,
+        "accuracy": out.get(f"{name}_accuracy", 0.0),
+        "mean_reward": out.get(f"{name}_reward", 0.0),
+        "n": len(examples),
     }
 
 
-__all__ = ["evaluate"]
+def _distinct_correct(texts: list[str], rewards: list[float], n: int, threshold: float) -> float:
+    """Mean over solved examples of the number of distinct correct answers (spaces ignored) among its n."""
+    counts = []
+    for i in range(0, len(texts), n):
+        answers = {
+            (extract_answer(t) or "").replace(" ", "")
+            for t, r in zip(texts[i : i + n], rewards[i : i + n])
+            if r >= threshold
+        }
+        if answers:
+            counts.append(len(answers))
+    return sum(counts) / len(counts) if counts else 0.0
+
+
+__all__ = ["evaluate", "pass_at_k", "tail_start"]

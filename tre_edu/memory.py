@@ -34,8 +34,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers import AutoConfig
+
 # Shapes of the models the paper's recipes use (from their public configs), so that a dry run works offline.
 KNOWN_SHAPES: dict[str, dict[str, int | bool]] = {
+    # the CPU stand-in (tre-edu's named model smollm2-135m-instruct)
+    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(
+        hidden=576, layers=30, inter=1536, heads=9, kv_heads=3, vocab=49152, tied=True
+    ),
     "Qwen/Qwen2.5-0.5B-Instruct": dict(
         hidden=896, layers=24, inter=4864, heads=14, kv_heads=2, vocab=151936, tied=True
     ),
@@ -66,11 +72,9 @@ def shape_of(cfg: Any) -> dict[str, int | bool]:
                     vocab=vocab, tied=True, gpt2=True)  # fmt: skip
     name = cfg.init_from or m.name
     for key, shape in KNOWN_SHAPES.items():
-        if name == key or name == key.split("/")[-1]:
+        if name.lower() in (key.lower(), key.split("/")[-1].lower()):
             return dict(shape)
     try:
-        from transformers import AutoConfig
-
         c = AutoConfig.from_pretrained(name)
     except Exception as err:  # offline and not cached, or not a model directory
         raise ValueError(

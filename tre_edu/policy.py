@@ -24,22 +24,22 @@ Two critic set-ups:
 from __future__ import annotations
 
 import inspect
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from tre_edu.entropy import token_logprobs
 
-__all__ = ["ActorCritic", "PolicyOutput", "position_ids_from_mask", "lm_forward_kwargs", "output_cache"]
-
-_CONFIG_NAME = "actor_critic.json"
-_VALUE_HEAD_NAME = "value_head.pt"
-_CRITIC_DIR = "critic"
+__all__ = [
+    "ActorCritic",
+    "PolicyOutput",
+    "lm_forward_kwargs",
+    "output_cache",
+    "position_ids_from_mask",
+    "response_logits",
+    "response_logprobs",
+]
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -121,6 +121,45 @@ def _check_inputs(input_ids: Tensor, attention_mask: Tensor, response_len: int) 
         )
 
 
+def response_logits(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_len: int,
+    *,
+    temperature: float = 1.0,
+    hidden: bool = False,
+) -> tuple[Tensor, Any]:
+    """The one forward of a causal LM over ``[prompt | response]`` that PPO, SFT and the KL reference share.
+
+    Returns ``(logits (B, R, V) / temperature, model output)``: the logits at positions ``P - 1 .. P + R - 2``,
+    i.e. those that predict the ``R`` response tokens. Only the last ``R + 1`` positions go through the LM head
+    (``logits_to_keep``); position ids come from the mask. ``hidden=True`` also returns the hidden states.
+    """
+    _check_inputs(input_ids, attention_mask, response_len)
+    if not (isinstance(temperature, int | float) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
+    R = response_len
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        output_hidden_states=hidden,
+        **lm_forward_kwargs(model, logits_to_keep=R + 1),
+    )
+    logits = out.logits[:, -(R + 1) : -1]  # the last one predicts past the end of the sequence
+    return (logits if temperature == 1 else logits / temperature), out
+
+
+def response_logprobs(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, response_len: int, *, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """``(logits (B, R, V), logprobs (B, R))`` with ``log pi(a_t | s_t) = log softmax(z_t / T)[a_t]``."""
+    logits, _ = response_logits(model, input_ids, attention_mask, response_len, temperature=temperature)
+    return logits, token_logprobs(logits, input_ids[:, -response_len:])
+
+
 @dataclass
 class PolicyOutput:
     """What :meth:`ActorCritic.forward` returns; ``R`` = response length.
@@ -169,31 +208,14 @@ class ActorCritic(nn.Module):
     def has_values(self) -> bool:
         return self.value_head is not None
 
-    def actor_parameters(self) -> list[nn.Parameter]:
-        """The actor's parameters (the LM being trained)."""
-        return list(self.actor.parameters())
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(actor parameters, critic parameters): the critic is the value head plus a separate trunk if any.
 
-    def critic_parameters(self) -> list[nn.Parameter]:
-        """The critic's parameters: the value head, plus the separate critic trunk if there is one."""
-        params = list(self.critic.parameters()) if self.critic is not None else []
+        The trainer gives each its own learning rate and gradient clipping (paper: actor 1e-6, critic 1e-5)."""
+        critic = list(self.critic.parameters()) if self.critic is not None else []
         if self.value_head is not None:
-            params += list(self.value_head.parameters())
-        return params
-
-    def param_groups(self, actor_lr: float, critic_lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-        """Optimizer parameter groups with separate learning rates (paper: actor 1e-6, critic 1e-5).
-
-        A group with no parameters (no critic) is left out. Each group carries a ``"name"`` ("actor" /
-        "critic").
-        """
-        for name, lr in (("actor_lr", actor_lr), ("critic_lr", critic_lr)):
-            if not lr >= 0:
-                raise ValueError(f"{name} must be >= 0; got {lr!r}")
-        groups = [{"params": self.actor_parameters(), "lr": actor_lr, "weight_decay": weight_decay, "name": "actor"}]
-        critic = self.critic_parameters()
-        if critic:
-            groups.append({"params": critic, "lr": critic_lr, "weight_decay": weight_decay, "name": "critic"})
-        return groups
+            critic += list(self.value_head.parameters())
+        return list(self.actor.parameters()), critic
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in the backward pass of the actor (and separate critic) to save memory.
@@ -239,7 +261,13 @@ class ActorCritic(nn.Module):
         return self._values_from_hidden(out.last_hidden_state[:, -(R + 1) :])
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, response_len: int, *, compute_values: bool = True
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_len: int,
+        *,
+        compute_values: bool = True,
+        temperature: float = 1.0,
     ) -> PolicyOutput:
         """Logits, log-probs and values of the last ``response_len`` tokens.
 
@@ -248,158 +276,22 @@ class ActorCritic(nn.Module):
             attention_mask: ``(B, L)`` 1 for real tokens (prompt and valid response tokens), 0 for pads.
             response_len: ``R``, the number of response columns at the end of ``input_ids`` (``1 <= R < L``).
             compute_values: also compute ``values`` (needs a value head).
+            temperature: the sampling temperature T of the rollout; the policy is ``softmax(z / T)``.
 
         Returns:
-            :class:`PolicyOutput` with logits ``(B, R, V)``, logprobs ``(B, R)`` and values ``(B, R)`` or
-            ``None``. Positions where the response is padding hold finite junk; mask them with the response
-            mask.
+            :class:`PolicyOutput` with logits ``(B, R, V)`` (already divided by T), logprobs ``(B, R)`` and
+            values ``(B, R)`` or ``None``. Positions where the response is padding hold finite junk; mask them.
         """
-        _check_inputs(input_ids, attention_mask, response_len)
-        R = response_len
-        position_ids = position_ids_from_mask(attention_mask)
         shared_values = compute_values and self.value_head is not None and self.critic is None
-        out = self.actor(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            output_hidden_states=shared_values,
-            **lm_forward_kwargs(self.actor, logits_to_keep=R + 1),
+        logits, out = response_logits(
+            self.actor, input_ids, attention_mask, response_len, temperature=temperature, hidden=shared_values
         )
-        # logits at positions P-1 .. P+R-1; the last one predicts past the end of the sequence -> dropped.
-        logits = out.logits[:, -(R + 1) : -1]
-        # log pi(a_t | s_t) = z_t[a_t] - logsumexp(z_t), a_t = input_ids[:, P + t]
+        R = response_len
         logprobs = token_logprobs(logits, input_ids[:, -R:])
         values = None
         if compute_values and self.value_head is not None:
             if self.critic is None:
                 values = self._values_from_hidden(out.hidden_states[-1][:, -(R + 1) :])
             else:
-                values = self._critic_values(input_ids, attention_mask, position_ids, R)
+                values = self._critic_values(input_ids, attention_mask, position_ids_from_mask(attention_mask), R)
         return PolicyOutput(logits=logits, logprobs=logprobs, values=values)
-
-    def values_only(self, input_ids: Tensor, attention_mask: Tensor, response_len: int) -> Tensor:
-        """``(B, R)`` float32 values ``V(s_t)`` without running the actor's LM head (inputs as in
-        :meth:`forward`)."""
-        if self.value_head is None:
-            raise ValueError("this ActorCritic has no value head (value_head=False and no critic)")
-        _check_inputs(input_ids, attention_mask, response_len)
-        R = response_len
-        position_ids = position_ids_from_mask(attention_mask)
-        if self.critic is not None:
-            return self._critic_values(input_ids, attention_mask, position_ids, R)
-        trunk = getattr(self.actor, "base_model", self.actor)
-        out = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        return self._values_from_hidden(out.last_hidden_state[:, -(R + 1) :])
-
-    # ---- save / load ---------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, tokenizer: Any = None) -> Path:
-        """Write the actor to ``save_directory`` (a plain Hugging Face checkpoint, loadable on its own with
-        ``AutoModelForCausalLM``), the separate critic trunk to ``save_directory/critic`` and the value head
-        to ``value_head.pt``, plus ``actor_critic.json`` describing the set-up. Returns the directory."""
-        path = Path(save_directory)
-        path.mkdir(parents=True, exist_ok=True)
-        self.actor.save_pretrained(path)
-        if self.critic is not None:
-            self.critic.save_pretrained(path / _CRITIC_DIR)
-        if self.value_head is not None:
-            torch.save(
-                {k: v.detach().cpu() for k, v in self.value_head.state_dict().items()},
-                path / _VALUE_HEAD_NAME,
-            )
-        kind = "separate" if self.critic is not None else ("value_head" if self.value_head is not None else "none")
-        (path / _CONFIG_NAME).write_text(json.dumps({"critic": kind, "format": 1}, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-        return path
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike, torch_dtype: torch.dtype | str | None = None, **kw) -> ActorCritic:
-        """Load what :meth:`save_pretrained` wrote (actor, critic trunk, value head)."""
-        path = Path(directory)
-        meta_file = path / _CONFIG_NAME
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{directory!s} has no {_CONFIG_NAME}; it was not written by save_pretrained")
-        kind = json.loads(meta_file.read_text())["critic"]
-        if kind not in ("separate", "value_head", "none"):
-            raise ValueError(f"{meta_file}: critic must be 'separate', 'value_head' or 'none'; got {kind!r}")
-        from transformers import AutoModel, AutoModelForCausalLM
-
-        actor = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwargs(torch_dtype), **kw)
-        critic = None
-        if kind == "separate":
-            critic = AutoModel.from_pretrained(path / _CRITIC_DIR, **_dtype_kwargs(torch_dtype), **kw)
-        policy = cls(actor, critic=critic, value_head=kind != "none")
-        if policy.value_head is not None:
-            state = torch.load(path / _VALUE_HEAD_NAME, map_location="cpu", weights_only=True)
-            policy.value_head.load_state_dict(state)
-        return policy.to(next(actor.parameters()).device)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        separate_critic: bool = False,
-        torch_dtype: torch.dtype | str | None = None,
-        *,
-        critic: str | os.PathLike | None = None,
-        value_head: bool = True,
-        **kw,
-    ) -> ActorCritic:
-        """Build from a hub id or a local directory.
-
-        A directory written by :meth:`save_pretrained` is restored as saved (actor, critic, value head).
-        Otherwise the actor is ``AutoModelForCausalLM.from_pretrained(name_or_path)`` and the critic is a
-        value head on it, or (``separate_critic=True``, the paper's set-up) a copy initialised from the same
-        checkpoint; ``critic`` names another checkpoint for it. Extra keywords go to ``from_pretrained``.
-        ``torch_dtype`` is a ``torch.dtype`` or one of "float32", "bfloat16", "float16".
-
-        Raises:
-            OSError: the model is neither a local directory nor loadable from the hub / local cache (e.g. with
-                ``HF_HUB_OFFLINE=1``); the message says how to point at a local copy.
-        """
-        if (Path(name_or_path) / _CONFIG_NAME).is_file():
-            return cls.load(name_or_path, torch_dtype=torch_dtype, **kw)
-        actor = _load_causal_lm(name_or_path, torch_dtype, **kw)
-        critic_model = None
-        if critic is not None:
-            critic_model = _load_causal_lm(critic, torch_dtype, **kw)
-        elif separate_critic:
-            critic_model = _load_causal_lm(name_or_path, torch_dtype, **kw)
-        return cls(actor, critic=critic_model, value_head=value_head)
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _dtype_kwargs(torch_dtype: torch.dtype | str | None) -> dict[str, Any]:
-    if torch_dtype is None:
-        return {}
-    if isinstance(torch_dtype, str):
-        if torch_dtype not in _DTYPES:
-            raise ValueError(f"torch_dtype must be a torch.dtype or one of {sorted(_DTYPES)}; got {torch_dtype!r}")
-        torch_dtype = _DTYPES[torch_dtype]
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    # transformers >= 4.56 calls it ``dtype`` (``torch_dtype`` is deprecated there).
-    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch_dtype}
-
-
-def _load_causal_lm(name_or_path: str | os.PathLike, torch_dtype: torch.dtype | str | None, **kw) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    dtype_kw = _dtype_kwargs(torch_dtype)
-    try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **dtype_kw, **kw)
-    except (OSError, ValueError) as err:
-        if Path(name_or_path).is_dir():
-            raise
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub could not be reached or has no such model"
-        raise OSError(
-            f"could not load the model {str(name_or_path)!r}: {why} and it is not in the local cache. "
-            f"Download it where there is network access (`huggingface-cli download {name_or_path}`, or unset "
-            f"HF_HUB_OFFLINE) or pass a local directory (one written by save_pretrained). "
-            f"Original error: {type(err).__name__}: {err}"
-        ) from err

@@ -26,6 +26,8 @@ import math
 import torch
 from torch import Tensor
 
+from tre_edu.config import AGG_MODES, KL_KINDS
+
 __all__ = [
     "AGG_MODES",
     "KL_KINDS",
@@ -42,8 +44,6 @@ __all__ = [
     "value_loss",
 ]
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_KINDS = ("k1", "k2", "k3")
 
 # exp() of a log-ratio above ~88 overflows float32; +-20 (ratio 2e-9 .. 5e8) is far outside any clip
 # range, so the clamp never changes a clipped loss, it only keeps inf (and then NaN = 0 * inf) out of
@@ -185,6 +185,24 @@ def _check_unit_interval(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 <= float(value) <= 1.0):
         raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}")
     return float(value)
+
+
+@torch.no_grad()
+def terminal_rewards(scores: Tensor, mask: Tensor) -> Tensor:
+    """Per-token rewards ``(B, T)`` with the scalar score of each response on its last valid token, 0 elsewhere.
+
+    ``scores``: ``(B,)``; ``mask``: ``(B, T)`` valid response tokens (a valid prefix, then padding). A response
+    with no valid token gets no reward (there is no token to put it on).
+    """
+    if scores.dim() != 1 or mask.dim() != 2 or scores.shape[0] != mask.shape[0]:
+        raise ValueError(
+            f"terminal_rewards: scores must be (B,) and mask (B, T); got {tuple(scores.shape)}, {tuple(mask.shape)}"
+        )
+    lengths = _as_bool(mask).sum(1)
+    rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    rows = (lengths > 0).nonzero(as_tuple=True)[0]
+    rewards[rows, lengths[rows] - 1] = scores[rows].to(rewards)
+    return rewards
 
 
 @torch.no_grad()

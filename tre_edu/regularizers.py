@@ -26,14 +26,15 @@ The entropy functions live in :mod:`tre_edu.entropy`; this module only selects, 
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from tre_edu import entropy as ent
+from tre_edu.config import KINDS, PRESETS, RegularizerConfig
 from tre_edu.ppo import aggregate, masked_mean, masked_sum
 
 __all__ = [
@@ -47,32 +48,6 @@ __all__ = [
     "token_covariance",
 ]
 
-KINDS = ("none", "entropy", "tre-k", "tre-p", "forking", "kl-cov", "clip-cov")
-
-# Named settings from the papers. Coefficients of the entropy-type kinds are in the paper's units (see
-# Regularizer.effective_coef). The global-entropy coefficient was not published: no "entropy" preset.
-PRESETS: dict[str, dict[str, Any]] = {
-    "ppo": {"kind": "none"},
-    "tre-k": {"kind": "tre-k", "coef": 0.001, "k": 2},  # TRE paper: alpha = 0.001, K = 2
-    "tre-p": {
-        "kind": "tre-p",
-        "coef": 0.001,
-        "p": 0.99,
-        "max_candidates": 256,
-    },  # TRE paper: p = 0.99, top 256
-    "forking": {
-        "kind": "forking",
-        "forking_ratio": 0.2,
-        "forking_per_microbatch": True,
-    },  # top 20 %, per micro-batch
-    # KL-Cov as run in the TRE paper: top 0.2 % tokens by Cov, coef 1, added on top of the clipped PPO loss.
-    "kl-cov": {"kind": "kl-cov", "cov_ratio": 0.002, "kl_cov_coef": 1.0},
-    # KL-Cov's own paper (verl recipe): top 0.02 %, coef 0.1. (That paper swaps the clipped loss of the
-    # selected tokens for the unclipped one; here the term is always added on top of the clipped loss.)
-    "kl-cov-original": {"kind": "kl-cov", "cov_ratio": 0.0002, "kl_cov_coef": 0.1},
-    "clip-cov": {"kind": "clip-cov", "clip_cov_ratio": 0.0002, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0},
-}
-
 
 @dataclass
 class RegularizerOutput:
@@ -81,11 +56,13 @@ class RegularizerOutput:
     loss: scalar tensor to ADD to the total loss (a graph-connected zero for kinds without a loss term).
     pg_mask: ``(B, T)`` float, to multiply into the policy-loss mask (ones unless forking / clip-cov).
     metrics: floats for logging, keys ``"reg/..."``.
+    dual_clip: whether the policy loss keeps PPO's dual clip (Clip-Cov's reference loss has none).
     """
 
     loss: Tensor
     pg_mask: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    dual_clip: bool = True
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -160,15 +137,18 @@ def clip_cov_mask(
     lb: float,
     ub: float,
     generator: torch.Generator | None = None,
+    count_mask: Tensor | None = None,
 ) -> Tensor:
-    """Clip-Cov: a ``(B, T)`` float mask, 0 on a random subset of valid tokens with lb <= Cov <= ub.
+    """Clip-Cov: a ``(B, T)`` float mask, 0 on a random subset of the tokens of ``mask`` with lb <= Cov <= ub.
 
-    The subset has min(max(1, int(N * ratio)), #candidates) tokens, N = valid tokens. ``generator`` (a CPU
-    ``torch.Generator``) makes the draw reproducible.
+    The subset has min(max(1, int(N * ratio)), #candidates) tokens; N counts the valid tokens of ``count_mask``
+    (default ``mask``; the regulariser passes the response mask there and leaves ratio-clipped tokens out of
+    ``mask``, as verl). ``generator`` (a CPU ``torch.Generator``) makes the draw reproducible.
     """
     valid = mask if mask.dtype == torch.bool else mask != 0
+    counted = valid if count_mask is None else (count_mask if count_mask.dtype == torch.bool else count_mask != 0)
     keep = torch.ones(cov.shape, dtype=torch.float32, device=cov.device)
-    n_detach = _n_selected(int(valid.sum()), ratio)
+    n_detach = _n_selected(int(counted.sum()), ratio)
     candidates = (valid & (cov >= lb) & (cov <= ub)).reshape(-1).nonzero(as_tuple=True)[0]
     n = min(n_detach, int(candidates.numel()))
     if n > 0:
@@ -178,122 +158,47 @@ def clip_cov_mask(
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The config
+# The regulariser
 # ------------------------------------------------------------------------------------------------------------
-def _fail(name: str, allowed: str, value: Any) -> None:
-    raise ValueError(f"regularizer.{name} must be {allowed}; got {value!r}")
-
-
-def _is_real(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int)
-
-
-@dataclass
 class Regularizer:
-    """One regulariser / baseline and its settings, validated on construction (errors name the field).
+    """One regulariser / baseline, built from a :class:`~tre_edu.config.RegularizerConfig` (plain settings).
 
-    Fields:
-        kind: one of :data:`KINDS`.
-        coef: weight alpha of the entropy-type term (entropy, tre-k, tre-p), in the paper's units
-            (TRE: 0.001). For TRE with ``rescale`` the effective weight is larger, see
-            :meth:`effective_coef`.
-        k: TRE-K trust-region size (paper: 2; 1 = min-entropy, unscaled).
-        p: TRE-P nucleus mass in (0, 1] (paper: 0.99).
-        rescale: multiply H_TR by log V / log |A_TR| (official code: on).
-        max_candidates: TRE-P searches only the top this many tokens (official code: 256; None = all).
-        forking_ratio: fraction of valid tokens that keep their policy gradient (paper: 0.2).
-        forking_per_microbatch: select forking tokens within blocks of ``microbatch_size`` rows (the
-            official code's behaviour). When the trainer already calls the regulariser once per
-            micro-batch, the batch it sees *is* the micro-batch and both settings agree.
-        microbatch_size: rows per selection block for ``forking_per_microbatch`` (None: the whole
-            batch given).
-        cov_ratio: KL-Cov fraction of valid tokens penalised (0.002 = 0.2 %: the TRE paper's runs;
-            0.0002: the original paper).
-        kl_cov_coef: KL-Cov penalty weight (1.0 in the TRE runs; 0.1 in the original paper).
-        clip_cov_ratio: Clip-Cov fraction of valid tokens detached (0.0002).
-        clip_cov_lb, clip_cov_ub: Clip-Cov band of Cov values eligible for detaching ([1, 5]).
-        seed: seed of the Clip-Cov draw (None: torch's global RNG unless the call gets a generator).
-
-    Use :meth:`preset` for the papers' settings and :meth:`from_dict` for configs.
+    ``Regularizer(cfg.regularizer)``, ``Regularizer(kind="tre-k", coef=0.001)`` or ``Regularizer.preset("kl-cov")``.
+    ``clip_low`` / ``clip_high`` are PPO's ratio clip (Clip-Cov leaves tokens the ratio already clipped alone).
+    The Clip-Cov draw uses a generator seeded by ``config.seed`` (or torch's global RNG when None); its state is
+    part of :meth:`state_dict` so a resumed run draws what an uninterrupted one would.
     """
 
-    kind: str = "none"
-    coef: float = 0.0
-    k: int = 2
-    p: float = 0.99
-    rescale: bool = True
-    max_candidates: int | None = 256
-    forking_ratio: float = 0.2
-    forking_per_microbatch: bool = False
-    microbatch_size: int | None = None
-    cov_ratio: float = 0.002
-    kl_cov_coef: float = 1.0
-    clip_cov_ratio: float = 0.0002
-    clip_cov_lb: float = 1.0
-    clip_cov_ub: float = 5.0
-    seed: int | None = None
+    def __init__(
+        self, config: RegularizerConfig | None = None, *, clip_low: float = 0.2, clip_high: float = 0.2, **fields
+    ):
+        if config is None:
+            config = RegularizerConfig(**fields)
+        elif fields:
+            config = dataclasses.replace(config, **fields)
+        config.validate()
+        self.config = config
+        self.clip_low, self.clip_high = clip_low, clip_high
+        self.generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.kind, str) or self.kind not in KINDS:
-            _fail("kind", f"one of {', '.join(KINDS)}", self.kind)
-        for name in ("coef", "kl_cov_coef"):
-            value = getattr(self, name)
-            if not _is_real(value) or value < 0:
-                _fail(name, "a finite number >= 0", value)
-            setattr(self, name, float(value))
-        if not _is_int(self.k) or self.k < 1:
-            _fail("k", "an int >= 1", self.k)
-        for name in ("p", "forking_ratio", "cov_ratio", "clip_cov_ratio"):
-            value = getattr(self, name)
-            if not _is_real(value) or not 0.0 < value <= 1.0:
-                _fail(name, "a number in (0, 1]", value)
-            setattr(self, name, float(value))
-        for name in ("rescale", "forking_per_microbatch"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(name, "true or false", getattr(self, name))
-        for name in ("max_candidates", "microbatch_size"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
-                _fail(name, "None or an int >= 1", value)
-        for name in ("clip_cov_lb", "clip_cov_ub"):
-            value = getattr(self, name)
-            if not _is_real(value):
-                _fail(name, "a finite number", value)
-            setattr(self, name, float(value))
-        if self.clip_cov_lb > self.clip_cov_ub:
-            _fail("clip_cov_lb", f"<= clip_cov_ub ({self.clip_cov_ub})", self.clip_cov_lb)
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            _fail("seed", "None or an int >= 0", self.seed)
+    def __getattr__(self, name: str) -> Any:  # the settings read as attributes: reg.kind, reg.k, reg.coef ...
+        if name == "config":
+            raise AttributeError(name)
+        return getattr(self.config, name)
 
-    # ---- construction -------------------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> Regularizer:
-        """Build from a mapping (the ``regularizer:`` section of a config); unknown keys are an error."""
-        d = dict(d or {})
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"unknown regularizer field(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def __repr__(self) -> str:
+        return f"Regularizer({self.config!r})"
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> Regularizer:
-        """A named setting from the papers (:data:`PRESETS`), optionally with overrides.
+        """A named setting of the papers (:data:`tre_edu.config.PRESETS`), optionally with overrides.
 
-        ``"kl-cov"`` is KL-Cov as run in the TRE paper (cov_ratio 0.002 = 0.2 %, kl_cov_coef 1.0);
-        ``"kl-cov-original"`` is the KL-Cov paper's (0.0002 = 0.02 %, 0.1).
-        ``"tre-k"`` / ``"tre-p"``: alpha 0.001.
+        ``"kl-cov"``: KL-Cov as run in the TRE paper (0.2 %, coef 1); ``"kl-cov-original"``: the KL-Cov paper's
+        (0.02 %, 0.1); ``"tre-k"`` / ``"tre-p"``: alpha 0.001, K = 2 / p = 0.99.
         """
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {name!r}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        return cls(**{**PRESETS[name], **overrides})
 
     # ---- facts about the setting --------------------------------------------------------------------------
     @property
@@ -301,45 +206,69 @@ class Regularizer:
         """Whether ``__call__`` reads the ``(B, T, V)`` logits (the other kinds accept ``logits=None``)."""
         return self.kind in ("entropy", "tre-k", "tre-p", "forking")
 
-    def effective_coef(self, vocab_size: int, nucleus_size: int | None = None) -> float:
-        """The weight the entropy-type term really has, in units of an un-rescaled entropy.
+    @property
+    def selects_tokens(self) -> bool:
+        """Whether the method selects tokens (forking, KL-Cov, Clip-Cov): see :meth:`select`."""
+        return self.kind in ("forking", "kl-cov", "clip-cov")
 
-        - ``entropy``: coef.
-        - ``tre-k`` with rescale and K >= 2: coef * log V / log K, since H_TRE = H_TR * log V / log K.
-          The paper's alpha = 0.001 at Qwen2.5's V = 152,064 and K = 2 is 0.001 * 11.93 / 0.693 = 0.017
-          effective; at a tiny model's V = 20,000 it is 0.014. K = 1 (min-entropy) or rescale=False: coef.
-        - ``tre-p`` with rescale: the factor log V / log |A_TR| varies per position; this returns it for
-          ``nucleus_size`` tokens (default 2, the largest factor, an upper bound).
-        - kinds without an entropy term (none, forking, kl-cov, clip-cov): 0.0.
+    def effective_coef(self, vocab_size: int, nucleus_size: int | None = None) -> float:
+        """coef in units of an un-rescaled entropy: coef * log V / log K for TRE-K (see RegularizerConfig)."""
+        return self.config.effective_coef(vocab_size, nucleus_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": None if self.generator is None else self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.generator is not None and state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
+
+    # ---- token selection ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def select(
+        self,
+        logits: Tensor | None,
+        logprobs: Tensor,
+        old_logprobs: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        *,
+        entropy: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The ``(B, T)`` float token selection of forking / KL-Cov / Clip-Cov over the batch given.
+
+        forking: 1 on the top ``forking_ratio`` tokens by entropy (they keep their policy gradient).
+        kl-cov: 1 on the top ``cov_ratio`` tokens by Cov_i = (A_i - mean A)(log pi_i - mean log pi) (penalised).
+        clip-cov: 0 on a random ``clip_cov_ratio`` of the tokens with lb <= Cov <= ub that the PPO ratio clip does
+        not already clip (verl's candidates), 1 elsewhere.
+
+        The trainer calls it once per micro-batch (``selection: microbatch``, the paper's code) or once over the
+        whole mini-batch with no-grad log-probs and entropies (``selection: minibatch``) and passes the result
+        to :meth:`__call__` as ``selected``. ``entropy``: precomputed ``(B, T)`` entropies for forking (then
+        ``logits`` may be None).
         """
-        if not _is_int(vocab_size) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2; got {vocab_size!r}")
-        if self.kind == "entropy":
-            return self.coef
-        if self.kind == "tre-k":
-            if not self.rescale or self.k < 2:
-                return self.coef
-            return self.coef * math.log(vocab_size) / math.log(self.k)
-        if self.kind == "tre-p":
-            if not self.rescale:
-                return self.coef
-            size = 2 if nucleus_size is None else nucleus_size
-            if not _is_int(size) or size < 1:
-                raise ValueError(f"nucleus_size must be None or an int >= 1; got {nucleus_size!r}")
-            return self.coef * math.log(vocab_size) / math.log(max(size, 2))
-        return 0.0
+        kind = self.kind
+        if kind == "forking":
+            h = ent.global_entropy(logits.detach()) if entropy is None else entropy
+            return forking_mask(h, mask, self.forking_ratio)
+        cov = token_covariance(advantages, logprobs, mask)
+        if kind == "kl-cov":
+            return select_top_fraction(cov, mask, self.cov_ratio)
+        if kind == "clip-cov":
+            ratio = torch.exp((logprobs.detach() - old_logprobs).clamp(-20.0, 20.0))
+            a = advantages.detach()
+            clipped = -a * ratio.clamp(1 - self.clip_low, 1 + self.clip_high) > -a * ratio
+            valid = (mask if mask.dtype == torch.bool else mask != 0) & ~clipped
+            gen = generator if generator is not None else self.generator
+            return clip_cov_mask(cov, valid, self.clip_cov_ratio, self.clip_cov_lb, self.clip_cov_ub, gen, mask)
+        raise ValueError(f"regularizer kind {kind!r} selects no tokens")
+
+    def pg_mask(self, selected: Tensor) -> Tensor:
+        """The policy-gradient mask a :meth:`select` result implies: the selection itself for forking (the tokens
+        that keep their gradient) and Clip-Cov (0 on the detached ones); all ones for KL-Cov (it adds a term)."""
+        return torch.ones_like(selected) if self.kind == "kl-cov" else selected
 
     # ---- the batch computation ----------------------------------------------------------------------------
-    def _generator(self) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        gen = self.__dict__.get("_gen")  # instance state outside the dataclass fields (asdict ignores it)
-        if gen is None or self.__dict__.get("_gen_seed") != self.seed:
-            gen = torch.Generator().manual_seed(self.seed)
-            self.__dict__["_gen"] = gen
-            self.__dict__["_gen_seed"] = self.seed
-        return gen
-
     def __call__(
         self,
         logits: Tensor | None,
@@ -349,6 +278,7 @@ class Regularizer:
         mask: Tensor,
         agg: str = "token-mean",
         *,
+        selected: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> RegularizerOutput:
         """Loss term, policy-gradient mask and metrics for one batch.
@@ -360,7 +290,9 @@ class Regularizer:
             old_logprobs: ``(B, T)`` rollout-time log-probs. advantages: ``(B, T)``.
             mask: ``(B, T)`` valid tokens.
             agg: loss aggregation (see :func:`tre_edu.ppo.aggregate`), the same as the policy loss's.
-            generator: CPU generator for the Clip-Cov draw (overrides ``seed``).
+            selected: a precomputed :meth:`select` result for these rows (whole-mini-batch selection);
+                None selects within this batch.
+            generator: CPU generator for the Clip-Cov draw (overrides the seeded one).
         """
         shapes = {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask}
         for name, t in shapes.items():
@@ -371,7 +303,7 @@ class Regularizer:
             listed = ", ".join(f"{n} {tuple(t.shape)}" for n, t in shapes.items())
             raise ValueError(f"regularizer inputs must share the shape (B, T); got {listed}")
         if logits is None:
-            if self.needs_logits:
+            if self.needs_logits and not (self.kind == "forking" and selected is not None):
                 raise ValueError(f"regularizer kind {self.kind!r} needs logits (B, T, V); got None")
         elif not isinstance(logits, Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(mask.shape):
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -393,8 +325,7 @@ class Regularizer:
                 h = ent.trust_region_entropy(
                     logits, top_p=self.p, rescale=self.rescale, max_candidates=self.max_candidates
                 )
-            bonus = aggregate(h, mask, agg)
-            loss = -self.coef * bonus  # L_reg = -alpha * agg(H)
+            loss = -self.coef * aggregate(h, mask, agg)  # L_reg = -alpha * agg(H)
             metrics = {
                 "reg/loss": float(loss.detach()),
                 "reg/entropy" if kind == "entropy" else "reg/tre_entropy": float(masked_mean(h.detach(), mask)),
@@ -405,49 +336,39 @@ class Regularizer:
 
         valid = mask if mask.dtype == torch.bool else mask != 0
         n_valid = max(int(valid.sum()), 1)
+        if selected is None:
+            selected = self.select(logits, logprobs, old_logprobs, advantages, mask, generator=generator)
+        sel = selected.to(device=anchor.device, dtype=torch.float32)
+        metrics = {"reg/loss": 0.0, "reg/selected_frac": float(masked_sum(sel, mask)) / n_valid}
 
         if kind == "forking":
-            with torch.no_grad():
-                h = ent.global_entropy(logits.detach())
-            rows = self.microbatch_size if self.forking_per_microbatch else None
-            sel = forking_mask(h, mask, self.forking_ratio, microbatch_size=rows).to(anchor.device)
-            metrics = {
-                "reg/loss": 0.0,
-                "reg/selected_frac": float(sel.sum()) / n_valid,
-                "reg/entropy": float(masked_mean(h, mask)),
-                "reg/entropy_selected": float(masked_mean(h, sel)),
-            }
-            return RegularizerOutput(_zero_loss(anchor), sel, metrics)
+            if logits is not None:
+                with torch.no_grad():
+                    h = ent.global_entropy(logits.detach())
+                metrics.update(
+                    {"reg/entropy": float(masked_mean(h, mask)), "reg/entropy_selected": float(masked_mean(h, sel))}
+                )
+            return RegularizerOutput(_zero_loss(anchor), self.pg_mask(sel), metrics)
 
         cov = token_covariance(advantages, logprobs, mask)
+        metrics["reg/cov_mean"] = float(masked_mean(cov, mask))
         if kind == "kl-cov":
-            sel = select_top_fraction(cov, mask, self.cov_ratio)
             abs_kl = (logprobs - old_logprobs.detach()).abs()
             # per-token penalty kl_cov_coef * |log pi - log pi_old| on the selected tokens only
             per_token = torch.where(sel.bool(), self.kl_cov_coef * abs_kl, torch.zeros_like(abs_kl))
             loss = aggregate(per_token, mask, agg)
-            metrics = {
-                "reg/loss": float(loss.detach()),
-                "reg/selected_frac": float(sel.sum()) / n_valid,
-                "reg/cov_mean": float(masked_mean(cov, mask)),
-                "reg/abs_kl_selected": float(masked_mean(abs_kl.detach(), sel)),
-            }
-            return RegularizerOutput(loss, ones, metrics)
+            metrics.update(
+                {"reg/loss": float(loss.detach()), "reg/abs_kl_selected": float(masked_mean(abs_kl.detach(), sel))}
+            )
+            return RegularizerOutput(loss, self.pg_mask(sel), metrics)
 
-        # clip-cov: pg_mask 0 on the drawn tokens. Their PPO loss term drops out of the sum, exactly like
-        # detaching its gradient; the only difference from the official code (which multiplies the loss
-        # by 0) is that the masked tokens also leave the token-mean's denominator (a factor (N - n) / N,
-        # n ~ 0.02 % of N).
-        gen = generator if generator is not None else self._generator()
-        keep = clip_cov_mask(cov, mask, self.clip_cov_ratio, self.clip_cov_lb, self.clip_cov_ub, gen)
+        # clip-cov: pg_mask 0 on the drawn tokens, which is the same as detaching their gradient. As verl's
+        # clip-cov loss: no dual clip. Difference kept (documented): the masked tokens also leave the token-mean's
+        # denominator, a factor (N - n) / N with n ~ 0.02 % of N.
         in_band = valid & (cov >= self.clip_cov_lb) & (cov <= self.clip_cov_ub)
-        metrics = {
-            "reg/loss": 0.0,
-            "reg/selected_frac": float(masked_sum(1.0 - keep, mask)) / n_valid,
-            "reg/candidate_frac": float(in_band.sum()) / n_valid,
-            "reg/cov_mean": float(masked_mean(cov, mask)),
-        }
-        return RegularizerOutput(_zero_loss(anchor), keep.to(anchor.device), metrics)
+        metrics["reg/selected_frac"] = float(masked_sum(1.0 - sel, mask)) / n_valid
+        metrics["reg/candidate_frac"] = float(in_band.sum()) / n_valid
+        return RegularizerOutput(_zero_loss(anchor), self.pg_mask(sel), metrics, dual_clip=False)
 
 
 def _zero_loss(anchor: Tensor) -> Tensor:

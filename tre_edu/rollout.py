@@ -10,18 +10,21 @@ One loop, written out (no ``model.generate``), so every detail PPO depends on is
   benchmark);
 - a row **stops at EOS**: the EOS token is part of the response (mask 1, it gets the final reward), every
   later column is ``pad`` with mask 0; the loop ends as soon as every row is done;
-- the stored ``logprobs`` are ``log softmax(z)[token]`` of the *model* (temperature 1, no filtering), i.e.
-  exactly what the training forward recomputes as ``old_logprobs``; temperature / top-k / top-p only shape
-  *sampling*.
+- the stored ``logprobs`` are ``log softmax(z / T)[token]``: the policy at the sampling temperature T (no top-k /
+  top-p filtering, as the paper's code), the same quantity the training forward computes
+  (:func:`tre_edu.policy.response_logprobs` with the same T); filtering only shapes *sampling*;
+- logits with NaN or +inf stop sampling with a ValueError (a broken model never reads as a wrong answer).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tre_edu.policy import lm_forward_kwargs, output_cache, position_ids_from_mask
 
@@ -47,7 +50,6 @@ class SamplingConfig:
         ``top_p`` (rank ``i`` is kept iff the mass strictly before it is ``< top_p``); ``1`` = off.
     top_k: keep the ``top_k`` most likely tokens, ``0`` = off.
     use_cache: reuse keys / values across steps (KV cache); ``False`` recomputes the whole prefix every step.
-    tail_metrics: also record per-step tail metrics of the model distribution (``Rollout.metrics``).
     """
 
     max_new_tokens: int = 64
@@ -55,7 +57,6 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     use_cache: bool = True
-    tail_metrics: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -86,9 +87,8 @@ class Rollout:
     prompt_len: ``P``.
     response: ``(B, R)`` long, the sampled tokens (``pad`` after EOS).
     response_mask: ``(B, R)`` bool, 1 up to and including EOS.
-    logprobs: ``(B, R)`` float32 ``log softmax(z_t)[a_t]`` under the model (temperature 1); 0 where masked.
+    logprobs: ``(B, R)`` float32 ``log softmax(z_t / T)[a_t]`` (T = 1 when greedy); 0 where masked.
     outside_topk: ``(B, R)`` bool, the sampled token is not among the 2 most likely tokens of the model.
-    metrics: per-step tail metrics averaged over valid tokens (only with ``SamplingConfig.tail_metrics``).
     """
 
     input_ids: Tensor
@@ -98,7 +98,6 @@ class Rollout:
     response_mask: Tensor
     logprobs: Tensor
     outside_topk: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def response_len(self) -> int:
@@ -185,7 +184,7 @@ def generate(
     prompts: list[list[int]],
     cfg: SamplingConfig,
     *,
-    eos_token_id: int | None,
+    eos_token_id: int | Sequence[int] | None,
     pad_token_id: int,
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -197,7 +196,8 @@ def generate(
             after).
         prompts: token ids of each prompt (no padding), ``B`` lists of length ``>= 1``.
         cfg: :class:`SamplingConfig`.
-        eos_token_id: a row stops after emitting it (``None``: never stop early, always ``max_new_tokens``).
+        eos_token_id: a row stops after emitting it, or any of several ids (a chat model's end-of-turn and
+            end-of-text); ``None``: never stop early, always ``max_new_tokens``.
         pad_token_id: id used for left padding of prompts and for the columns after EOS.
         generator: ``torch.Generator`` for reproducible sampling.
         progress: show a tqdm bar over the decoding steps.
@@ -207,9 +207,13 @@ def generate(
     """
     if not isinstance(cfg, SamplingConfig):
         raise ValueError(f"cfg must be a SamplingConfig; got {type(cfg).__name__}")
-    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)):
-        raise ValueError(f"eos_token_id must be an int token id or None; got {eos_token_id!r}")
+    eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if any(isinstance(e, bool) or not isinstance(e, int) for e in eos_ids) or (
+        eos_token_id is not None and not eos_ids
+    ):
+        raise ValueError(f"eos_token_id must be an int token id, a list of them, or None; got {eos_token_id!r}")
     device = _model_device(actor)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     prompt_ids, prompt_mask = pad_prompts(prompts, pad_token_id, device)
     B, P = prompt_ids.shape
     R = cfg.max_new_tokens
@@ -219,8 +223,7 @@ def generate(
     logprobs = torch.zeros((B, R), dtype=torch.float32, device=device)
     outside = torch.zeros((B, R), dtype=torch.bool, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    tail_sums: dict[str, float] = {}
-    tail_count = 0
+    temperature = cfg.temperature if cfg.temperature > 0 else 1.0
 
     ids, mask = prompt_ids, prompt_mask
     cache: Any = None
@@ -228,12 +231,7 @@ def generate(
     was_training = actor.training
     actor.eval()
     try:
-        iterator: Any = range(R)
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(iterator, desc="sampling", leave=False)
-        for t in iterator:
+        for t in tqdm(range(R), desc="sampling", leave=False, disable=not progress):
             position_ids = position_ids_from_mask(mask)
             if cfg.use_cache:
                 # First step: the whole prompt; later steps: only the newest token, the cache holds the rest.
@@ -256,10 +254,12 @@ def generate(
                     **lm_forward_kwargs(actor, logits_to_keep=1),
                 )
             z = out.logits[:, -1].float()  # (B, V) logits of the next token at temperature 1
+            if bool((torch.isnan(z) | torch.isposinf(z)).any()):
+                raise ValueError(f"the model produced NaN or +inf logits at response step {t}; cannot sample")
             token = sample_tokens(z, cfg, generator)
-            # old log-prob: log pi(a|s) = z[a] - logsumexp(z), of the model itself (no temperature /
-            # filtering)
-            lp = z.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+            # log pi(a|s) = z[a]/T - logsumexp(z/T): the sampling policy before top-k / top-p filtering
+            zt = z / temperature
+            lp = zt.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(zt, dim=-1)
             # outside the top-2 <=> at least two tokens have a strictly larger logit
             n_above = (z > z.gather(-1, token[:, None])).sum(-1)
 
@@ -269,18 +269,8 @@ def generate(
             response_mask[:, t] = valid
             logprobs[:, t] = torch.where(valid, lp, torch.zeros_like(lp))
             outside[:, t] = valid & (n_above >= 2)
-            if cfg.tail_metrics:
-                n_valid = int(valid.sum())
-                if n_valid:
-                    from tre_edu.entropy import tail_metrics
-
-                    step_metrics = tail_metrics(z[:, None], valid[:, None].float())
-                    for k, v in step_metrics.items():
-                        tail_sums[k] = tail_sums.get(k, 0.0) + v * n_valid
-                    tail_count += n_valid
-
-            if eos_token_id is not None:
-                done = done | (valid & (token == eos_token_id))
+            if eos_ids:
+                done = done | (valid & torch.isin(token, eos))
             ids = torch.cat([ids, token[:, None]], dim=1)
             mask = torch.cat([mask, valid[:, None].long()], dim=1)
             steps = t + 1
@@ -290,7 +280,6 @@ def generate(
         actor.train(was_training)
 
     response, response_mask = response[:, :steps], response_mask[:, :steps]
-    metrics = {k: v / tail_count for k, v in tail_sums.items()} if tail_count else {}
     return Rollout(
         input_ids=ids,
         attention_mask=mask,
@@ -299,7 +288,6 @@ def generate(
         response_mask=response_mask,
         logprobs=logprobs[:, :steps],
         outside_topk=outside[:, :steps],
-        metrics=metrics,
     )
 
 
@@ -340,3 +328,14 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         logprobs=torch.cat(lps),
         outside_topk=torch.cat(outs),
     )
+
+
+def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int] | None:
+    """Every id that ends a response: the tokenizer's EOS and the model's ``generation_config.eos_token_id`` (an
+    instruct model often has two, e.g. end-of-turn and end-of-text). None when there is none (never stop early)."""
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids += extra if isinstance(extra, list | tuple) else [extra]
+    out = sorted({int(i) for i in ids if i is not None})
+    return out or None

@@ -21,8 +21,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from tre_edu.policy import position_ids_from_mask
+from tre_edu.config import EvalConfig
+from tre_edu.evaluation import evaluate
+from tre_edu.policy import response_logits
 
 
 def make_sft_example(
@@ -54,14 +57,12 @@ def encode_sft_example(tokenizer: Any, prompt: str, response: str) -> tuple[list
     return prompt_ids, response_ids
 
 
-def collate(
-    pairs: list[tuple[list[int], list[int]]], pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(pairs: list[tuple[list[int], list[int]]], pad_token_id: int) -> tuple[torch.Tensor, ...]:
     """Left-pad ``prompt + response`` so that every response ends at the last position.
 
-    Returns ``input_ids`` (B, L), ``attention_mask`` (B, L), ``position_ids`` (B, L) (0 at each first real
-    token, as in the rollouts), ``labels`` (B, R) = the last R tokens and ``label_mask`` (B, R) float, 1 on
-    response tokens; R is the longest response, so the logits needed are the last R + 1 positions only.
+    Returns ``input_ids`` (B, L), ``attention_mask`` (B, L), ``labels`` (B, R) = the last R tokens and
+    ``label_mask`` (B, R) float, 1 on response tokens; R is the longest response, so the logits needed are the
+    last R + 1 positions only (positions come from the mask, as in the rollouts and PPO).
     """
     seqs = [p + r for p, r in pairs]
     length = max(len(s) for s in seqs)
@@ -73,27 +74,16 @@ def collate(
         input_ids[i, length - len(s) :] = torch.tensor(s, dtype=torch.long)
         attention_mask[i, length - len(s) :] = 1
         label_mask[i, resp_len - len(r) :] = 1.0
-    position_ids = position_ids_from_mask(attention_mask)  # the same positions as rollouts and PPO
-    labels = input_ids[:, length - resp_len :]
-    return input_ids, attention_mask, position_ids, labels, label_mask
+    return input_ids, attention_mask, input_ids[:, length - resp_len :], label_mask
 
 
 def sft_loss(model: Any, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Token-mean cross-entropy on the response tokens of a :func:`collate` batch (logits only where
-    needed)."""
-    input_ids, attention_mask, position_ids, labels, label_mask = (t.to(model.device) for t in batch)
-    resp_len = labels.shape[1]
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=resp_len + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1].float()  # (B, R, V): position t predicts token t + 1
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-    nll = nll.view_as(label_mask)
-    return (nll * label_mask).sum() / label_mask.sum().clamp(min=1.0)
+    """Token-mean cross-entropy on the response tokens of a :func:`collate` batch:
+    ``-(1/N) sum log softmax(z_t)[y_t]`` over response tokens (logits only where needed)."""
+    input_ids, attention_mask, labels, label_mask = (t.to(model.device) for t in batch)
+    logits, _ = response_logits(model, input_ids, attention_mask, labels.shape[1])
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    return (nll.view_as(label_mask) * label_mask).sum() / label_mask.sum().clamp(min=1.0)
 
 
 def warm_start(
@@ -102,6 +92,7 @@ def warm_start(
     task: Any,
     examples: list[dict[str, Any]],
     *,
+    eval_cfg: EvalConfig | None = None,
     steps: int | None = 600,
     seconds: float | None = None,
     batch_size: int = 128,
@@ -114,7 +105,6 @@ def warm_start(
     seed: int = 0,
     eval_examples: list[dict[str, Any]] | None = None,
     eval_every: int = 100,
-    eval_batch_size: int = 256,
     log_every: int = 10,
     progress: bool = True,
     callback: Callable[[dict[str, Any]], Any] | None = None,
@@ -127,7 +117,8 @@ def warm_start(
         batch_size, lr, weight_decay, warmup_steps, grad_clip: AdamW with a linear warm-up, then a constant
         rate.
         think: reference responses with a worked trace (None: the task's setting).
-        eval_examples: held-out examples; greedy accuracy every ``eval_every`` steps and at the end.
+        eval_examples: held-out examples; greedy accuracy every ``eval_every`` steps and at the end (with
+            ``eval_cfg``'s batch size; default :class:`~tre_edu.config.EvalConfig`).
         callback: called with each history record as it is made (live plots).
 
     Returns:
@@ -166,11 +157,8 @@ def warm_start(
     cursor = 0
     train_time = 0.0
     wall_start = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="warm start", unit="step")
+    bar = tqdm(total=steps, desc="warm start", unit="step", disable=not progress)
+    eval_cfg = eval_cfg or EvalConfig()
 
     def record(step: int, loss: float | None, evaluate_now: bool) -> None:
         rec: dict[str, Any] = {
@@ -180,25 +168,14 @@ def warm_start(
             "loss": loss,
         }
         if evaluate_now and eval_examples:
-            from tre_edu.evaluation import evaluate
-
-            res = evaluate(
-                model,
-                tokenizer,
-                task,
-                eval_examples,
-                style=style,
-                temperature=0.0,
-                max_new_tokens=max_new_tokens,
-                batch_size=eval_batch_size,
-            )
+            res = evaluate(model, tokenizer, task, eval_examples, eval_cfg, style=style,
+                           max_new_tokens=max_new_tokens, seed=seed, greedy=True, sampled=False)  # fmt: skip
             model.train()
-            rec["accuracy"] = res["accuracy"]
-            rec["mean_reward"] = res["mean_reward"]
+            rec["accuracy"] = res["greedy_accuracy"]
+            rec["mean_reward"] = res["greedy_reward"]
             rec["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
         history.append(rec)
-        if bar is not None:
-            bar.set_postfix({k: rec[k] for k in ("loss", "accuracy") if rec.get(k) is not None})
+        bar.set_postfix({k: rec[k] for k in ("loss", "accuracy") if rec.get(k) is not None})
         if callback is not None:
             callback(rec)
 
@@ -225,8 +202,7 @@ def warm_start(
             step += 1
             running.append(loss.item())
             train_time += time.perf_counter() - t0
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             if step % log_every == 0 or step % eval_every == 0:
                 loss_value = sum(running) / len(running)
                 running = []
@@ -236,8 +212,7 @@ def warm_start(
         if not history or history[-1]["step"] != step or (eval_examples and "accuracy" not in history[-1]):
             record(step, loss_value, evaluate_now=True)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     model.eval()
     return history
 

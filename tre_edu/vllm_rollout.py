@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -194,34 +193,6 @@ class VLLMRollout:
             kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(llm_kwargs)
         self.llm = vllm.LLM(**kwargs)
-
-    @classmethod
-    def for_trainer(cls, trainer: Any) -> VLLMRollout:
-        """An engine for a :class:`~tre_edu.trainer.PPOTrainer`: its checkpoint (``init_from`` or
-        ``model.name``; a freshly built tiny model is saved to ``output_dir/vllm_init_rank*`` first), its
-        tokenizer's ids, its settings."""
-        cfg = trainer.config
-        source = cfg.init_from or (None if cfg.model.name == "tiny" else cfg.model.name)
-        if source is None:
-            path = Path(cfg.output_dir) / f"vllm_init_rank{trainer.accelerator.process_index}"
-            trainer.actor.save_pretrained(path)
-            trainer.tokenizer.save_pretrained(path)
-            source = str(path)
-        if cfg.ppo.mixed_precision == "bf16" or cfg.model.dtype == "bfloat16":
-            dtype = "bfloat16"
-        elif cfg.ppo.mixed_precision == "fp16" or cfg.model.dtype == "float16":
-            dtype = "float16"
-        else:
-            dtype = "float32"
-        return cls(
-            source,
-            pad_token_id=trainer.tokenizer.pad_token_id,
-            eos_token_id=trainer.tokenizer.eos_token_id,
-            dtype=dtype,
-            gpu_memory_utilization=cfg.ppo.vllm_gpu_memory_utilization,
-            seed=cfg.seed * 1000 + trainer.accelerator.process_index,
-            distributed=trainer.accelerator.num_processes > 1,
-        )
 
     def sampling_params(self, cfg: SamplingConfig) -> Any:
         """``vllm.SamplingParams`` for a :class:`~tre_edu.rollout.SamplingConfig` (one sample per prompt;

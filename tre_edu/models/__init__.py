@@ -1,9 +1,2 @@
-"""Models: the tiny CPU model (:mod:`tre_edu.models.tiny`) and pretrained hub models
-(:mod:`tre_edu.models.hub`).
-
-Submodules are imported on use so that ``import tre_edu.models`` stays cheap (no transformers import).
-"""
-
-from __future__ import annotations
-
-__all__ = ["hub", "tiny"]
+"""Models: the tiny CPU model (:mod:`.tiny`), pretrained hub models (:mod:`.hub`) and SmolLM2-135M-Instruct
+offline (:mod:`.smollm2`)."""

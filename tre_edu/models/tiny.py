@@ -19,9 +19,16 @@ tiny model still reaches ~20% greedy accuracy on 3-number puzzles after ~150 war
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -47,9 +54,6 @@ def build_tokenizer(tail_tokens: int = 2000):
     so ``decode(encode(text)) == text`` for every text over the alphabet, and special tokens are dropped with
     ``skip_special_tokens=True``. Unknown characters map to ``<unk>``. Padding side is left (for generation).
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     if not isinstance(tail_tokens, int) or isinstance(tail_tokens, bool) or not 0 <= tail_tokens <= 1_000_000:
         raise ValueError(f"tail_tokens must be an integer in [0, 1000000]; got {tail_tokens!r}")
     vocab_list = alphabet() + [TAIL_FORMAT.format(i) for i in range(tail_tokens)]
@@ -75,31 +79,6 @@ def tail_token_ids(tokenizer) -> list[int]:
     return list(range(len(alphabet()), len(tokenizer)))
 
 
-@dataclass
-class TinyConfig:
-    """Shape of the tiny model (defaults: 0.8M parameters without tail; each tail token adds ``n_embd``
-    weights)."""
-
-    n_embd: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    n_positions: int = 128
-    arch: str = "gpt2"  # gpt2 | llama
-
-    def validate(self) -> TinyConfig:
-        for name in ("n_embd", "n_layer", "n_head", "n_positions"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd must be a multiple of n_head ({self.n_head}); got {self.n_embd}")
-        if self.arch not in ("gpt2", "llama"):
-            raise ValueError(f"arch must be one of gpt2, llama; got {self.arch!r}")
-        if self.arch == "llama" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"arch llama needs an even head size n_embd / n_head; got {self.n_embd // self.n_head}")
-        return self
-
-
 def build_tiny_model(
     tokenizer,
     n_embd: int = 128,
@@ -115,9 +94,14 @@ def build_tiny_model(
     output (B, T, V) covers the tail. Initialisation is reproducible for ``seed`` and leaves the global RNG
     untouched.
     """
-    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    shape = TinyConfig(n_embd, n_layer, n_head, n_positions, arch).validate()
+    shape = dict(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions, arch=arch)
+    for name, value in list(shape.items())[:4]:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+    if arch not in ("gpt2", "llama"):
+        raise ValueError(f"arch must be one of gpt2, llama; got {arch!r}")
+    if n_embd % n_head or (arch == "llama" and (n_embd // n_head) % 2):
+        raise ValueError(f"n_embd must be a multiple of n_head ({n_head}) with an even head size; got {n_embd}")
     ids = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -151,7 +135,7 @@ def build_tiny_model(
             **ids,
         )
         cls = LlamaForCausalLM
-    config.tiny = asdict(shape)  # recorded in config.json for reference
+    config.tiny = shape  # recorded in config.json for reference
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(config)
@@ -162,20 +146,3 @@ def build_tiny_model(
 def count_parameters(model, trainable_only: bool = False) -> int:
     """Number of (unique) parameters; tied embeddings count once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-__all__ = [
-    "BOS",
-    "EOS",
-    "PAD",
-    "SPECIAL_TOKENS",
-    "TAGS",
-    "TAIL_FORMAT",
-    "TinyConfig",
-    "UNK",
-    "alphabet",
-    "build_tiny_model",
-    "build_tokenizer",
-    "count_parameters",
-    "tail_token_ids",
-]

@@ -42,7 +42,9 @@ import warnings
 from fractions import Fraction
 from typing import Any
 
-from tre_edu.tasks.base import Task, apply_chat_template
+import datasets
+
+from tre_edu.tasks.base import Task, apply_chat_template, check_options
 
 HUB_ID = "Jiayi-Pan/Countdown-Tasks-3to4-Unique"
 # The paper's split of the hub dataset's single "train" split: rows [start, stop).
@@ -313,20 +315,8 @@ def format_response(solution: str, numbers: list[int] | None = None, target: Any
 # Puzzles
 # ------------------------------------------------------------------------------------------------------------
 def _check_ranges(num_count: int, number_range: Any, target_range: Any) -> tuple[int, int, int, int]:
-    if num_count not in (3, 4):
-        raise ValueError(f"num_count must be 3 or 4; got {num_count!r}")
-    try:
-        lo, hi = (int(v) for v in number_range)
-        tlo, thi = (int(v) for v in target_range)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"number_range and target_range must be (low, high) integer pairs; got {number_range!r}, {target_range!r}"
-        ) from None
-    if not 0 <= lo <= hi:
-        raise ValueError(f"number_range must satisfy 0 <= low <= high; got {number_range!r}")
-    if not 0 <= tlo <= thi:
-        raise ValueError(f"target_range must satisfy 0 <= low <= high; got {target_range!r}")
-    return lo, hi, tlo, thi
+    check_options("countdown", dict(num_count=num_count, number_range=number_range, target_range=target_range), "")
+    return (*number_range, *target_range)
 
 
 def generate(
@@ -406,8 +396,6 @@ def load(
         error = RuntimeError("HF_DATASETS_OFFLINE is set")
     else:
         try:
-            import datasets
-
             data = datasets.load_dataset(HUB_ID, split="train")
             if len(data) < stop:
                 raise RuntimeError(f"{HUB_ID} has {len(data)} rows; the paper's split needs {stop}")
@@ -448,6 +436,7 @@ class CountdownTask(Task):
     """
 
     name = "countdown"
+    success_threshold = 1.0
 
     def __init__(
         self,
@@ -458,13 +447,12 @@ class CountdownTask(Task):
         style: str = "compact",
     ):
         _check_ranges(num_count, number_range, target_range)
-        if not isinstance(think, bool):
-            raise ValueError(f"think must be True or False; got {think!r}")
+        check_options("countdown", dict(think=think, style=style), prefix="")
         self.num_count = num_count
         self.number_range = tuple(number_range)
         self.target_range = tuple(target_range)
         self.think = think
-        self.style = self.check_style(style)
+        self.style = style
 
     def __repr__(self) -> str:
         return (
@@ -489,9 +477,6 @@ class CountdownTask(Task):
         text = PROMPT.format(nums=nums, target=target)
         return apply_chat_template(tokenizer, text) if style == "chat" else text
 
-    def prompts(self, examples: list[dict[str, Any]], tokenizer: Any = None, style: str | None = None) -> list[str]:
-        return [self.prompt(e, tokenizer, style) for e in examples]
-
     def score(self, response: str, example: dict[str, Any]) -> float:
         if not isinstance(example, dict):
             return 0.0
@@ -509,14 +494,7 @@ class CountdownTask(Task):
         return format_response(solution, example["numbers"], example["target"], think=think)
 
 
-def make_task(**options: Any) -> CountdownTask:
-    """The Countdown task; options: ``num_count``, ``number_range``, ``target_range``, ``think``,
-    ``style``."""
-    allowed = ("num_count", "number_range", "target_range", "think", "style")
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"countdown options must be among {', '.join(allowed)}; got {', '.join(unknown)}")
-    return CountdownTask(**options)
+make_task = CountdownTask  # tre_edu.tasks.get_task(name, **options) calls tre_edu.tasks.<name>.make_task(**options)
 
 
 __all__ = [

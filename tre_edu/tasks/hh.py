@@ -17,7 +17,8 @@ Example dict: ``{"prompt": [{"role", "content"}, ...] (turns before the response
 bundled with the package.
 
 Reward: a scalar reward model r(prompt, response) (:class:`tre_edu.reward_model.RewardModel`, or any object
-with ``score(prompts, responses) -> list[float]``), scored in batches.
+with ``score(prompts, responses) -> list[float]``), scored in batches. :func:`train_reward_model` makes one
+(``tre-edu train-rm``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ import inspect
 import re
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from tre_edu.tasks.base import Task
-from tre_edu.tasks.math import read_bundled, subsample
+import datasets
+
+from tre_edu.config import RewardModelConfig
+from tre_edu.reward_model import RewardModel, build_tiny_reward_model, fit, pair_accuracy, valid_text
+from tre_edu.tasks.base import Task, check_batch, check_options, read_jsonl, subsample
 
 SOURCES = {
     "ultrafeedback": "trl-lib/ultrafeedback_binarized",
@@ -152,14 +157,15 @@ def _from_ultrafeedback_row(row: dict[str, Any], source: str) -> dict[str, Any]:
 
 def _convert(rows: Any, source_key: str, source: str) -> list[dict[str, Any]]:
     convert = _from_hh_row if source_key == "hh-rlhf" else _from_ultrafeedback_row
-    out, bad = [], 0
-    for row in rows:
+    out, bad = [], []
+    for i, row in enumerate(rows):
         try:
             out.append(convert(dict(row), source))
-        except (ValueError, KeyError, TypeError):
-            bad += 1
+        except (ValueError, KeyError, TypeError) as err:
+            bad.append(f"row {i}: {type(err).__name__}: {err}")
     if bad:
-        warnings.warn(f"skipped {bad} malformed {source_key} row(s) from {source}", UserWarning, stacklevel=3)
+        msg = f"skipped {len(bad)} malformed {source_key} row(s) from {source} (first: {bad[0][:200]})"
+        warnings.warn(msg, UserWarning, stacklevel=3)
     return out
 
 
@@ -168,31 +174,19 @@ def _convert(rows: Any, source_key: str, source: str) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_source(source: str) -> str:
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
-    return source
-
-
 def bundled_examples(source: str, split: str | None = None) -> list[dict[str, Any]]:
     """The hand-written sample for ``source`` (optionally one split); ``source="bundled"`` in each example."""
-    _check_source(source)
-    rows = [r for r in read_bundled(BUNDLED_FILES[source]) if split is None or r.get("split") == split]
+    check_options("hh", {"source": source}, prefix="")
+    rows = [r for r in read_jsonl(BUNDLED_FILES[source]) if split is None or r.get("split") == split]
     return _convert(rows, source, "bundled")
 
 
 def ultrafeedback_split_indices(
     n_rows: int | None, split: str, *, shuffle_seed: int, n_train: int, n_test: int
 ) -> tuple[int, int]:
-    """``(start, stop)`` of ``split`` inside the shuffled hub train split (the paper: 0-7,500 and
-    7,500-12,500).
-
-    ``n_rows=None`` checks the arguments only.
-    """
-    if not isinstance(shuffle_seed, int):
-        raise ValueError(f"shuffle_seed must be an integer; got {shuffle_seed!r}")
-    if not isinstance(n_train, int) or not isinstance(n_test, int) or n_train < 1 or n_test < 1:
-        raise ValueError(f"n_train and n_test must be positive integers; got {n_train!r}, {n_test!r}")
+    """``(start, stop)`` of ``split`` in the shuffled hub train split (paper: 0-7,500, 7,500-12,500); ``n_rows=None``
+    checks the arguments only."""
+    check_options("hh", dict(shuffle_seed=shuffle_seed, n_train=n_train, n_test=n_test), prefix="")
     if n_rows is not None and n_train + n_test > n_rows:
         raise ValueError(f"n_train + n_test = {n_train + n_test} exceeds the {n_rows} rows of the dataset")
     return (0, n_train) if split == "train" else (n_train, n_train + n_test)
@@ -218,20 +212,23 @@ def load(
         offline_ok: on any loading failure warn and use the bundled sample instead of raising.
         seed: seed of the subset drawn when ``n`` is given.
         source: ``"ultrafeedback"`` (paper's code) or ``"hh-rlhf"``.
-        hub_id: override the Hugging Face id or give a local path.
+        hub_id: override the Hugging Face id, or a local directory / JSONL file (rows as on the hub).
         shuffle_seed, n_train, n_test: UltraFeedback only: the paper's split (42, 7,500, 5,000).
     """
-    _check_source(source)
+    check_options("hh", {"source": source}, prefix="")
     if split not in ("train", "test"):
         raise ValueError(f"split must be one of train, test; got {split!r}")
     hub = hub_id or SOURCES[source]
     if source == "ultrafeedback":  # check the split sizes before touching the network
         ultrafeedback_split_indices(None, split, shuffle_seed=shuffle_seed, n_train=n_train, n_test=n_test)
+    local = None
+    if Path(hub).is_file():  # a local JSONL file: its errors name the file and line; hh-rlhf rows carry "split"
+        local = [r for r in read_jsonl(hub) if source == "ultrafeedback" or r.get("split") == split]
     try:
-        from datasets import load_dataset
-
-        # UltraFeedback: both of our splits come from the hub's train split (the paper's code).
-        ds = load_dataset(hub, split="train" if source == "ultrafeedback" else split)
+        if local is not None:
+            ds = datasets.Dataset.from_list(local)
+        else:  # UltraFeedback: both of our splits come from the hub's train split (the paper's code).
+            ds = datasets.load_dataset(hub, split="train" if source == "ultrafeedback" else split)
     except Exception as err:
         if not offline_ok:
             raise RuntimeError(
@@ -264,9 +261,7 @@ def load(
 
 
 def _resolve_reward_model(reward_model: Any, max_length: int) -> Any:
-    if isinstance(reward_model, str):
-        from tre_edu.reward_model import RewardModel
-
+    if isinstance(reward_model, str):  # FileNotFoundError "reward model not found: PATH; make it with ..."
         return RewardModel.from_pretrained(reward_model, max_length=max_length)
     if not (hasattr(reward_model, "score") or callable(reward_model)):
         raise ValueError(
@@ -299,6 +294,7 @@ class HHTask(Task):
     """
 
     name = "hh"
+    success_threshold = None  # reward-model scores: no notion of success
 
     def __init__(
         self,
@@ -312,9 +308,9 @@ class HHTask(Task):
         n_train: int = ULTRAFEEDBACK_N_TRAIN,
         n_test: int = ULTRAFEEDBACK_N_TEST,
     ):
-        self.source = _check_source(source)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+        options = dict(source=source, batch_size=batch_size, rm_max_length=rm_max_length, hub_id=hub_id)
+        check_options("hh", dict(options, shuffle_seed=shuffle_seed, n_train=n_train, n_test=n_test), prefix="")
+        self.source = source
         self.batch_size = batch_size
         self.rm_max_length = rm_max_length
         self.hub_id = hub_id
@@ -360,15 +356,10 @@ class HHTask(Task):
             return tokenizer.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True)
         return example["prompt_text"]
 
-    def prompts(self, examples: list[dict[str, Any]], tokenizer: Any = None, style: str = "plain") -> list[str]:
-        return [self.prompt(e, tokenizer, style) for e in examples]
-
     def reward(self, responses: list[str], examples: list[dict[str, Any]]) -> list[float]:
-        """Reward-model scores, ``batch_size`` responses per forward pass (non-str responses score as "")."""
-        if len(responses) != len(examples):
-            raise ValueError(
-                f"responses and examples must have the same length; got {len(responses)} and {len(examples)}"
-            )
+        """Reward-model scores, ``batch_size`` responses per forward pass (a non-str response is scored as "",
+        text UTF-8 cannot encode as ``?``)."""
+        check_batch(responses, examples)
         if self._reward_model is None:
             raise ValueError(
                 "HHTask needs a reward model: make_task(reward_model=PATH or RewardModel) or set "
@@ -377,8 +368,11 @@ class HHTask(Task):
             )
         if not responses:
             return []
+        missing = [i for i, e in enumerate(examples) if not isinstance(e, dict) or "prompt" not in e]
+        if missing:
+            raise ValueError(f"HH example {missing[0]} has no 'prompt' field (messages or text; see tre_edu.tasks.hh)")
         prompts = [e["prompt"] for e in examples]
-        texts = [r if isinstance(r, str) else "" for r in responses]
+        texts = [valid_text(r) if isinstance(r, str) else "" for r in responses]
         rm = self._reward_model
         fn = rm.score if hasattr(rm, "score") else rm
         if _accepts_batch_size(fn):  # e.g. RewardModel.score: it batches (and sorts by length) itself
@@ -398,13 +392,43 @@ class HHTask(Task):
         hub = self.hub_id or SOURCES[self.source]
         used = "" if self.loaded_from is None else f"; loaded from {self.loaded_from!r}"
         rm = "none set" if self._reward_model is None else type(self._reward_model).__name__
-        split = (
-            f", hub train split shuffled with seed {self.shuffle_seed}: first {self.n_train} train, next "
-            f"{self.n_test} test"
-            if self.source == "ultrafeedback"
-            else ", hub train / test splits"
-        )
+        split = ", hub train / test splits"
+        if self.source == "ultrafeedback":
+            split = f", hub train split shuffled (seed {self.shuffle_seed}): {self.n_train} train, {self.n_test} test"
         return f"HH, source={self.source} ({hub}{split}){used}; reward = reward model ({rm})"
+
+
+def tiny_reward_model(source: str | None = None, *, max_length: int = 256, seed: int = 0) -> RewardModel:
+    """:func:`~tre_edu.reward_model.build_tiny_reward_model` with the words of the bundled samples (one source or
+    both) as its vocabulary: an untrained CPU reward model for tests and notebooks."""
+    examples = [e for s in ([source] if source else SOURCES) for e in bundled_examples(s)]
+    return build_tiny_reward_model(_texts(examples), max_length=max_length, seed=seed)
+
+
+def _texts(examples: list[dict[str, Any]]) -> list[str]:  # vocabulary corpus of a tiny reward model
+    return [f"{prompt_as_text(e['prompt'])} {e['chosen']} {e['rejected']}" for e in examples]
+
+
+def train_reward_model(cfg: RewardModelConfig, offline_ok: bool = True) -> dict[str, Any]:
+    """``tre-edu train-rm``: train ``cfg.model`` on the ``cfg.source`` preference pairs
+    (:func:`tre_edu.reward_model.fit`, TRL's RewardTrainer) and report the pair accuracy (r_chosen > r_rejected)."""
+    task = HHTask(source=cfg.source)
+    train = task.load("train", n=cfg.n_train, seed=cfg.seed, offline_ok=offline_ok)
+    test = task.load("test", n=cfg.n_test, seed=cfg.seed, offline_ok=offline_ok)
+    model = None
+    if cfg.model == "tiny":  # the vocabulary covers the test pairs' words too
+        model = build_tiny_reward_model(_texts(train + test), max_length=min(cfg.max_length, 1024), seed=cfg.seed)
+    rm = fit(train, cfg, model)
+    return {
+        "source": train[0]["source"],
+        "dataset": train[0]["dataset"],
+        "n_train": len(train),
+        "n_test": len(test),
+        "train_accuracy": pair_accuracy(rm, train),
+        "test_accuracy": pair_accuracy(rm, test),
+        "final_loss": rm.history[-1]["loss"] if rm.history else float("nan"),
+        "output_dir": cfg.output_dir,
+    }
 
 
 def score(response: str, reward_model: Any = None, **example: Any) -> float:
@@ -414,9 +438,7 @@ def score(response: str, reward_model: Any = None, **example: Any) -> float:
     return HHTask(source=example.get("dataset", "ultrafeedback"), reward_model=reward_model).score(response, example)
 
 
-def make_task(source: str = "ultrafeedback", reward_model: Any = None, **options: Any) -> HHTask:
-    """``HHTask(source, reward_model, batch_size=16, rm_max_length=1024, hub_id=None, ...)``."""
-    return HHTask(source=source, reward_model=reward_model, **options)
+make_task = HHTask  # tre_edu.tasks.get_task(name, **options) calls tre_edu.tasks.<name>.make_task(**options)
 
 
 __all__ = [
@@ -428,6 +450,8 @@ __all__ = [
     "prompt_as_text",
     "score",
     "split_transcript",
+    "tiny_reward_model",
+    "train_reward_model",
     "transcript_to_messages",
     "ultrafeedback_split_indices",
 ]

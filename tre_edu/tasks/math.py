@@ -12,26 +12,36 @@ warns and falls back to a small hand-written sample bundled with the package (``
 Reward (paper): ``1.0`` if the last boxed answer of the response is equivalent to the reference, else ``0.0``.
 Equivalence is decided in three steps, cheapest first:
 
-1. a string normaliser (spaces, ``\\left``/``\\right``, ``\\dfrac``, units, degree signs, ``x=`` prefixes...);
-2. exact rational arithmetic for plain numbers (``1/2 == \\frac12 == 0.5``);
-3. ``math_verify.parse`` + ``math_verify.verify`` (symbolic: intervals, radicals, sets, expressions;
-   time-bounded).
+1. a string normaliser (spaces, ``\\left``/``\\right``, ``\\dfrac``, known units, degree signs, ``x=`` prefixes,
+   ``1e3``...);
+2. exact rational arithmetic for plain numbers (``1/2 == \\frac12 == 0.5``, ``1e3 == 1000``);
+3. only for a well-formed answer (:func:`well_formed`: no junk such as ``7 + ???``, ``7 @`` or ``\\not 7``, which
+   math-verify would read as ``7``): ``math_verify.parse`` + ``verify`` (symbolic: intervals, radicals, sets,
+   expressions) in worker processes (:class:`GraderPool`), each answer bounded by ``timeout_s`` in every thread
+   and a batch by ``batch_timeout_s``; the timeouts are counted in ``MathTask.last_reward_stats``.
 
 :func:`score` never raises: malformed, hostile or huge output scores ``0.0``.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
-import random
+import os
 import re
+import select
+import subprocess
+import sys
 import threading
+import time
 import warnings
 from fractions import Fraction
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
-from tre_edu.tasks.base import Task, apply_chat_template
+import datasets
+
+from tre_edu.tasks.base import Task, apply_chat_template, check_batch, check_options, read_jsonl, subsample
 
 # The paper's prompt, verbatim.
 PROMPT = "{problem} Let's think step by step and output the final answer within \\boxed{{}}."
@@ -48,7 +58,10 @@ BUNDLED_FILE = "math_sample.jsonl"
 MAX_RESPONSE_CHARS = 200_000  # longer responses: only the last MAX_RESPONSE_CHARS are searched
 MAX_ANSWER_CHARS = 1_000  # a boxed answer longer than this is not an answer
 MAX_VERIFY_CHARS = 300  # math-verify only sees answers up to this length (sympy can be slow on long input)
-VERIFY_TIMEOUT_S = 3  # seconds per math-verify call (parse + verify each)
+VERIFY_TIMEOUT_S = 3.0  # seconds of symbolic checking per answer, in any thread
+BATCH_TIMEOUT_S = 60.0  # seconds of symbolic checking per reward() batch; answers not reached score 0
+WORKERS = 2  # worker processes a reward() batch uses
+START_TIMEOUT_S = 60.0  # a worker that is not ready (imports done) after this long is killed
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
@@ -112,51 +125,60 @@ def last_boxed(text: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Normalisation and equivalence
+# Normalisation
 # ----------------------------------------------------------------------------------------------------
 
-_SPACING = ("\\!", "\\,", "\\;", "\\:", "\\ ", "~", "\\quad", "\\qquad")
+_SPACING = re.compile(r"\\q?quad|(?<!\\)\\[!,;: ]|~")  # \quad \! \, \; \: "\ " ~ (not the row break \\)
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)\s*\{([^{}]*)\}")
-_UNIT_SUFFIX = re.compile(r"^(.*?[\d}])\s*\\(?:text|textrm|mbox|mathrm)\s*\{\s*[a-zA-Z][a-zA-Z .^\d]*\}(\^\d)?$")
+# Units that may follow a number: "5\text{ cm}", "3\text{ square units}", "12\mbox{ inches}^2" (a word outside this
+# list, as in "7\text{ not}" or "7\mbox{ or 8}", is not a unit and the answer stays as it is).
+_UNIT = (
+    r"(?:mm|cm|m|km|in|inch(?:es)?|ft|foot|feet|yards?|yd|miles?|meters?|centimeters?|kilometers?|square|sq|cubic|"
+    r"units?|degrees?|radians?|dollars?|cents?|seconds?|sec|s|minutes?|min|hours?|hrs?|days?|weeks?|months?|years?|"
+    r"mph|grams?|g|kg|pounds?|lbs?|ounces?|oz|liters?|ml|gallons?|people|students|ways|points|percent)"
+)
+_UNIT_SUFFIX = re.compile(
+    rf"^(.*?[\d}}])\s*\\(?:text|textrm|mbox|mathrm)\s*\{{\s*{_UNIT}(?:\s+{_UNIT}){{0,2}}\s*(?:\^\d)?\s*\}}(\^\{{?\d\}}?)?$"
+)
 _VAR_PREFIX = re.compile(r"^[a-zA-Z]\s*(?:_\{?\w+\}?)?\s*=\s*")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
+# 1e3, 2.5E-4, 1.5\times10^{3}, 3\cdot 10^4 (exponent up to 3 digits)
+_SCIENTIFIC = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+))(?:[eE]|(?:\\times|\\cdot|\*)10\^)\{?([+-]?\d{1,3})\}?$")
+
+
+def _cosmetic(s: str) -> str:
+    """``s`` without the marks that never change a value: ``\\left``/``\\right``, thin spaces, ``$``, ``\\%``,
+    degree signs, ``{,}``, and a trailing unit (:data:`_UNIT_SUFFIX`)."""
+    s = s.strip().replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
+    s = _SPACING.sub(" ", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
+    for deg in ("^{\\circ}", "^\\circ", "{}^\\circ", "°", "\\degree"):
+        s = s.replace(deg, "")
+    s = s.replace("{,}", ",").strip()
+    m = _UNIT_SUFFIX.match(s)
+    return m.group(1) if m else s
 
 
 def normalize_answer(answer: str) -> str:
     """A canonical string for an answer: cheap rules that make most equal answers compare equal as strings.
 
-    Removes spaces, ``\\left``/``\\right``, thin spaces (``\\!`` ``\\,``), ``$``, ``\\%``, degree signs,
-    trailing units (``5\\text{ cm}``), a single-variable prefix (``x = 3`` -> ``3``), a trailing ``.``, and
-    rewrites ``\\dfrac``/``\\tfrac`` -> ``\\frac``, ``\\frac12`` -> ``\\frac{1}{2}``, ``\\sqrt2`` ->
-    ``\\sqrt{2}``, ``1{,}000``/``1,000`` -> ``1000``, ``.5`` -> ``0.5``. Never raises (returns ``""`` for
-    non-strings).
+    :func:`_cosmetic`, then a text-only answer loses its ``\\text{}`` (``\\text{(A)}`` -> ``(A)``), a
+    single-variable prefix goes (``x = 3`` -> ``3``), one trailing ``.`` and all spaces go, and
+    ``\\frac12`` -> ``\\frac{1}{2}``, ``\\sqrt2`` -> ``\\sqrt{2}``, ``1,000`` -> ``1000``, ``.5`` -> ``0.5``,
+    ``1e3`` / ``1\\times10^{3}`` -> ``1000`` (``2e-3`` -> ``1/500``). Never raises (``""`` for non-strings).
     """
     if not isinstance(answer, str):
         return ""
-    s = answer.strip()
-    if len(s) > MAX_ANSWER_CHARS:
-        return s
-    s = s.replace("\\left", "").replace("\\right", "")
-    s = s.replace("\\displaystyle", "")
-    for sp in _SPACING:
-        s = s.replace(sp, "")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = s.replace("\\$", "").replace("$", "")
-    s = s.replace("\\%", "").replace("%", "")
-    for deg in ("^{\\circ}", "^\\circ", "{}^\\circ", "°", "\\degree"):
-        s = s.replace(deg, "")
-    s = s.replace("{,}", ",")
-    s = s.strip()
-    m = _UNIT_SUFFIX.match(s)
-    if m:  # "5\text{ cm}" -> "5"; keep answers that are text only
-        s = m.group(1)
+    if len(answer) > MAX_ANSWER_CHARS:
+        return answer.strip()
+    s = _cosmetic(answer)
     m = _TEXT_CMD.fullmatch(s)
-    if m:  # "\text{(A)}" -> "(A)"
+    if m:
         s = m.group(1)
     if s.count("=") == 1:
         s = _VAR_PREFIX.sub("", s)
-    s = s.rstrip(".").strip()
-    s = re.sub(r"\s+", "", s)
+    s = re.sub(r"\s+", "", s.removesuffix(".").strip())
     # \frac12 -> \frac{1}{2}; \frac{a}2 -> \frac{a}{2}; \frac1{b} -> \frac{1}{b}
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
     s = re.sub(r"\\frac\{([^{}]*)\}(\d)", r"\\frac{\1}{\2}", s)
@@ -165,6 +187,10 @@ def normalize_answer(answer: str) -> str:
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
     s = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", s)
+    m = _SCIENTIFIC.match(s)
+    if m:
+        q = Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
+        s = str(q.numerator) if q.denominator == 1 else f"{q.numerator}/{q.denominator}"
     return s
 
 
@@ -177,80 +203,272 @@ def _as_rational(s: str) -> Fraction | None:
     """``s`` (already normalised) as an exact rational if it is a plain number / fraction, else ``None``."""
     if len(s) > 64:
         return None
-    try:
-        if _NUMBER.match(s):
-            return Fraction(s)
-        m = _FRAC.match(s)
-        if m:
-            sign = -1 if m.group(1) == "-" else 1
-            den = int(m.group(3))
-            return None if den == 0 else sign * Fraction(int(m.group(2)), den)
-        m = _SLASH.match(s)
-        if m:
-            den = int(m.group(2))
-            return None if den == 0 else Fraction(int(m.group(1)), den)
-    except (ValueError, ZeroDivisionError, OverflowError):
+    if _NUMBER.match(s):
+        return Fraction(s)
+    m = _FRAC.match(s) or _SLASH.match(s)
+    if not m:
         return None
-    return None
+    sign, num, den = m.groups() if len(m.groups()) == 3 else ("", *m.groups())
+    return None if int(den) == 0 else (-1 if sign == "-" else 1) * Fraction(int(num), int(den))
 
 
-def _math_verify_equal(answer: str, reference: str, timeout_s: int) -> bool:
-    """Symbolic check with math-verify; every failure is ``False``.
+# ----------------------------------------------------------------------------------------------------
+# Well-formed answers (the only ones math-verify sees)
+# ----------------------------------------------------------------------------------------------------
 
-    Time bound: in the main thread math-verify's own ``signal.alarm`` timeout is used (``parsing_timeout`` and
-    ``timeout_seconds``). Signals only work in the main thread, so elsewhere the call runs in a daemon thread
-    that we stop waiting for after ``2 * timeout_s`` seconds (Python cannot kill a thread: a pathological
-    input may keep one core busy until it finishes; :data:`MAX_VERIFY_CHARS` keeps that unlikely).
-    """
-    try:
-        from math_verify import parse, verify
-    except ImportError:  # math-verify is a dependency; be robust anyway
-        return False
+_ALLOWED_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 +-*/^_=<>()[]{}|,.!'\\&:")
+_GREEK = (
+    "alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta kappa lambda mu nu xi rho sigma tau phi varphi "
+    "chi psi omega Gamma Delta Theta Lambda Xi Pi Sigma Phi Psi Omega"
+)
+_RELATIONS = frozenset("le ge leq geq lt gt ne neq in notin".split())
+_OPERATORS = frozenset("cdot times div pm mp cup cap setminus".split())
+_FUNCTIONS = "sin cos tan cot sec csc arcsin arccos arctan sinh cosh tanh log ln exp"
+_OTHER = "frac sqrt pi infty emptyset varnothing mathbb mathbf boldsymbol binom dbinom tbinom overline lfloor rfloor"
+_COMMANDS = _RELATIONS | _OPERATORS | frozenset(f"{_OTHER} lceil rceil prime begin end {_FUNCTIONS} {_GREEK}".split())
+_MATRIX_ENVS = frozenset("matrix pmatrix bmatrix vmatrix cases array".split())
+_LEADING_VAR = re.compile(r"^[a-zA-Z](?:_\{?\w+\}?)?\s*(?:=|\\in\b)\s*")
 
-    def run(t: int | None) -> bool:
-        gold = parse(f"${reference}$", parsing_timeout=t)
-        pred = parse(f"${answer}$", parsing_timeout=t)
-        if not gold or not pred:
+
+def _has_relation(s: str) -> bool:
+    return bool(re.search(r"[=<>]", s)) or any(c in _RELATIONS for c in re.findall(r"\\([a-zA-Z]+)", s))
+
+
+def _balanced(s: str) -> bool:
+    """Braces ``{}``, escaped braces ``\\{\\}`` and brackets (``(`` or ``[`` closed by ``)`` or ``]``, so that the
+    intervals ``(1, 2]`` count) each close in order."""
+    depth = {"{": 0, "\\{": 0, "(": 0}
+    for tok in re.findall(r"\\[{}]|[{}()\[\]]", s):
+        kind = {"}": "{", "\\}": "\\{", ")": "(", "]": "(", "[": "("}.get(tok, tok)
+        depth[kind] += 1 if tok in ("{", "\\{", "(", "[") else -1
+        if depth[kind] < 0:
             return False
-        return bool(verify(gold, pred, timeout_seconds=t))
+    return not any(depth.values())
 
-    try:
-        if threading.current_thread() is threading.main_thread():
-            return run(max(1, int(timeout_s)))
-        box: list[bool] = []
 
-        def target() -> None:
-            try:
-                box.append(run(None))
-            except Exception:
-                box.append(False)
+def well_formed(answer: str, reference: str = "") -> bool:
+    """Whether ``answer`` is a complete mathematical expression worth a symbolic check.
 
-        worker = threading.Thread(target=target, daemon=True, name="tre_edu-math-verify")
-        worker.start()
-        worker.join(2 * timeout_s)
-        return bool(box and box[0])
-    except Exception:  # math-verify's TimeoutException, sympy errors, RecursionError, ...
+    math-verify reads the longest prefix it can parse, so junk around a number would pass as the number
+    (``7 + ???``, ``7 @``, ``\\not 7``, ``7 \\neq``, ``\\in 7``, ``7)``, ``7 \\text{ or } 8``). Rejected:
+    characters outside letters, digits and ``+-*/^_=<>()[]{}|,.!'\\&:``; commands outside a list of math commands
+    (text commands included: text answers are compared as strings); unbalanced brackets; a leading or trailing
+    operator or relation; two numbers separated by a space only; ``&`` or ``\\\\`` outside a matrix; and, when
+    ``reference`` has no relation, any relation other than a leading ``x =`` / ``x \\in``.
+    """
+    s = _cosmetic(answer)
+    if not s or not set(s) <= _ALLOWED_CHARS or not _balanced(s):
         return False
+    commands = re.findall(r"\\([a-zA-Z]+)", s)
+    if any(c not in _COMMANDS for c in commands) or re.search(r"\\[^a-zA-Z{}\\]", s):
+        return False
+    if "begin" in commands or "end" in commands:
+        if not set(re.findall(r"\\(?:begin|end)\{(\w+)\}", s)) <= _MATRIX_ENVS:
+            return False
+    elif "&" in s or "\\\\" in s:
+        return False
+    if re.search(r"\d\s+\d", s):
+        return False
+    body = _LEADING_VAR.sub("", s, count=1)
+    if not body or (_has_relation(body) and not _has_relation(reference)):
+        return False
+    ends = r"[+\-*/^_=<>,.:&']|\\(?:" + "|".join(_RELATIONS | _OPERATORS) + r")\b"
+    return not (re.search(f"(?:{ends})$", body) or re.match(f"(?:{ends.replace('+', '')})", body.lstrip("-+")))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Symbolic check in worker processes
+# ----------------------------------------------------------------------------------------------------
+
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+
+
+class _Worker:
+    """One ``python -m tre_edu.tasks.math_worker`` process and its pipes."""
+
+    def __init__(self) -> None:
+        path = os.pathsep.join(p for p in (_PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tre_edu.tasks.math_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": path},
+        )
+        self.fd = self.proc.stdout.fileno()
+        self.buffer = b""
+        self.ready = False
+        self.since = time.monotonic()  # start of the process, then of the current answer
+
+    def send(self, answer: str, reference: str, timeout_s: float) -> None:
+        self.proc.stdin.write((json.dumps([answer, reference, timeout_s]) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def read_lines(self) -> list[str] | None:
+        """The complete lines available now; ``None`` when the process has exited."""
+        data = os.read(self.fd, 65536)
+        if not data:
+            return None
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        return [line.decode() for line in lines]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+
+
+class GraderPool:
+    """Worker processes for math-verify (:mod:`tre_edu.tasks.math_worker`), kept between calls.
+
+    An answer still running after ``timeout_s`` has its worker killed (a process can be stopped where a thread
+    holding the GIL cannot) and replaced on demand; a call stops at ``budget_s``. Thread-safe: every call uses its
+    own workers (taken from, and returned to, the idle list).
+    """
+
+    def __init__(self, start_timeout_s: float = START_TIMEOUT_S, max_idle: int = 8):
+        self.start_timeout_s = start_timeout_s
+        self.max_idle = max_idle
+        self.broken: str | None = None  # why workers cannot start (e.g. math-verify missing)
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        atexit.register(self.close)
+
+    def _take(self) -> _Worker:
+        with self._lock:
+            if os.getpid() != self._pid:  # a forked child does not share its parent's workers
+                self._idle, self._pid = [], os.getpid()
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.proc.poll() is None:
+                    return worker
+        return _Worker()
+
+    def _give_back(self, workers: list[_Worker]) -> None:
+        with self._lock:
+            self._idle.extend(workers)
+            while len(self._idle) > self.max_idle:
+                self._idle.pop(0).kill()
+
+    def close(self) -> None:
+        """Stop the idle workers (registered with :mod:`atexit`)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.kill()
+
+    def verify(
+        self, pairs: list[tuple[str, str]], *, timeout_s: float, budget_s: float, workers: int = 1
+    ) -> tuple[list[bool | None], int]:
+        """``(results, timeouts)``: for each ``(answer, reference)`` whether math-verify finds them equal,
+        ``False`` when stopped after ``timeout_s`` (or its worker died; counted in ``timeouts``), ``None`` when
+        never started within ``budget_s``."""
+        results: list[bool | None] = [None] * len(pairs)
+        if self.broken or not pairs:
+            return results, 0
+        end = time.monotonic() + budget_s
+        todo = list(range(len(pairs)))[::-1]
+        busy: dict[int, tuple[_Worker, int]] = {}  # fd -> (worker, index of its pair)
+        free: list[_Worker] = []
+        timeouts = 0
+
+        def stop(fd: int) -> None:  # kill the worker on ``fd``: its answer scores 0 and counts as a timeout
+            nonlocal timeouts
+            worker, i = busy.pop(fd)
+            worker.kill()
+            results[i], timeouts = False, timeouts + 1
+
+        try:
+            while (todo or busy) and time.monotonic() < end:
+                while todo and len(busy) < workers:
+                    worker, i = free.pop() if free else self._take(), todo.pop()
+                    worker.send(*pairs[i], timeout_s)
+                    worker.since = time.monotonic() if worker.ready else worker.since
+                    busy[worker.fd] = (worker, i)
+                now = time.monotonic()
+                limits = [w.since + (timeout_s if w.ready else self.start_timeout_s) for w, _ in busy.values()]
+                readable, _, _ = select.select(list(busy), [], [], max(0.0, min([end, *limits]) - now))
+                now = time.monotonic()
+                for fd in readable:
+                    worker, i = busy[fd]
+                    lines = worker.read_lines()
+                    if lines is None:  # the worker died (out of memory, a crash, or math-verify missing)
+                        if not worker.ready:
+                            self.broken = f"the math-verify worker exited with code {worker.proc.wait()} at start"
+                            warnings.warn(f"MATH grader: {self.broken}; symbolic answers score 0", stacklevel=3)
+                            todo.clear()
+                        stop(fd)
+                    for line in lines or ():
+                        if line == "ready":
+                            worker.ready, worker.since = True, now
+                        else:
+                            results[i] = line == "1"
+                            free.append(busy.pop(fd)[0])
+                for fd, (worker, _) in list(busy.items()):
+                    if now >= worker.since + (timeout_s if worker.ready else self.start_timeout_s):
+                        stop(fd)
+        finally:
+            for fd in list(busy):  # still running when the budget ran out
+                stop(fd)
+            self._give_back(free)
+        return results, timeouts
+
+
+POOL = GraderPool()
+_CACHE: dict[tuple[str, str], bool] = {}  # (answer, reference) -> verdict, timeouts included; cleared when full
+_CACHE_SIZE = 100_000
+
+
+def symbolic_check(
+    pairs: list[tuple[str, str]], *, timeout_s: float, budget_s: float, workers: int = 1
+) -> tuple[list[bool], dict[str, float]]:
+    """math-verify on each ``(answer, reference)`` (duplicates and earlier verdicts served from a cache);
+    ``(verdicts, {"reward/grader_timeouts": n, "reward/grader_skipped": n})``."""
+    todo = sorted({p for p in pairs if p not in _CACHE})
+    found, timeouts = POOL.verify(todo, timeout_s=timeout_s, budget_s=budget_s, workers=workers)
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.clear()
+    _CACHE.update((p, v) for p, v in zip(todo, found) if v is not None)
+    skipped = sum(v is None for v in found)
+    stats = {"reward/grader_timeouts": float(timeouts), "reward/grader_skipped": float(skipped)}
+    return [_CACHE.get(p, False) for p in pairs], stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Equivalence and the reward
+# ----------------------------------------------------------------------------------------------------
+
+
+def _cheap_verdict(answer: Any, reference: Any, use_math_verify: bool) -> bool | tuple[str, str]:
+    """True / False when the string and rational rules decide; else the ``(answer, reference)`` for math-verify."""
+    if not isinstance(answer, str) or not isinstance(reference, str):
+        return False
+    a, r = normalize_answer(answer), normalize_answer(reference)
+    if not a or not r:
+        return False
+    if a == r:
+        return True
+    qa, qr = _as_rational(a), _as_rational(r)
+    if qa is not None and qr is not None:
+        return qa == qr
+    if not use_math_verify or len(answer) > MAX_VERIFY_CHARS or len(reference) > MAX_VERIFY_CHARS:
+        return False
+    if not well_formed(answer, reference):
+        return False
+    return (a if qa is not None else answer), reference  # a plain number goes as normalised ("1e3" -> "1000")
 
 
 def is_equivalent(
-    answer: str, reference: str, *, use_math_verify: bool = True, timeout_s: int = VERIFY_TIMEOUT_S
+    answer: str, reference: str, *, use_math_verify: bool = True, timeout_s: float = VERIFY_TIMEOUT_S
 ) -> bool:
-    """Whether two final answers are mathematically the same. Never raises."""
+    """Whether two final answers are the same; never raises; a symbolic check takes <= ``timeout_s`` seconds."""
     try:
-        if not isinstance(answer, str) or not isinstance(reference, str):
-            return False
-        a, r = normalize_answer(answer), normalize_answer(reference)
-        if not a or not r:
-            return False
-        if a == r:
-            return True
-        qa, qr = _as_rational(a), _as_rational(r)
-        if qa is not None and qr is not None:
-            return qa == qr
-        if not use_math_verify or len(answer) > MAX_VERIFY_CHARS or len(reference) > MAX_VERIFY_CHARS:
-            return False
-        return _math_verify_equal(answer, reference, timeout_s)
+        verdict = _cheap_verdict(answer, reference, use_math_verify)
+        if isinstance(verdict, bool):
+            return verdict
+        return symbolic_check([verdict], timeout_s=timeout_s, budget_s=timeout_s + START_TIMEOUT_S)[0][0]
     except Exception:
         return False
 
@@ -260,53 +478,21 @@ def score(
     answer: str | None = None,
     *,
     use_math_verify: bool = True,
-    timeout_s: int = VERIFY_TIMEOUT_S,
+    timeout_s: float = VERIFY_TIMEOUT_S,
     **example: Any,
 ) -> float:
-    """Paper's MATH reward: ``1.0`` if the last ``\\boxed{}`` of ``response`` is equivalent to ``answer``,
-    else ``0.0``.
+    """Paper's MATH reward: 1.0 if the last ``\\boxed{}`` of ``response`` is equivalent to ``answer``, else 0.0.
 
-    Extra keyword arguments (the other fields of an example dict, e.g. ``problem``, ``source``) are ignored,
-    so ``score(response, **example)`` works. Never raises: malformed or hostile output scores ``0.0``.
-    """
-    try:
-        if answer is None or not isinstance(response, str):
-            return 0.0
-        pred = last_boxed(response)
-        if pred is None:
-            return 0.0
-        return 1.0 if is_equivalent(pred, str(answer), use_math_verify=use_math_verify, timeout_s=timeout_s) else 0.0
-    except Exception:
+    ``score(response, **example)`` works (other example fields are ignored). Never raises."""
+    pred = last_boxed(response)
+    if answer is None or pred is None:
         return 0.0
+    return float(is_equivalent(pred, str(answer), use_math_verify=use_math_verify, timeout_s=timeout_s))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Data loading
 # ----------------------------------------------------------------------------------------------------
-
-
-def read_bundled(name: str) -> list[dict[str, Any]]:
-    """Rows of a JSONL file bundled in ``tre_edu/data/``."""
-    path = resources.files("tre_edu").joinpath("data", name)
-    with path.open("r", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def subsample(rows: list, n: int | None, seed: int) -> list:
-    """All ``rows`` when ``n`` is None or >= len(rows); else ``n`` rows drawn without replacement (seeded)."""
-    if n is None:
-        return list(rows)
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer or None; got {n!r}")
-    if n >= len(rows):
-        return list(rows)
-    idx = random.Random(seed).sample(range(len(rows)), n)
-    return [rows[i] for i in idx]
-
-
-def _check_split(split: str, allowed: tuple[str, ...], what: str) -> None:
-    if split not in allowed:
-        raise ValueError(f"split must be one of {', '.join(allowed)} for {what}; got {split!r}")
 
 
 def _example_from_row(row: dict[str, Any], source: str) -> dict[str, Any] | None:
@@ -343,14 +529,13 @@ def load(
         dataset: ``"lighteval"`` or ``"math500"``.
         hub_id: override the Hugging Face id or give a local path (``datasets.load_dataset`` argument).
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
-    _check_split(split, tuple(SPLIT_SIZES[dataset]), f"dataset={dataset!r}")
+    check_options("math", {"dataset": dataset}, prefix="")
+    if split not in SPLIT_SIZES[dataset]:
+        allowed = ", ".join(SPLIT_SIZES[dataset])
+        raise ValueError(f"split must be one of {allowed} for dataset={dataset!r}; got {split!r}")
     hub = hub_id or DATASETS[dataset]
     try:
-        from datasets import load_dataset
-
-        ds = load_dataset(hub, split=split)
+        ds = datasets.load_dataset(hub, split=split)
     except Exception as err:
         if not offline_ok:
             raise RuntimeError(
@@ -365,12 +550,7 @@ def load(
             UserWarning,
             stacklevel=2,
         )
-        rows = [
-            ex
-            for row in read_bundled(BUNDLED_FILE)
-            if row.get("split") == split and (ex := _example_from_row(row, "bundled")) is not None
-        ]
-        return subsample(rows, n, seed)
+        ds, hub = [r for r in read_jsonl(BUNDLED_FILE) if r.get("split") == split], "bundled"
     rows = [ex for row in ds if (ex := _example_from_row(dict(row), hub)) is not None]
     if not rows:
         raise ValueError(f"{hub} split {split!r} has no usable rows (need 'problem' and 'solution' or 'answer')")
@@ -394,16 +574,26 @@ class MathTask(Task):
         dataset: ``"lighteval"`` (train/test, the paper's data) or ``"math500"`` (test only).
         hub_id: override the dataset id / local path.
         use_math_verify: set ``False`` to score with the string / rational rules only (faster, stricter).
+        timeout_s, batch_timeout_s, workers: bounds of the symbolic check (per answer, per :meth:`reward` batch)
+            and the worker processes a batch uses; after each batch ``last_reward_stats`` holds
+            ``{"reward/grader_timeouts", "reward/grader_skipped"}``.
     """
 
     name = "math"
+    success_threshold = 1.0
 
-    def __init__(self, dataset: str = "lighteval", hub_id: str | None = None, use_math_verify: bool = True):
-        if dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
-        self.dataset = dataset
-        self.hub_id = hub_id
-        self.use_math_verify = bool(use_math_verify)
+    def __init__(
+        self,
+        dataset: str = "lighteval",
+        hub_id: str | None = None,
+        use_math_verify: bool = True,
+        timeout_s: float = VERIFY_TIMEOUT_S,
+        batch_timeout_s: float = BATCH_TIMEOUT_S,
+        workers: int = WORKERS,
+    ):
+        options = dict(dataset=dataset, hub_id=hub_id, use_math_verify=use_math_verify, timeout_s=timeout_s)
+        vars(self).update(check_options("math", dict(options, batch_timeout_s=batch_timeout_s, workers=workers), ""))
+        self.last_reward_stats: dict[str, float] = {}
 
     def load(
         self, split: str = "train", n: int | None = None, seed: int = 0, offline_ok: bool = True
@@ -418,15 +608,25 @@ class MathTask(Task):
         text = prompt_text(example["problem"])
         return apply_chat_template(tokenizer, text) if style == "chat" else text
 
-    def prompts(self, examples: list[dict[str, Any]], tokenizer: Any = None, style: str = "plain") -> list[str]:
-        return [self.prompt(e, tokenizer, style) for e in examples]
-
     def score(self, response: str, example: dict[str, Any]) -> float:
-        try:
-            answer = example.get("answer")
-        except AttributeError:
-            return 0.0
-        return score(response, answer, use_math_verify=self.use_math_verify)
+        answer = example.get("answer") if isinstance(example, dict) else None
+        return score(response, answer, use_math_verify=self.use_math_verify, timeout_s=self.timeout_s)
+
+    def reward(self, responses: list[str], examples: list[dict[str, Any]]) -> list[float]:
+        """Scores of a batch: the cheap rules first, then one bounded symbolic pass over the undecided answers."""
+        check_batch(responses, examples)
+        verdicts = [
+            _cheap_verdict(last_boxed(r), e.get("answer") if isinstance(e, dict) else None, self.use_math_verify)
+            for r, e in zip(responses, examples)
+        ]
+        pending = [i for i, v in enumerate(verdicts) if not isinstance(v, bool)]
+        pairs = [verdicts[i] for i in pending]
+        found, self.last_reward_stats = symbolic_check(
+            pairs, timeout_s=self.timeout_s, budget_s=self.batch_timeout_s, workers=self.workers
+        )
+        for i, v in zip(pending, found):
+            verdicts[i] = v
+        return [float(v) for v in verdicts]
 
     def describe(self) -> str:
         return (
@@ -435,14 +635,13 @@ class MathTask(Task):
         )
 
 
-def make_task(dataset: str = "lighteval", **options: Any) -> MathTask:
-    """``MathTask(dataset=..., hub_id=None, use_math_verify=True)``."""
-    return MathTask(dataset=dataset, **options)
+make_task = MathTask  # tre_edu.tasks.get_task(name, **options) calls tre_edu.tasks.<name>.make_task(**options)
 
 
 __all__ = [
     "PROMPT",
     "DATASETS",
+    "GraderPool",
     "MathTask",
     "is_equivalent",
     "last_boxed",
@@ -451,4 +650,6 @@ __all__ = [
     "normalize_answer",
     "prompt_text",
     "score",
+    "symbolic_check",
+    "well_formed",
 ]

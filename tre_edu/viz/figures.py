@@ -19,17 +19,7 @@ from torch import Tensor
 
 from tre_edu import dynamics as dyn
 from tre_edu import entropy as ent
-
-COLORS = {
-    "global": "#d62728",  # red: the global entropy bonus
-    "tre-k": "#1f77b4",  # blue: TRE-K
-    "tre-p": "#2ca02c",  # green: TRE-P
-    "start": "#444444",
-    "outside": "#c7c7c7",
-    "down": "#1f77b4",
-}
-LABELS = {"global": "global entropy", "tre-k": "TRE-K", "tre-p": "TRE-P", "start": "start"}
-TEMPLATE = "plotly_white"
+from tre_edu.viz.style import COLORS, TEMPLATE, method_label
 
 
 def _finish(fig: go.Figure, as_widget: bool) -> go.Figure:
@@ -194,7 +184,7 @@ def trust_region_figure(
             x=cats,
             y=[h_glob, h_k, h_p],
             name="rescaled: H_TRE = H_TR·log V / log|A_TR|",
-            marker_color=[COLORS["global"], COLORS["tre-k"], COLORS["tre-p"]],
+            marker_color=[COLORS["entropy"], COLORS["tre-k"], COLORS["tre-p"]],
             text=[f"{h_glob:.3f}", f"{h_k:.3f}", f"{h_p:.3f}"],
             textposition="outside",
         ),
@@ -287,14 +277,14 @@ def gradient_figure(
         vertical_spacing=0.06,
         subplot_titles=("|dH/dz| per token (log scale)", "sign of dH/dz: + raises the logit, − lowers it"),
     )
-    g = grads["global"][idx]
+    g = grads["entropy"][idx]
     up, down = g > 0, g < 0
     fig.add_trace(
         go.Scatter(
             x=grid[up],
             y=g[up],
             mode="markers",
-            marker={"color": COLORS["global"], "size": 5},
+            marker={"color": COLORS["entropy"], "size": 5},
             name="global entropy: dH/dz > 0 (raised)",
         ),
         row=1,
@@ -305,7 +295,7 @@ def gradient_figure(
             x=grid[down],
             y=-g[down],
             mode="markers",
-            marker={"color": COLORS["global"], "size": 7, "symbol": "x"},
+            marker={"color": COLORS["entropy"], "size": 7, "symbol": "x"},
             name="global entropy: dH/dz < 0 (lowered)",
         ),
         row=1,
@@ -326,7 +316,7 @@ def gradient_figure(
                     "symbol": symbol,
                     "line": {"width": 1, "color": "white"},
                 },
-                name=f"{LABELS[m]}: |dH/dz| (exactly 0 for the other {n_zero:,} tokens)",
+                name=f"{method_label(m)}: |dH/dz| (exactly 0 for the other {n_zero:,} tokens)",
             ),
             row=1,
             col=1,
@@ -334,12 +324,12 @@ def gradient_figure(
     rows_y, rows_x, rows_s = [], [], []
     for m in dyn.METHODS:
         s = np.sign(grads[m][idx])
-        rows_y.append(np.full(s.shape, LABELS[m], dtype=object))
+        rows_y.append(np.full(s.shape, method_label(m), dtype=object))
         rows_x.append(grid)
         rows_s.append(s)
     ys, xs, ss = np.concatenate(rows_y), np.concatenate(rows_x), np.concatenate(rows_s)
     for sign, color, label in (
-        (1, COLORS["global"], "+"),
+        (1, COLORS["entropy"], "+"),
         (0, COLORS["outside"], "0"),
         (-1, COLORS["down"], "−"),
     ):
@@ -358,7 +348,7 @@ def gradient_figure(
     pos = np.abs(np.concatenate([g[g != 0], grads["tre-k"][idx], grads["tre-p"][idx]]))
     pos = pos[pos > 0]
     lo, hi = (float(pos.min()) / 3, float(pos.max()) * 3) if pos.size else (1e-12, 1.0)
-    for row, ys_line in ((1, [lo, hi]), (2, [LABELS["global"], LABELS["tre-p"]])):
+    for row, ys_line in ((1, [lo, hi]), (2, [method_label("entropy"), method_label("tre-p")])):
         fig.add_trace(
             go.Scatter(
                 x=[thr_rank, thr_rank],
@@ -381,7 +371,9 @@ def gradient_figure(
     fig.update_xaxes(type="log", exponentformat="power", dtick=1, row=1, col=1)
     fig.update_xaxes(type="log", exponentformat="power", dtick=1, title_text="rank", row=2, col=1)
     fig.update_yaxes(type="log", exponentformat="power", range=[math.log10(lo), math.log10(hi)], row=1, col=1)
-    fig.update_yaxes(categoryorder="array", categoryarray=[LABELS[m] for m in reversed(dyn.METHODS)], row=2, col=1)
+    fig.update_yaxes(
+        categoryorder="array", categoryarray=[method_label(m) for m in reversed(dyn.METHODS)], row=2, col=1
+    )
     return _finish(fig, as_widget)
 
 
@@ -476,7 +468,7 @@ def tail_mass_figure(
                 x=res.steps,
                 y=res.tail_mass,
                 mode="lines",
-                name=f"{LABELS.get(method, method)}, V = {v:,}",
+                name=f"{method_label(method)}, V = {v:,}",
                 line={"color": COLORS.get(method), "dash": style[v], "width": 2},
             )
         )
@@ -492,6 +484,38 @@ def tail_mass_figure(
     return _finish(fig, as_widget)
 
 
+def _clean_traces(eps: Mapping[str, float], t_max: int, t_mark: int, colors, show_mark: bool, text: bool = True):
+    """``P(clean) = (1 - eps)^T`` for each ``{label: eps}``: lines over a log grid of T in ``[1, t_max]``, then one
+    marker per label at ``T = t_mark`` (with its value as ``text``), then the vertical line ``T = t_mark``
+    (markers and line visible with ``show_mark``)."""
+    ts = np.unique(np.round(np.geomspace(1, t_max, 200)).astype(np.int64))
+    lines, marks = [], []
+    for label, e in eps.items():
+        name, color, val = method_label(label), colors.get(label), float(dyn.clean_response_probability(e, t_mark)[0])
+        dash = "dot" if label == "start" else "solid"
+        y = dyn.clean_response_probability(e, ts)
+        lines.append(
+            go.Scatter(x=ts, y=y, mode="lines", name=f"{name} (ε = {e:.2g})", line={"color": color, "dash": dash})
+        )
+        marks.append(
+            go.Scatter(
+                x=[t_mark],
+                y=[val],
+                mode="markers+text" if text else "markers",
+                text=[f"{val:.3g}"],
+                textposition="middle right",
+                marker={"size": 9, "color": color},
+                name=f"{name}: P(clean, T={t_mark}) = {val:.3g}",
+                hovertemplate=f"{name}<br>ε = {e:.3g}<br>P = %{{y:.4g}}<extra></extra>",
+                showlegend=False,
+                visible=show_mark,
+            )
+        )
+    line = {"dash": "dot", "color": "#555"}
+    rule = go.Scatter(x=[t_mark] * 2, y=[0, 1.05], mode="lines", line=line, name=f"T = {t_mark}", visible=show_mark)
+    return [*lines, *marks, rule]
+
+
 def clean_response_figure(
     eps: Mapping[str, float],
     *,
@@ -501,53 +525,15 @@ def clean_response_figure(
     height: int = 400,
     as_widget: bool = False,
 ) -> go.Figure:
-    """``P(clean) = (1 - eps)^T`` against the horizon T (log x), one line per ``{label: eps}``.
+    """``P(clean) = prod_t (1 - eps_t) = (1 - eps)^T`` against the horizon T (log x), one line per ``{label: eps}``.
 
     With ``mark_t`` a dotted vertical line and one marker per curve show the value at that T.
     Traces: one line per label, then one marker trace per label, then the vertical line.
     """
     if t_max < 1:
         raise ValueError(f"t_max must be >= 1; got {t_max}")
-    ts = np.unique(np.round(np.geomspace(1, t_max, 200)).astype(np.int64))
-    fig = go.Figure()
-    for label, e in eps.items():
-        color = (colors or {}).get(label)
-        fig.add_trace(
-            go.Scatter(
-                x=ts,
-                y=dyn.clean_response_probability(e, ts),
-                mode="lines",
-                name=f"{label} (ε = {e:.2g})",
-                line={"color": color} if color else None,
-            )
-        )
-    t_mark = int(mark_t) if mark_t is not None else int(ts[-1])
-    for label, e in eps.items():
-        color = (colors or {}).get(label)
-        val = float(dyn.clean_response_probability(e, t_mark)[0])
-        fig.add_trace(
-            go.Scatter(
-                x=[t_mark],
-                y=[val],
-                mode="markers+text",
-                text=[f"{val:.3g}"],
-                textposition="middle right",
-                marker={"size": 9, "color": color} if color else {"size": 9},
-                name=f"{label} at T = {t_mark}",
-                showlegend=False,
-                visible=mark_t is not None,
-            )
-        )
-    fig.add_trace(
-        go.Scatter(
-            x=[t_mark, t_mark],
-            y=[0, 1],
-            mode="lines",
-            line={"dash": "dot", "color": "#555"},
-            name=f"T = {t_mark}",
-            visible=mark_t is not None,
-        )
-    )
+    t_mark = t_max if mark_t is None else int(mark_t)
+    fig = go.Figure(_clean_traces(eps, t_max, t_mark, colors or {}, show_mark=mark_t is not None))
     fig.update_layout(
         template=TEMPLATE,
         height=height,
@@ -586,96 +572,30 @@ def tail_dilution_figure(
     if not 1 <= horizon <= t_max:
         raise ValueError(f"horizon must be in [1, t_max={t_max}]; got {horizon}")
     first = next(iter(results.values()))
-    v, tail_k = first.vocab_size, first.tail_k
-    n_steps = int(first.steps[-1])
-    fig = make_subplots(
-        rows=1,
-        cols=3,
-        horizontal_spacing=0.08,
-        subplot_titles=(
-            f"probability by rank, V = {v:,}",
-            f"mass outside the top {tail_k}",
-            f"P(clean response of T tokens), T = {horizon:,}",
-        ),
+    v, tail_k, n_steps = first.vocab_size, first.tail_k, int(first.steps[-1])
+    titles = (
+        f"probability by rank, V = {v:,}",
+        f"mass outside the top {tail_k}",
+        f"P(clean response of T tokens), T = {horizon:,}",
     )
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08, subplot_titles=titles)
     x, y = _rank_curve(first.initial_logits, n_points)
-    fig.add_trace(
-        go.Scatter(x=x, y=y, mode="lines", name="start", line={"color": COLORS["start"], "width": 3}),
-        row=1,
-        col=1,
-    )
+    fig.add_scatter(x=x, y=y, mode="lines", name="start", line={"color": COLORS["start"], "width": 3}, row=1, col=1)
     for m, res in results.items():
         x, y = _rank_curve(res.final_logits, n_points)
-        fig.add_trace(
-            go.Scatter(
-                x=x,
-                y=y,
-                mode="lines",
-                name=f"{LABELS.get(m, m)} after {n_steps} steps",
-                line={"color": COLORS.get(m), "dash": "dash" if m != "global" else "solid"},
-            ),
-            row=1,
-            col=1,
+        line = {"color": COLORS.get(m), "dash": "dash" if m != "entropy" else "solid"}
+        fig.add_scatter(
+            x=x, y=y, mode="lines", name=f"{method_label(m)} after {n_steps} steps", line=line, row=1, col=1
         )
     for m, res in results.items():
-        fig.add_trace(
-            go.Scatter(
-                x=res.steps,
-                y=res.tail_mass,
-                mode="lines",
-                name=f"{LABELS.get(m, m)}: tail mass",
-                line={"color": COLORS.get(m), "width": 2},
-                showlegend=False,
-            ),
-            row=1,
-            col=2,
-        )
-    ts = np.unique(np.round(np.geomspace(1, t_max, 160)).astype(np.int64))
-    eps = {"start": float(first.tail_mass[0])}
-    eps.update({m: float(res.tail_mass[-1]) for m, res in results.items()})
-    for label, e in eps.items():
-        fig.add_trace(
-            go.Scatter(
-                x=ts,
-                y=dyn.clean_response_probability(e, ts),
-                mode="lines",
-                name=f"{LABELS.get(label, label)} (ε = {e:.2g})",
-                line={"color": COLORS.get(label), "dash": "dot" if label == "start" else "solid"},
-                showlegend=False,
-            ),
-            row=1,
-            col=3,
-        )
-    for label, e in eps.items():
-        val = float(dyn.clean_response_probability(e, horizon)[0])
-        fig.add_trace(
-            go.Scatter(
-                x=[horizon],
-                y=[val],
-                mode="markers",
-                marker={"size": 10, "color": COLORS.get(label)},
-                name=f"{LABELS.get(label, label)}: P(clean, T={horizon}) = {val:.3g}",
-                hovertemplate=f"{LABELS.get(label, label)}<br>ε = {e:.3g}<br>P = %{{y:.4g}}<extra></extra>",
-                showlegend=False,
-            ),
-            row=1,
-            col=3,
-        )
-    fig.add_trace(
-        go.Scatter(
-            x=[horizon, horizon],
-            y=[0, 1.05],
-            mode="lines",
-            line={"dash": "dot", "color": "#555"},
-            name=f"T = {horizon}",
-            showlegend=False,
-        ),
-        row=1,
-        col=3,
-    )
-    p_clean = {lbl: float(dyn.clean_response_probability(e, horizon)[0]) for lbl, e in eps.items()}
+        line = {"color": COLORS.get(m), "width": 2}
+        fig.add_scatter(x=res.steps, y=res.tail_mass, mode="lines", line=line, showlegend=False, row=1, col=2)
+    eps = {"start": float(first.tail_mass[0]), **{m: float(res.tail_mass[-1]) for m, res in results.items()}}
+    for trace in _clean_traces(eps, t_max, horizon, COLORS, show_mark=True, text=False):
+        fig.add_trace(trace.update(showlegend=False), row=1, col=3)
     summary = "  ·  ".join(
-        f"{LABELS.get(lbl, lbl)}: ε = {e:.2g}, P(clean) = {p_clean[lbl]:.3g}" for lbl, e in eps.items()
+        f"{method_label(lbl)}: ε = {e:.2g}, P(clean) = {float(dyn.clean_response_probability(e, horizon)[0]):.3g}"
+        for lbl, e in eps.items()
     )
     coef_txt = f"coef = {coef:g}, " if coef is not None else ""
     fig.update_layout(
@@ -686,10 +606,10 @@ def tail_dilution_figure(
         legend={"orientation": "h", "y": -0.2, "x": 0.0, "font": {"size": 11}},
         margin={"l": 55, "r": 20, "t": 80, "b": 40},
     )
-    fig.update_xaxes(type="log", exponentformat="power", title_text="rank", row=1, col=1)
-    fig.update_yaxes(type="log", exponentformat="power", row=1, col=1)
-    fig.update_xaxes(title_text="ascent step", row=1, col=2)
-    fig.update_yaxes(type="log", exponentformat="power", row=1, col=2)
-    fig.update_xaxes(type="log", exponentformat="power", title_text="T (tokens)", row=1, col=3)
-    fig.update_yaxes(range=[0, 1.05], row=1, col=3)
+    fig.update_xaxes(type="log", exponentformat="power", title_text="rank", col=1)
+    fig.update_yaxes(type="log", exponentformat="power", col=1)
+    fig.update_xaxes(title_text="ascent step", col=2)
+    fig.update_yaxes(type="log", exponentformat="power", col=2)
+    fig.update_xaxes(type="log", exponentformat="power", title_text="T (tokens)", col=3)
+    fig.update_yaxes(range=[0, 1.05], col=3)
     return _finish(fig, as_widget)

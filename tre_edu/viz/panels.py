@@ -65,62 +65,37 @@ class TrustRegionPanel(widgets.VBox):
         dyn._check_logits(logits)
         self.logits = logits.detach()
         self.n_bars, self.coef, self.max_candidates, self.width = n_bars, coef, max_candidates, width
+        slider = {"continuous_update": False, "style": {"description_width": "2em"}}
         self.k_slider = widgets.IntSlider(
-            value=k,
-            min=1,
-            max=min(k_max, self.logits.numel()),
-            description="K",
-            continuous_update=False,
-            style={"description_width": "2em"},
+            value=k, min=1, max=min(k_max, self.logits.numel()), description="K", **slider
         )
         self.p_slider = widgets.FloatSlider(
-            value=p,
-            min=0.5,
-            max=0.999,
-            step=0.001,
-            readout_format=".3f",
-            description="p",
-            continuous_update=False,
-            style={"description_width": "2em"},
+            value=p, min=0.5, max=0.999, step=0.001, readout_format=".3f", description="p", **slider
         )
         self.figure = figures.trust_region_figure(self.logits, **self._kwargs(), as_widget=True)
         self.gradient = (
-            figures.gradient_figure(self.logits, **self._grad_kwargs(), as_widget=True) if show_gradient else None
+            figures.gradient_figure(self.logits, **self._kwargs(gradient=True), as_widget=True)
+            if show_gradient
+            else None
         )
-        self.k_slider.observe(self._on_change, names="value")
-        self.p_slider.observe(self._on_change, names="value")
+        self.k_slider.observe(self.update, names="value")
+        self.p_slider.observe(self.update, names="value")
         children = [widgets.HBox([self.k_slider, self.p_slider]), self.figure]
         if self.gradient is not None:
             children.append(self.gradient)
         super().__init__(children=children)
 
-    def _kwargs(self) -> dict:
-        return {
-            "k": int(self.k_slider.value),
-            "p": float(self.p_slider.value),
-            "n_bars": self.n_bars,
-            "coef": self.coef,
-            "max_candidates": self.max_candidates,
-            "width": self.width,
-        }
+    def _kwargs(self, gradient: bool = False) -> dict:
+        """The builders' arguments for the current sliders (``gradient``: those of ``gradient_figure``)."""
+        kw = {"k": int(self.k_slider.value), "p": float(self.p_slider.value), "max_candidates": self.max_candidates}
+        kw["width"] = self.width
+        return kw if gradient else {**kw, "n_bars": self.n_bars, "coef": self.coef}
 
-    def _grad_kwargs(self) -> dict:
-        return {
-            "k": int(self.k_slider.value),
-            "p": float(self.p_slider.value),
-            "max_candidates": self.max_candidates,
-            "width": self.width,
-        }
-
-    def _on_change(self, _change=None) -> None:
-        self.update()
-
-    def update(self) -> None:
-        """Recompute both figures for the current slider values."""
-        kw = self._kwargs()
-        sync_figure(self.figure, figures.trust_region_figure(self.logits, **kw))
+    def update(self, _change=None) -> None:
+        """Recompute both figures for the current slider values (``_change``: the slider event, unused)."""
+        sync_figure(self.figure, figures.trust_region_figure(self.logits, **self._kwargs()))
         if self.gradient is not None:
-            sync_figure(self.gradient, figures.gradient_figure(self.logits, **self._grad_kwargs()))
+            sync_figure(self.gradient, figures.gradient_figure(self.logits, **self._kwargs(gradient=True)))
 
 
 class TailDilutionPanel(widgets.VBox):
@@ -173,35 +148,16 @@ class TailDilutionPanel(widgets.VBox):
         self.n_plausible, self.seed, self.width = n_plausible, seed, width
         self.t_max = max(horizons)
         self._cache: dict[tuple[int, float], dict[str, dyn.AscentResult]] = {}
-        self.v_slider = widgets.SelectionSlider(
-            options=[(f"{v:,}", v) for v in vocab_sizes],
-            value=vocab_size,
-            description="V",
-            continuous_update=False,
-            style={"description_width": "3em"},
-        )
-        self.t_slider = widgets.SelectionSlider(
-            options=[(f"{t:,}", t) for t in horizons],
-            value=horizon,
-            description="T",
-            continuous_update=False,
-            style={"description_width": "3em"},
-        )
-        self.coef_slider = widgets.FloatLogSlider(
-            value=coef,
-            base=10,
-            min=coef_range[0],
-            max=coef_range[1],
-            step=0.125,
-            readout_format=".3g",
-            description="coef",
-            continuous_update=False,
-            style={"description_width": "3em"},
-        )
+        slider = {"continuous_update": False, "style": {"description_width": "3em"}}
+        v_options, t_options = [(f"{v:,}", v) for v in vocab_sizes], [(f"{t:,}", t) for t in horizons]
+        self.v_slider = widgets.SelectionSlider(options=v_options, value=vocab_size, description="V", **slider)
+        self.t_slider = widgets.SelectionSlider(options=t_options, value=horizon, description="T", **slider)
+        log10 = {"base": 10, "min": coef_range[0], "max": coef_range[1], "step": 0.125, "readout_format": ".3g"}
+        self.coef_slider = widgets.FloatLogSlider(value=coef, description="coef", **log10, **slider)
         self.status = widgets.HTML()
         self.figure = figures.tail_dilution_figure(self._results(), **self._fig_kwargs(), as_widget=True)
         for s in (self.v_slider, self.t_slider, self.coef_slider):
-            s.observe(self._on_change, names="value")
+            s.observe(self.update, names="value")
         super().__init__(
             children=[
                 widgets.HBox([self.v_slider, self.coef_slider, self.t_slider]),
@@ -232,9 +188,6 @@ class TailDilutionPanel(widgets.VBox):
             )
         return self._cache[key]
 
-    def _on_change(self, _change=None) -> None:
-        self.update()
-
-    def update(self) -> None:
+    def update(self, _change=None) -> None:
         """Recompute (or fetch from the cache) the runs for the current V and coef; redraw for T."""
         sync_figure(self.figure, figures.tail_dilution_figure(self._results(), **self._fig_kwargs()))

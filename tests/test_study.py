@@ -1,0 +1,108 @@
+"""The study runner on the quick study (2 cells, 2 PPO steps, one warm start): run, resume, report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tre_edu import study
+from tre_edu.env import repo_root
+
+QUICK = repo_root() / "configs" / "studies" / "quick.yaml"
+
+
+def test_grid_expansion_and_ids(tmp_path):
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(
+        f"name: s\nconfigs: [{QUICK.parent.parent / 'countdown_tiny.yaml'}]\n"
+        "horizons: {short: {ppo.max_new_tokens: 16}}\n"
+        "grids:\n"
+        "  - axes: {method: [none, tre-k], coefficient: [0.001, 0.01], horizon: [short], seed: [0]}\n"
+        "  - axes: {method: [tre-k], coefficient: [0.01], horizon: [short], seed: [0], ppo.actor_lr: [0.0003]}\n"
+    )
+    spec = study.load_study(spec_file)
+    ids = [study.cell_id(c) for c in spec["cells"]]
+    # none ignores the coefficient axis (one cell, not two); the dotted axis makes a new cell
+    assert ids == [
+        "method-none_horizon-short_seed-0",
+        "method-tre-k_coefficient-0.001_horizon-short_seed-0",
+        "method-tre-k_coefficient-0.01_horizon-short_seed-0",
+        "method-tre-k_coefficient-0.01_horizon-short_seed-0_ppo.actor_lr-0.0003",
+    ]
+    cfgs = [study.cell_config(spec, c) for c in spec["cells"]]
+    assert cfgs[2].regularizer.kind == "tre-k" and cfgs[2].regularizer.coef == 0.01 and cfgs[2].regularizer.k == 2
+    assert cfgs[3].ppo.actor_lr == 0.0003 and cfgs[0].ppo.max_new_tokens == 16
+    assert len({study.warm_key(c) for c in cfgs}) == 1  # PPO settings do not change the warm start
+    spec_file.write_text(spec_file.read_text().replace("horizon: [short]", "horizon: [long]", 1))
+    with pytest.raises(ValueError, match="horizon 'long'"):
+        study.load_study(spec_file)
+
+
+def test_t_interval():
+    mean, hw = study.t_interval([0.1, 0.2, 0.3])
+    assert math.isclose(mean, 0.2) and math.isclose(hw, 4.303 * 0.1 / math.sqrt(3), rel_tol=1e-6)
+    assert math.isnan(study.t_interval([0.5])[1])
+
+
+def test_quick_study_runs_resumes_and_reports(tmp_path):
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    out = study.run_study(QUICK, workers=1, results_dir=results, runs_dir=runs, progress=False)
+    assert not out["failed"], out["failed"]
+    assert len(out["done"]) == 2 and not out["skipped"]
+    files = sorted(results.glob("*.jsonl"))
+    assert len(files) == 2
+    lines = [json.loads(s) for s in files[0].read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 2]
+    first = lines[-1]
+    for key in ("method", "coefficient", "effective_coef", "seed", "config", "code_version", "eval", "train_curve"):
+        assert key in first
+    assert {"greedy_accuracy", "sampled_accuracy", "pass@2", "tail_response_frac"} <= set(first["eval"])
+    assert first["config"]["model"]["tail_tokens"] == 300
+    assert len(list((runs / "warm").iterdir())) == 1  # one warm start shared by both cells
+
+    # resume: finished cells are skipped; a half-finished cell (.part) is rerun from the start
+    files[1].rename(files[1].with_name(files[1].name + ".part"))
+    out = study.run_study(QUICK, workers=1, results_dir=results, runs_dir=runs, progress=False)
+    assert len(out["skipped"]) == 1 and len(out["done"]) == 1 and not out["failed"]
+    assert not list(results.glob("*.part"))
+    assert len(files[1].read_text().splitlines()) == 2
+
+    text = study.report(results, figures_dir=tmp_path / "figs")
+    rows = [r for r in text.splitlines() if r.startswith("| 300 ")]
+    assert len(rows) == 2 and "entropy" in rows[1] and "0.01" in rows[1]
+    assert "2 cells" in text
+
+
+def _line(method, coef, tail, seed, step, acc):
+    axes = {"method": method, "coefficient": coef, "tail": tail, "horizon": "think", "seed": seed}
+    cell = study.cell_id(axes)
+    return {"cell": cell, "axes": axes, "method": method, "kind": method, "coefficient": coef, "effective_coef": coef,
+            "tail": tail, "horizon": "think", "seed": seed, "step": step, "code_version": "test",
+            "eval": {"greedy_accuracy": acc, "tail_response_frac": 1 - acc}}  # fmt: skip
+
+
+def test_aggregate_table_and_figures(tmp_path):
+    lines = []
+    for seed in (0, 1, 2):
+        for tail in (0, 20000):
+            lines += [_line("none", None, tail, seed, s, 0.2 + 0.01 * seed) for s in (0, 60)]
+            for coef in (0.001, 0.03):
+                for m in ("entropy", "tre-k"):
+                    final = 0.0 if (m, coef, tail) == ("entropy", 0.03, 20000) else 0.25 + 0.01 * seed
+                    lines += [_line(m, coef, tail, seed, 0, 0.2), _line(m, coef, tail, seed, 60, final)]
+    rows = study.aggregate(lines)
+    assert len(rows) == 10 and all(r["seeds"] == [0, 1, 2] for r in rows)
+    leak = next(r for r in rows if (r["method"], r["coefficient"], r["tail"]) == ("entropy", 0.03, 20000))
+    assert leak["final"]["greedy_accuracy"] == (0.0, 0.0) and math.isclose(leak["start"]["greedy_accuracy"][0], 0.2)
+    text = study.table(rows)
+    assert text.count("\n") == len(rows) + 1 and "0.0 ± 0.0" in text
+    sentences = study.against_baseline(rows)
+    assert any("entropy 0.03 (tail 20,000" in s and "below none" in s for s in sentences)
+    figs = study.figures(rows)
+    assert {"coef_greedy_accuracy_tail20000_think", "coef_tail_response_frac_tail0_think", "tail_greedy_think"} <= set(
+        figs
+    )
+    (path,) = study.save_figures({"one": figs["tail_greedy_think"]}, tmp_path)
+    assert path.suffix in (".png", ".html") and path.stat().st_size > 0

@@ -1,0 +1,566 @@
+"""Studies: a grid of PPO runs over named axes, run by several worker processes, resumable, and its report.
+
+A study file (``configs/studies/<name>.yaml``)::
+
+    name: leak                        # results go to data/results/<name>/
+    configs: [../countdown_tiny.yaml] # the base config files (relative to the study file), merged left to right
+    set: {threads: 1, ppo.steps: 60}  # dotted overrides for every run
+    horizons:                         # named sets of overrides for the "horizon" axis
+      compact: {ppo.max_new_tokens: 32}
+      think: {task.options.think: true, ppo.max_new_tokens: 64}
+    grids:                            # each grid is the product of its axes; cells repeated across grids run once
+      - axes: {method: [entropy, tre-k], coefficient: [0.001, 0.01], tail: [20000], horizon: [think], seed: [0, 1, 2]}
+      - axes: {method: [none, forking, kl-cov], tail: [20000], horizon: [think], seed: [0, 1, 2]}
+
+Axes: ``method`` (a regularizer kind or preset name: its fields), ``coefficient`` (``regularizer.coef``, paper
+units; ignored by methods without an entropy term), ``tail`` (``model.tail_tokens``), ``horizon`` (a named set of
+overrides), ``seed``, and any dotted config field (``ppo.actor_lr: [1e-4, 3e-4]``).
+
+Runs that share their warm-start settings (``model``, ``sft``, ``task`` sections and the seed) share one warm start.
+Resumption: a finished cell is a file ``<cell>.jsonl`` in the results folder and is skipped; a cell stopped midway
+left ``<cell>.jsonl.part`` and is rerun from the start. Each evaluation of a cell is one JSON line: the cell's axes,
+method, coefficient and effective coefficient, seed, step, the eval metrics, training-batch metrics of that step,
+the resolved config and the code version.
+
+The report gives, for every cell without its seed, the mean over seeds and a 95 % Student-t interval,
+``mean +- t_{0.975, n-1} * s / sqrt(n)``, of the final evaluation, as a markdown table and plotly figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from tre_edu.config import KINDS, PRESETS, TrainConfig, load_config
+from tre_edu.env import repo_root
+from tre_edu.pipeline import run_eval, run_training, run_warm_start
+from tre_edu.trainer import Callback
+
+NAMED_AXES = ("method", "coefficient", "tail", "horizon", "seed")
+ENTROPY_METHODS = ("entropy", "tre-k", "tre-p")
+# training-batch metrics copied into each evaluation line
+TRAIN_KEYS = ("reward/mean", "tail/mass_outside_top10", "entropy/global", "response/length_mean", "time/step")
+# report columns: (eval key, header, scale)
+COLUMNS = (
+    ("greedy_accuracy", "greedy %", 100),
+    ("sampled_accuracy", "sampled pass@1 %", 100),
+    ("pass@8", "pass@8 %", 100),
+    ("tail_response_frac", "responses with a tail token %", 100),
+    ("mass_outside_top10", "mass outside top-10", 1),
+)
+# two-sided 95 % Student-t quantiles t_{0.975, df}, df = 1..30 (above 30: the normal 1.96 plus a small correction)
+_T975 = [
+    float(t)
+    for t in """12.706 4.303 3.182 2.776 2.571 2.447 2.365 2.306 2.262 2.228 2.201 2.179 2.160 2.145
+    2.131 2.120 2.110 2.101 2.093 2.086 2.080 2.074 2.069 2.064 2.060 2.056 2.052 2.048 2.045 2.042""".split()
+]
+
+
+# ---- the grid ---------------------------------------------------------------------------------------------------
+def load_study(path: str | Path) -> dict[str, Any]:
+    """The study file as a dict, with ``configs`` made absolute and ``cells`` = the list of cells (each a dict of
+    axis values, in grid order, duplicates removed)."""
+    path = Path(path)
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - {"name", "configs", "set", "horizons", "methods", "grids", "description"}
+    if unknown:
+        raise ValueError(f"{path}: unknown study keys {sorted(unknown)}")
+    spec.setdefault("name", path.stem)
+    spec["configs"] = [str((path.parent / c).resolve()) for c in spec.get("configs", [])]
+    spec.setdefault("set", {})
+    spec.setdefault("horizons", {})
+    spec.setdefault("methods", {})
+    if not spec.get("grids"):
+        raise ValueError(f"{path}: a study needs `grids:` (a list of {{axes: {{name: [values]}}}})")
+    cells: list[dict] = []
+    for i, grid in enumerate(spec["grids"]):
+        axes = grid.get("axes") or {}
+        if not axes or not all(isinstance(v, list) and v for v in axes.values()):
+            raise ValueError(f"{path}: grids[{i}].axes must map axis names to non-empty lists")
+        for bad in [a for a in axes if a not in NAMED_AXES and "." not in a]:
+            raise ValueError(
+                f"{path}: grids[{i}]: unknown axis {bad!r} (use {', '.join(NAMED_AXES)} or a dotted field)"
+            )
+        for h in axes.get("horizon", []):
+            if h not in spec["horizons"]:
+                raise ValueError(f"{path}: horizon {h!r} is not defined under `horizons:`")
+        for values in itertools.product(*axes.values()):
+            cell = dict(zip(axes, values))
+            if "coefficient" in cell and _method(cell) not in ENTROPY_METHODS:
+                cell["coefficient"] = None  # no entropy term: the coefficient axis does not apply
+            if cell not in cells:
+                cells.append(cell)
+    spec["cells"] = cells
+    return spec
+
+
+def _method(cell: dict) -> str:
+    m = cell.get("method", "none")
+    return PRESETS[m].get("kind", m) if m in PRESETS else m
+
+
+def cell_id(cell: dict) -> str:
+    """A file-name-safe id from the axis values: ``method-entropy_coefficient-0.01_tail-20000_seed-0``."""
+    parts = [f"{k}-{v}" for k, v in cell.items() if v is not None]
+    return "_".join(parts).replace("/", "-").replace(" ", "")
+
+
+def cell_config(spec: dict, cell: dict) -> TrainConfig:
+    """The resolved config of one cell: base files, then ``set``, then the horizon, method and other axes."""
+    over: dict[str, Any] = dict(spec["set"])
+    if "horizon" in cell:
+        over.update(spec["horizons"][cell["horizon"]])
+    if "method" in cell:
+        m = cell["method"]
+        if m in spec["methods"]:
+            fields = spec["methods"][m]
+        elif m in PRESETS:
+            fields = {f"regularizer.{k}": v for k, v in PRESETS[m].items()}
+        elif m in KINDS:
+            fields = {"regularizer.kind": m}
+        else:
+            raise ValueError(f"method {m!r} is neither a regularizer kind ({', '.join(KINDS)}) nor a preset")
+        over.update(fields)
+    if cell.get("coefficient") is not None:
+        over["regularizer.coef"] = float(cell["coefficient"])
+    if "tail" in cell:
+        over["model.tail_tokens"] = int(cell["tail"])
+    if "seed" in cell:
+        over["seed"] = int(cell["seed"])
+    over.update({k: v for k, v in cell.items() if "." in k})
+    return load_config(spec["configs"], over)
+
+
+def warm_key(cfg: TrainConfig) -> str:
+    """Runs with the same model, warm start, task and seed share one warm start: a hash of those settings."""
+    d = cfg.to_dict()
+    blob = json.dumps({k: d[k] for k in ("model", "sft", "task", "seed")}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def code_version(root: str | Path | None = None) -> str:
+    """``git describe --always --dirty`` of the checkout, "unknown" outside git."""
+    try:
+        root = root or repo_root()
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError, FileNotFoundError):
+        return "unknown"
+
+
+# ---- running --------------------------------------------------------------------------------------------------
+class _Recorder(Callback):
+    """Writes one JSON line per evaluation of a cell to ``path``; each line carries the training-batch metrics
+    (:data:`TRAIN_KEYS`) of every step since the previous evaluation as ``train_curve``."""
+
+    def __init__(self, path: Path, meta: dict, start_eval: dict | None = None):
+        self.path, self.meta, self.curve, self.t0 = path, meta, [], time.perf_counter()
+        self.start_eval = start_eval  # the warm start's evaluation, when the trainer skips its own at step 0
+
+    def on_train_begin(self, trainer):
+        self.meta["vocab_size"] = V = len(trainer.tokenizer)
+        self.meta["effective_coef"] = trainer.config.regularizer.effective_coef(V)
+        if self.start_eval is not None:
+            self.on_evaluate(trainer, 0, self.start_eval)
+
+    def on_step_end(self, trainer, step, metrics):
+        self.curve.append({"step": step, **{k: float(f"{metrics[k]:.5g}") for k in TRAIN_KEYS if k in metrics}})
+
+    def on_evaluate(self, trainer, step, metrics):
+        ev = {k.removeprefix("eval/"): float(v) for k, v in metrics.items()}
+        line = {**self.meta, "step": step, "seconds": round(time.perf_counter() - self.t0, 1), "eval": ev}
+        line["train_curve"], self.curve = self.curve, []
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _warm_job(cfg_dict: dict, out: str) -> dict:
+    cfg, out_p = TrainConfig.from_dict(cfg_dict), Path(out)
+    part = out_p.with_name(out_p.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    res = run_warm_start(cfg, part, progress=False)
+    part.rename(out_p)
+    return res["summary"]
+
+
+def _warm_eval(cfg: TrainConfig) -> dict:
+    """The evaluation of the warm start ``cfg.init_from`` with the cell's eval settings, computed once and kept
+    next to it (the same for every method that starts there)."""
+    d = cfg.to_dict()
+    blob = json.dumps({"eval": d["eval"], "task": d["task"], "R": cfg.ppo.max_new_tokens}, sort_keys=True, default=str)
+    f = Path(cfg.init_from) / f"eval_{hashlib.sha1(blob.encode()).hexdigest()[:12]}.json"
+    if not f.is_file():
+        res = run_eval(cfg, cfg.init_from)
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({k: v for k, v in res.items() if k not in ("model_dir", "n", "data_source")}))
+        tmp.replace(f)
+    return {f"eval/{k}": v for k, v in json.loads(f.read_text()).items()}
+
+
+def _cell_job(cfg_dict: dict, result: str, meta: dict) -> dict:
+    cfg, result_p = TrainConfig.from_dict(cfg_dict), Path(result)
+    part = result_p.with_name(result_p.name + ".part")
+    part.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    start = None
+    if cfg.init_from and getattr(cfg.eval, "at_start", True) is False:
+        start = _warm_eval(cfg)
+    run_training(cfg, overwrite=True, callbacks=[_Recorder(part, meta, start)], progress=False)
+    part.rename(result_p)
+    return {"cell": meta["cell"], "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run_study(
+    path: str | Path,
+    workers: int = 1,
+    results_dir: str | Path | None = None,
+    runs_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run every unfinished cell of the study at ``path`` (warm starts first), ``workers`` processes at a time.
+
+    Results: ``results_dir`` (default ``data/results/<name>/``), one ``<cell>.jsonl`` per finished cell; models
+    and logs: ``runs_dir`` (default ``runs/studies/<name>/``, git-ignored). ``workers`` = 1 runs in this process.
+    Returns ``{"done": [...], "skipped": [...], "failed": {cell: error}}``.
+    """
+    spec = load_study(path)
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1; got {workers!r}")
+    root = repo_root(Path(path).resolve().parent)
+    results = Path(results_dir or root / "data" / "results" / spec["name"])
+    runs = Path(runs_dir or root / "runs" / "studies" / spec["name"])
+    results.mkdir(parents=True, exist_ok=True)
+    version = code_version(root)
+    todo, skipped, warm = [], [], {}
+    for cell in spec["cells"]:
+        cid = cell_id(cell)
+        if (results / f"{cid}.jsonl").is_file():
+            skipped.append(cid)
+            continue
+        cfg = cell_config(spec, cell)
+        key = warm_key(cfg)
+        warm_dir = runs / "warm" / key
+        if cfg.sft.enabled:
+            warm.setdefault(key, (cfg, warm_dir))
+        todo.append((cell, cid, cfg, warm_dir if cfg.sft.enabled else None))
+    failed: dict[str, str] = {}
+    done: list[str] = []
+    pool = (
+        ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) if workers > 1 else None
+    )
+
+    def run_all(jobs: list[tuple[str, Any, tuple]], desc: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        bar = tqdm(total=len(jobs), desc=desc, disable=not progress or not jobs)
+        futures = {name: pool.submit(fn, *args) for name, fn, args in jobs} if pool else {}
+        for name, fn, args in jobs:
+            try:
+                out[name] = futures[name].result() if pool else fn(*args)
+            except Exception as err:  # one broken cell must not stop the study
+                failed[name] = f"{type(err).__name__}: {err}"
+            bar.update(1)
+        bar.close()
+        return out
+
+    try:
+        jobs = [(f"warm/{k}", _warm_job, (c.to_dict(), str(d))) for k, (c, d) in warm.items() if not d.is_dir()]
+        run_all(jobs, "warm starts")
+        jobs = []
+        for cell, cid, cfg, warm_dir in todo:
+            if warm_dir is not None and f"warm/{warm_dir.name}" in failed:
+                failed[cid] = f"warm start {warm_dir.name} failed"
+                continue
+            over = {"output_dir": str(runs / "cells" / cid)}
+            if warm_dir is not None:
+                over.update({"init_from": str(warm_dir), "sft.enabled": False})
+                if hasattr(cfg.eval, "at_start"):  # evaluate the shared warm start once, not once per cell
+                    over["eval.at_start"] = False
+            cfg = cfg.replace(over)
+            meta = {
+                "study": spec["name"],
+                "cell": cid,
+                "axes": cell,
+                "method": cell.get("method", cfg.regularizer.kind),
+                "kind": cfg.regularizer.kind,
+                "coefficient": cell.get("coefficient"),
+                "seed": cfg.seed,
+                "tail": cfg.model.tail_tokens,
+                "horizon": cell.get("horizon"),
+                "code_version": version,
+                "config": cfg.to_dict(),
+            }
+            jobs.append((cid, _cell_job, (cfg.to_dict(), str(results / f"{cid}.jsonl"), meta)))
+        done = list(run_all(jobs, f"study {spec['name']}"))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return {"done": done, "skipped": skipped, "failed": failed}
+
+
+# ---- the report -----------------------------------------------------------------------------------------------
+def load_results(path: str | Path) -> list[dict]:
+    """Every evaluation line of the finished cells in ``path`` (``.part`` files of unfinished cells are ignored)."""
+    lines = []
+    for f in sorted(Path(path).glob("*.jsonl")):
+        lines += [json.loads(s) for s in f.read_text().splitlines() if s.strip()]
+    return lines
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95 % Student-t interval); half-width nan for a single value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96 + 2.5 / (n - 1)
+    return mean, t * s / math.sqrt(n)
+
+
+def _group_key(line: dict) -> tuple:
+    axes = {k: v for k, v in line["axes"].items() if k != "seed"}
+    return tuple(sorted((k, json.dumps(v)) for k, v in axes.items()))
+
+
+def aggregate(lines: list[dict]) -> list[dict]:
+    """One row per cell without its seed: axes, effective coefficient, seeds, and for every eval metric
+    ``start`` (step 0) and ``final`` (last evaluation) as (mean, 95 % half-width) over seeds, plus the mean
+    trajectory ``curve[metric] = [(step, mean), ...]``."""
+    by_cell: dict[str, list[dict]] = defaultdict(list)
+    for line in lines:
+        by_cell[line["cell"]].append(line)
+    groups: dict[tuple, list[list[dict]]] = defaultdict(list)
+    for cell_lines in by_cell.values():
+        cell_lines.sort(key=lambda r: r["step"])
+        groups[_group_key(cell_lines[0])].append(cell_lines)
+    rows = []
+    for runs in groups.values():
+        first = runs[0][0]
+        row = {
+            **{k: v for k, v in first["axes"].items() if k != "seed"},
+            "method": first["method"],
+            "kind": first["kind"],
+            "coefficient": first["coefficient"],
+            "effective_coef": first["effective_coef"],
+            "tail": first["tail"],
+            "horizon": first["horizon"],
+            "seeds": sorted(r[0]["seed"] for r in runs),
+            "steps": runs[0][-1]["step"],
+            "start": {},
+            "final": {},
+            "curve": {},
+        }
+        for key in sorted({k for r in runs for line in r for k in line["eval"]}):
+            for which, pick in (("start", 0), ("final", -1)):
+                vals = [r[pick]["eval"][key] for r in runs if key in r[pick]["eval"]]
+                if vals:
+                    row[which][key] = t_interval(vals)
+            steps = sorted({line["step"] for r in runs for line in r})
+            row["curve"][key] = [
+                (s, sum(v) / len(v))
+                for s in steps
+                if (v := [line["eval"][key] for r in runs for line in r if line["step"] == s and key in line["eval"]])
+            ]
+        rows.append(row)
+    order = {m: i for i, m in enumerate(("none", "entropy", "tre-k", "tre-p", "forking", "kl-cov", "clip-cov"))}
+    rows.sort(key=lambda r: (r["tail"], str(r["horizon"]), order.get(r["kind"], 99), r["coefficient"] or 0))
+    return rows
+
+
+def _fmt(mean_hw: tuple[float, float] | None, scale: float) -> str:
+    if mean_hw is None:
+        return "–"
+    m, hw = mean_hw
+    if scale == 1:
+        return f"{m:.1e}" + ("" if math.isnan(hw) else f" ± {hw:.0e}")
+    return f"{m * scale:.1f}" + ("" if math.isnan(hw) else f" ± {hw * scale:.1f}")
+
+
+def table(rows: list[dict]) -> str:
+    """The markdown table of :func:`aggregate`'s rows: final values, mean ± 95 % half-width over seeds."""
+    head = ["tail", "horizon", "method", "coef", "eff. coef", "seeds", "steps", "greedy % at start"]
+    head += [h for _, h, _ in COLUMNS]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        coef = "–" if r["coefficient"] is None else f"{r['coefficient']:g}"
+        eff = "–" if not r["effective_coef"] else f"{r['effective_coef']:.3g}"
+        cells = [
+            f"{r['tail']:,}",
+            str(r["horizon"] or "–"),
+            r["method"],
+            coef,
+            eff,
+            str(len(r["seeds"])),
+            str(r["steps"]),
+            _fmt(r["start"].get("greedy_accuracy"), 100),
+        ]
+        cells += [_fmt(r["final"].get(k), s) for k, _, s in COLUMNS]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def figures(rows: list[dict]) -> dict[str, go.Figure]:
+    """Plotly figures of the aggregated rows: final metric vs coefficient (one line per method, per tail and
+    horizon) and vs tail size (per horizon and coefficient), with 95 % intervals as error bars; and the mean
+    trajectory of the held-out tail metric."""
+    figs: dict[str, go.Figure] = {}
+
+    def bar(r, key, scale):
+        m, hw = r["final"].get(key, (math.nan, math.nan))
+        return m * scale, (0.0 if math.isnan(hw) else hw * scale)
+
+    for (tail, horizon), grp in _by(rows, lambda r: (r["tail"], r["horizon"])).items():
+        swept = [r for r in grp if r["coefficient"] is not None]
+        if len({r["coefficient"] for r in swept}) < 2:
+            continue
+        for key, title, scale in COLUMNS[:1] + COLUMNS[3:4]:
+            fig = go.Figure()
+            for method, rs in _by(swept, lambda r: r["method"]).items():
+                rs = sorted(rs, key=lambda r: r["coefficient"])
+                ys = [bar(r, key, scale) for r in rs]
+                fig.add_scatter(
+                    x=[r["coefficient"] for r in rs],
+                    y=[y for y, _ in ys],
+                    name=method,
+                    error_y={"array": [e for _, e in ys]},
+                    mode="lines+markers",
+                )
+            for r in grp:
+                if r["coefficient"] is None:
+                    fig.add_hline(y=bar(r, key, scale)[0], line_dash="dot", annotation_text=r["method"])
+            fig.update_layout(
+                template="plotly_white",
+                title=f"{title}, tail {tail:,}, horizon {horizon}",
+                xaxis={"type": "log", "title": "coefficient (paper units)"},
+                yaxis_title=title,
+            )
+            figs[f"coef_{key}_tail{tail}_{horizon}"] = fig
+    by_h = _by(rows, lambda r: r["horizon"])
+    for horizon, grp in by_h.items():
+        if len({r["tail"] for r in grp}) < 2:
+            continue
+        fig = go.Figure()
+        for method, rs in _by(grp, lambda r: (r["method"], r["coefficient"])).items():
+            rs = sorted(rs, key=lambda r: r["tail"])
+            if len(rs) < 2:
+                continue
+            ys = [bar(r, "greedy_accuracy", 100) for r in rs]
+            name = method[0] if method[1] is None else f"{method[0]} {method[1]:g}"
+            fig.add_scatter(
+                x=[r["tail"] for r in rs],
+                y=[y for y, _ in ys],
+                error_y={"array": [e for _, e in ys]},
+                name=name,
+                mode="lines+markers",
+            )
+        fig.update_layout(
+            template="plotly_white",
+            title=f"greedy accuracy after PPO vs tail size, horizon {horizon}",
+            xaxis_title="tail tokens",
+            yaxis_title="greedy %",
+        )
+        figs[f"tail_greedy_{horizon}"] = fig
+    return figs
+
+
+def against_baseline(rows: list[dict], key: str = "greedy_accuracy", baseline: str = "none") -> list[str]:
+    """One sentence per row: its final ``key`` next to the ``baseline`` method's of the same tail and horizon, and
+    whether the two 95 % intervals are apart (the notebook and README state only what these sentences say)."""
+    base = {(r["tail"], r["horizon"]): r for r in rows if r["method"] == baseline}
+    out = []
+    for r in rows:
+        b = base.get((r["tail"], r["horizon"]))
+        if b is None or r is b or key not in r["final"] or key not in b["final"]:
+            continue
+        (m, hw), (bm, bhw) = r["final"][key], b["final"][key]
+        if math.isnan(hw) or math.isnan(bhw):
+            verdict = "one seed: no interval"
+        elif m + hw < bm - bhw:
+            verdict = f"below {baseline} (intervals apart)"
+        elif m - hw > bm + bhw:
+            verdict = f"above {baseline} (intervals apart)"
+        else:
+            verdict = f"not distinguishable from {baseline}"
+        coef = "" if r["coefficient"] is None else f" {r['coefficient']:g}"
+        out.append(
+            f"{r['method']}{coef} (tail {r['tail']:,}, {r['horizon']}): {key} {_fmt(r['final'][key], 100)} % vs "
+            f"{baseline} {_fmt(b['final'][key], 100)} % -> {verdict}"
+        )
+    return out
+
+
+def _by(rows, key) -> dict:
+    out: dict = defaultdict(list)
+    for r in rows:
+        out[key(r)].append(r)
+    return dict(out)
+
+
+def save_figures(figs: dict[str, go.Figure], out: str | Path) -> list[Path]:
+    """Each figure as a static PNG (plotly image export: needs kaleido and a Chromium), else as HTML."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in figs.items():
+        try:
+            fig.write_image(out / f"{name}.png", width=900, height=500, scale=1)
+            paths.append(out / f"{name}.png")
+        except (ValueError, ImportError, RuntimeError):  # no kaleido / no browser: interactive HTML instead
+            fig.write_html(out / f"{name}.html", include_plotlyjs="cdn")
+            paths.append(out / f"{name}.html")
+    return paths
+
+
+def report(path: str | Path, figures_dir: str | Path | None = None) -> str:
+    """The markdown report of the results in ``path``: the table (mean ± 95 % t-interval over seeds) and, with
+    ``figures_dir``, the figures written there (PNG, or HTML where static export is unavailable)."""
+    lines = load_results(path)
+    if not lines:
+        raise ValueError(f"no finished cells in {path} (no *.jsonl files with evaluation lines)")
+    rows = aggregate(lines)
+    versions = sorted({line["code_version"] for line in lines})
+    text = table(rows) + f"\n\n{len({line['cell'] for line in lines})} cells; code version {', '.join(versions)}."
+    if figures_dir is not None:
+        files = save_figures(figures(rows), figures_dir)
+        text += "\n\nFigures: " + ", ".join(str(p) for p in files)
+    return text
+
+
+__all__ = [
+    "against_baseline",
+    "aggregate",
+    "cell_config",
+    "cell_id",
+    "figures",
+    "load_results",
+    "load_study",
+    "report",
+    "run_study",
+    "save_figures",
+    "t_interval",
+    "table",
+    "warm_key",
+]

@@ -1,0 +1,202 @@
+"""A launcher panel: sliders for one short PPO run and a "Train" button that calls :mod:`tre_edu.pipeline`."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as widgets
+
+from tre_edu.models.tiny import alphabet
+from tre_edu.pipeline import run_training, run_warm_start
+from tre_edu.regularizers import Regularizer
+from tre_edu.viz.dashboard import LiveDashboard
+from tre_edu.viz.records import COEF_KINDS, finite
+
+# The methods of the paper's comparison (clip-cov is a sibling of KL-Cov, available in the library).
+METHODS = ("none", "entropy", "tre-k", "tre-p", "forking", "kl-cov")
+
+_NOTES = {
+    "forking": "Forking tokens: the policy-gradient loss only on the 20% highest-entropy tokens.",
+    "kl-cov": "KL-Cov: |log π − log π_old| penalty (coef 1) on the top 0.2% tokens by Cov(A, log π).",
+    "none": "Vanilla PPO: no exploration term.",
+}
+
+
+class RunLauncher:
+    """Sliders for a short PPO run and a "Train" button; the run is drawn live into a :class:`LiveDashboard`.
+
+    Widgets (``ipywidgets``): ``method`` (dropdown: none, entropy, tre-k, tre-p, forking, kl-cov), ``coef``
+    (log slider, the paper's units), ``k_slider`` ("K", TRE-K), ``p_slider`` ("p", TRE-P), ``tail_slider``
+    ("tail": tail tokens of the tiny model's vocabulary), ``steps_slider`` ("steps") and ``button`` ("Train").
+    The info line shows the effective coefficient (``coef · log V / log K`` for TRE-K).
+
+    Training is synchronous in the kernel: :func:`tre_edu.pipeline.run_training` from the warm start of the
+    chosen tail size, with ``output_dir`` under ``output_root`` (a new temporary directory by default). A tail
+    size without a warm start gets one first (:func:`tre_edu.pipeline.run_warm_start` with ``base_config``'s
+    ``sft`` section), cached for later runs. ``results[label]`` keeps each run's ``summary``, ``history`` and
+    ``eval_history``.
+
+    Args:
+        base_config: the :class:`~tre_edu.config.TrainConfig` every run starts from (sizes, rates, ...).
+        warm_starts: ``tail_tokens -> warm-start directory`` already made (e.g. by the notebook).
+        tails: the choices of the "tail" slider (default: the warm starts' and base_config's tail sizes).
+        dashboard: the live dashboard to draw into (default: a new one).
+        output_root: where runs and new warm starts are written (default: a new temporary directory).
+        max_steps: the largest value of the "steps" slider.
+        progress: progress bars of the training functions.
+    """
+
+    def __init__(
+        self,
+        base_config: Any,
+        *,
+        warm_starts: Mapping[int, str] | None = None,
+        tails: Sequence[int] | None = None,
+        dashboard: LiveDashboard | None = None,
+        output_root: str | Path | None = None,
+        max_steps: int = 200,
+        progress: bool = False,
+    ) -> None:
+        self.base_config = base_config
+        self.warm_starts: dict[int, str] = {int(k): str(v) for k, v in (warm_starts or {}).items()}
+        self.output_root = Path(
+            output_root if output_root is not None else tempfile.mkdtemp(prefix="tre_edu_launcher_")
+        )
+        self.dashboard = dashboard if dashboard is not None else LiveDashboard(title="launcher runs")
+        self.progress = progress
+        self.results: dict[str, dict[str, Any]] = {}
+        self.last_error: BaseException | None = None
+        reg, tail0 = base_config.regularizer, int(base_config.model.tail_tokens)
+        style = {"description_width": "4em"}
+        slider = {"continuous_update": False, "style": style}
+        kind = reg.kind if reg.kind in METHODS else "none"
+        self.method = widgets.Dropdown(options=list(METHODS), value=kind, description="method", style=style)
+        coef = reg.coef if reg.coef > 0 else 1e-3
+        self.coef = widgets.FloatLogSlider(
+            value=coef, base=10, min=-5, max=-0.5, step=0.25, description="coef", readout_format=".1e", **slider
+        )
+        self.k_slider = widgets.IntSlider(value=reg.k, min=1, max=16, description="K", **slider)
+        self.p_slider = widgets.FloatSlider(
+            value=reg.p, min=0.5, max=0.999, step=0.001, readout_format=".3f", description="p", **slider
+        )
+        tails = sorted({tail0, *self.warm_starts, *(tails or ())})
+        self.tail_slider = widgets.SelectionSlider(options=tails, value=tail0, description="tail", **slider)
+        steps = min(int(base_config.ppo.steps), max_steps)
+        self.steps_slider = widgets.IntSlider(value=steps, min=1, max=max_steps, description="steps", **slider)
+        self.button = widgets.Button(description="Train", button_style="primary", icon="play")
+        self.info = widgets.HTML()
+        self.status = widgets.HTML(value="ready")
+        for w in (self.method, self.coef, self.k_slider, self.p_slider, self.tail_slider):
+            w.observe(self._on_change, names="value")
+        self.button.on_click(self._on_click)
+        self._on_change()
+        self.widget = widgets.VBox(
+            [
+                widgets.HBox([self.method, self.coef, self.k_slider]),
+                widgets.HBox([self.p_slider, self.tail_slider, self.steps_slider]),
+                widgets.HBox([self.button, self.status]),
+                self.info,
+                self.dashboard.widget,
+            ]
+        )
+
+    # ---- settings ------------------------------------------------------------------------------------------
+    def regularizer_overrides(self) -> dict[str, Any]:
+        """The ``regularizer.*`` overrides of the current widget values."""
+        kind = self.method.value
+        out: dict[str, Any] = {"regularizer.kind": kind}
+        if kind in COEF_KINDS:
+            out["regularizer.coef"] = float(self.coef.value)
+        if kind == "tre-k":
+            out["regularizer.k"] = int(self.k_slider.value)
+        if kind == "tre-p":
+            out["regularizer.p"] = float(self.p_slider.value)
+        return out
+
+    def label(self) -> str:
+        """A run name from the settings, e.g. ``"tre-k α=1.0e-03 K=2 tail=2000"``."""
+        short = {"regularizer.coef": "α={:.1e}", "regularizer.k": "K={}", "regularizer.p": "p={:.3f}"}
+        over = self.regularizer_overrides()
+        parts = [over.pop("regularizer.kind"), *(short[k].format(v) for k, v in over.items())]
+        return " ".join([*parts, f"tail={self.tail_slider.value}"])
+
+    def _on_change(self, _change=None) -> None:
+        kind, k, tail = self.method.value, int(self.k_slider.value), int(self.tail_slider.value)
+        self.coef.disabled = kind not in COEF_KINDS
+        self.k_slider.disabled = kind != "tre-k"
+        self.p_slider.disabled = kind != "tre-p"
+        text = ""
+        V = len(alphabet()) + tail if self.base_config.model.name == "tiny" else None
+        if V:
+            text = f"V = {V:,} tokens ({len(alphabet())} useful + {tail:,} tail). "
+        if kind in COEF_KINDS and V:
+            eff = Regularizer(kind=kind, coef=float(self.coef.value), k=k).effective_coef(V)
+            how = {
+                "entropy": "no rescaling, on all V tokens",
+                "tre-k": "α · log V / log K" if k >= 2 else "K = 1: min-entropy, unscaled",
+                "tre-p": "α · log V / log 2 at |A_TR| = 2 (an upper bound; per position)",
+            }[kind]
+            text += f"Effective coefficient {eff:.4f} ({how})."
+        else:
+            text += _NOTES.get(kind, "")
+        if tail not in self.warm_starts:
+            text += " <i>(this tail size has no warm start yet: one is trained first)</i>"
+        self.info.value = text
+
+    def config(self) -> Any:
+        """The :class:`~tre_edu.config.TrainConfig` of the next run (without ``init_from``)."""
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label())
+        return self.base_config.replace(
+            {
+                **self.regularizer_overrides(),
+                "model.tail_tokens": int(self.tail_slider.value),
+                "ppo.steps": int(self.steps_slider.value),
+                "output_dir": str(self.output_root / f"run{len(self.results) + 1:02d}_{slug}"),
+                "sft.enabled": False,
+            }
+        )
+
+    def _warm_start(self, tail: int) -> str:
+        if tail not in self.warm_starts:
+            self.status.value = f"warm start for tail = {tail:,} ..."
+            cfg = self.base_config.replace({"model.tail_tokens": tail, "init_from": None})
+            out = self.output_root / f"warm_start_tail{tail}"
+            run_warm_start(cfg, out, progress=self.progress)
+            self.warm_starts[tail] = str(out)
+        return self.warm_starts[tail]
+
+    # ---- running -------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run PPO with the current settings (blocking); return ``{"summary", "history", "eval_history"}``."""
+        label = self.label()
+        cfg = self.config().replace({"init_from": self._warm_start(int(self.tail_slider.value))})
+        self.status.value = f"training <b>{label}</b> ..."
+        self.dashboard.start_run(label)
+        t0 = time.perf_counter()
+        result = run_training(cfg, callbacks=[self.dashboard], progress=self.progress)
+        trainer = result["trainer"]
+        out = {"summary": result["summary"], "history": result["history"], "eval_history": trainer.eval_history}
+        self.results[label] = out
+        final = result["summary"].get("eval_final", {}).get("eval/greedy_accuracy")
+        acc = f", greedy accuracy {final:.3f}" if finite(final) else ""
+        self.status.value = f"done: <b>{label}</b>, {trainer.step} steps in {time.perf_counter() - t0:.0f} s{acc}"
+        return out
+
+    def _on_click(self, _button=None) -> None:
+        self.button.disabled, self.button.description = True, "Training..."
+        try:
+            self.train()
+            self.last_error = None
+        except Exception as err:  # shown in the panel: a widget callback has no cell to raise into
+            self.last_error = err
+            self.status.value = f"<span style='color:#d62728'>failed: {type(err).__name__}: {err}</span>"
+        finally:
+            self.button.disabled, self.button.description = False, "Train"
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
