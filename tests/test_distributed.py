@@ -39,8 +39,10 @@ WORKER = textwrap.dedent(
     trainer = build_trainer(cfg, progress=False)
     acc = trainer.accelerator
     seen, local = [], []
-    prompt, reduce = trainer.task.prompt, trainer._reduce
-    trainer.task.prompt = lambda *a: seen.append(prompt(*a)) or prompt(*a)
+    prompt, reduce, collect = trainer.task.prompt, trainer._reduce, trainer.collect
+    collecting = []  # the training prompts only (evaluation prompts are the same on every rank)
+    trainer.task.prompt = lambda *a: (collecting and seen.append(prompt(*a))) or prompt(*a)
+    trainer.collect = lambda: collecting.append(1) or (collect(), collecting.clear())[0]
     trainer._reduce = lambda m: local.append(dict(m)) or reduce(m)
     before = torch.cat([p.detach().flatten() for p in trainer.unwrapped.parameters()]).clone()
     history = trainer.train()

@@ -1,13 +1,8 @@
-"""The ``tre-edu`` command; its setting flags come from the config fields (:mod:`tre_edu.config`).
+"""The ``tre-edu`` command (train, sft, eval, bench, train-rm, study run / report; ``tre-edu CMD --help``).
 
-    tre-edu train -c configs/countdown_tiny.yaml [--kind tre-k --k 2 --steps 50 --ppo.actor_lr 3e-5 --set KEY=VALUE]
-                  [--resume | --overwrite] [--dry-run [--processes 8] [--no-fsdp]]
-    tre-edu sft | eval --model-dir DIR [--n 500] | bench entropy|sampling|ppo-step | train-rm --source ... --model ...
-    tre-edu study run configs/studies/NAME.yaml [--workers 2]  |  tre-edu study report DIR [--figures OUTDIR]
-
-Every setting has a flag ``--section.field VALUE``, a few a short one (``--steps``, ``--k``, ``--output-dir``);
-``--set section.field=value`` also reaches inside ``task.options`` (read as YAML there). Values are converted by the
-field's type, never re-read as YAML (``--output-dir "runs/a #b"`` is that directory). A user error prints one line
+Every setting of :mod:`tre_edu.config` has a flag ``--section.field VALUE`` (a few a short one: ``--steps``,
+``--k``); ``--set section.field=value`` also reaches inside ``task.options``. Values are converted by the field's
+type, never re-read as YAML (``--output-dir "runs/a #b"`` is that directory). A user error prints one line
 ``tre-edu: error: ...`` and exits 2; a bug raises (exit 1, with its traceback).
 """
 
@@ -69,56 +64,50 @@ _TRAIN_KEYS = {key for key, _, _ in iter_fields(TrainConfig)}
 _RM_KEYS = {key for key, _, _ in iter_fields(RewardModelConfig)}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> None:
     cfg = _config(args)
     if args.dry_run:
         print(cfg.to_yaml())
         print(estimate_memory(cfg, processes=args.processes, fsdp=False if args.no_fsdp else None).report())
-        return 0
+        return
     result = pipeline.run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(result["summary"], indent=2))
-    return 0
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
+def cmd_sft(args: argparse.Namespace) -> None:
     cfg = _config(args)
     out = pipeline.run_warm_start(cfg, output_dir=getattr(args, "output_dir", None) or f"{cfg.output_dir}/warm_start")
     print(json.dumps(out["summary"], indent=2))
-    return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_eval(args: argparse.Namespace) -> None:
     cfg = _config(args)
     if not Path(args.model_dir).is_dir():
         raise ConfigError(f"not found: {args.model_dir} (a model directory, e.g. <output_dir>/final of tre-edu train)")
     print(json.dumps(pipeline.run_eval(cfg, model_dir=args.model_dir, n=args.n), indent=2))
-    return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace) -> None:
     script = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{args.which.replace('-', '_')}.py"
     if not script.is_file():
         raise ConfigError(f"not found: {script} (the benchmarks live in the source checkout)")
     sys.argv = [str(script), *args.rest]
     runpy.run_path(str(script), run_name="__main__")
-    return 0
 
 
-def cmd_train_rm(args: argparse.Namespace) -> int:
+def cmd_train_rm(args: argparse.Namespace) -> None:
     cfg = RewardModelConfig(**{k: v for k, v in vars(args).items() if k in _RM_KEYS})
     with contextlib.redirect_stdout(sys.stderr):  # TRL logs to stdout; the result alone goes there, as JSON
         result = train_reward_model(cfg)
     print(json.dumps(result, indent=2, default=str))
-    return 0
 
 
-def cmd_study(args: argparse.Namespace) -> int:
+def cmd_study(args: argparse.Namespace) -> None:
     if args.action == "run":
         out = study.run_study(args.path, workers=args.workers)
     else:
         out = study.report(args.path, figures_dir=args.figures)
     print(out if isinstance(out, str) else json.dumps(out, indent=2, default=str))
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,14 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fields(p, RewardModelConfig, "reward-model settings", dashed=True)
     p.set_defaults(func=cmd_train_rm)
 
-    study = sub.add_parser("study", help="a study: many runs from one file, and its report").add_subparsers(
-        dest="action", required=True
-    )
-    p = study.add_parser("run", help="run (or continue) every run of a study file")
+    p = sub.add_parser("study", help="a study: many runs from one file, and its report")
+    studies = p.add_subparsers(dest="action", required=True)
+    p = studies.add_parser("run", help="run (or continue) every run of a study file")
     p.add_argument("path", metavar="CONFIG")
     p.add_argument("--workers", type=int, default=1, help="runs at once")
     p.set_defaults(func=cmd_study)
-    p = study.add_parser("report", help="print a study's markdown report")
+    p = studies.add_parser("report", help="print a study's markdown report")
     p.add_argument("path", metavar="DIR")
     p.add_argument("--figures", metavar="OUTDIR", help="also write its figures here")
     p.set_defaults(func=cmd_study)
@@ -173,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        args.func(args)
+        return 0
     except (ValueError, OSError) as err:
         print(f"tre-edu: error: {err}".replace("\n", " "), file=sys.stderr)
         return 2

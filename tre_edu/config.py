@@ -1,15 +1,10 @@
-"""Run configuration as plain data (no torch): dataclass sections, YAML files, overrides, one validator.
+"""Run configuration as plain data (no torch): dataclass sections of a :class:`TrainConfig` (task, model, sft, ppo,
+regularizer, eval), each setting declared once (:func:`opt`: help, allowed values, optional short flag), validated
+by :func:`check`; ``tre-edu`` derives its flags from the same fields.
 
-Sections of a :class:`TrainConfig`: ``task`` (task, data, prompt style, task options), ``model`` (tiny CPU model or a
-Hugging Face model, critic, precision), ``sft`` (warm start), ``ppo`` (rollout sizes, optimisation, GAE, clipping,
-sampling), ``regularizer`` (none | entropy | tre-k | tre-p | forking | kl-cov | clip-cov), ``eval``. Each setting is
-declared once (:func:`opt`: help, allowed values or bounds, optional short flag); :func:`check` validates every
-field from its declaration and ``tre-edu`` derives its flags from the same fields.
-
-YAML files may ``base:`` another file (relative path); several files merge left to right, section by section. A file's
-``by_task: {<task>: {...}}`` block is merged right after the file when the run's ``task.name`` is that task. Overrides
-are dotted keys: ``{"ppo.steps": 50}`` (typed values, used as given) or ``"ppo.steps=50"`` strings converted by the
-field's type (a string field keeps the raw text; values inside ``task.options`` are read as YAML).
+YAML files may ``base:`` another file (relative path); several merge left to right, section by section, each followed
+by its ``by_task: {<task>: {...}}`` block for the run's ``task.name``. Overrides are dotted keys: ``{"ppo.steps": 50}``
+(typed values) or ``"ppo.steps=50"`` (converted by the field's type; ``task.options`` values are read as YAML).
 """
 
 from __future__ import annotations
@@ -30,14 +25,11 @@ from tre_edu.tasks import TASK_NAMES, check_options  # torch-free; tasks never i
 from tre_edu.tasks.base import PROMPT_STYLES
 
 KINDS = ("none", "entropy", "tre-k", "tre-p", "forking", "kl-cov", "clip-cov")
-SELECTIONS = ("microbatch", "minibatch")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-ADVANTAGES = ("gae", "grpo")
 KL_KINDS = ("k1", "k2", "k3")
+SELECTIONS = ("microbatch", "minibatch")
 DTYPES = ("float32", "bfloat16", "float16")
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
 CRITICS = ("value-head", "separate")
-ROLLOUT_BACKENDS = ("hf", "vllm")
 
 # Named regulariser settings from the papers (entropy-type coefficients in the paper's units, see effective_coef).
 # The global-entropy coefficient was not published: no "entropy" preset.
@@ -61,9 +53,8 @@ def opt(default: Any, help: str, *, flag: str | None = None, choices=None, patte
     """A config field: its default, help, allowed ``choices`` / bounds (ge, gt, le, lt) / a regex ``pattern`` (then
     the help says what it allows), and an optional short command-line ``flag`` (e.g. ``"--steps"``)."""
     md = {"help": help, "flag": flag, "choices": choices, "pattern": pattern, **bounds}
-    if isinstance(default, dict):
-        return field(default_factory=dict, metadata=md)
-    return field(default=default, metadata=md)
+    init = {"default_factory": dict} if isinstance(default, dict) else {"default": default}
+    return field(**init, metadata=md)
 
 
 _WORDS = {bool: "true or false", int: "an integer", float: "a finite number", dict: "a mapping", Any: "a YAML value"}
@@ -221,7 +212,7 @@ class PPOConfig(_Section):
     value_coef: float = opt(1.0, "weight of the value loss", ge=0)
     gamma: float = opt(1.0, "discount", ge=0, le=1)
     lam: float = opt(1.0, "GAE lambda", ge=0, le=1)
-    advantage: str = opt("gae", "gae (critic) | grpo (reward minus the group mean)", choices=ADVANTAGES)
+    advantage: str = opt("gae", "gae (critic) | grpo (reward minus the group mean)", choices=("gae", "grpo"))
     whiten_advantages: bool = opt(True, "normalise advantages over the batch")
     agg: str = opt("token-mean", "loss aggregation", choices=AGG_MODES)
     kl_coef: float = opt(0.0, "KL to the initial policy (off in the paper)", ge=0)
@@ -231,9 +222,9 @@ class PPOConfig(_Section):
     top_p: float = opt(1.0, "rollout nucleus", gt=0, le=1)
     top_k: int = opt(0, "rollout top-k sampling (0: off; not TRE's K)", ge=0)
     max_new_tokens: int = opt(64, "response budget", ge=1)
-    mixed_precision: str = opt("no", "autocast", choices=MIXED_PRECISIONS)
+    mixed_precision: str = opt("no", "autocast", choices=("no", "bf16", "fp16"))
     rollout_batch_size: int = opt(0, "responses sampled at once (0: all); bounds the KV cache", ge=0)
-    rollout_backend: str = opt("hf", "hf | vllm (pip install tre_edu[vllm])", choices=ROLLOUT_BACKENDS)
+    rollout_backend: str = opt("hf", "hf | vllm (pip install tre_edu[vllm])", choices=("hf", "vllm"))
     vllm_gpu_memory_utilization: float = opt(0.4, "vLLM's share of GPU memory", gt=0, le=1)
 
     def _rules(self):
@@ -246,9 +237,8 @@ class PPOConfig(_Section):
 
 @dataclass
 class RegularizerConfig(_Section):
-    """The exploration term (or baseline) and its settings; ``tre_edu.regularizers.Regularizer`` computes it.
-    ``selection``: forking / KL-Cov / Clip-Cov pick tokens within each micro-batch (the paper's code) or over the
-    whole mini-batch (a no-grad pre-pass)."""
+    """The exploration term (or baseline), computed by ``tre_edu.regularizers.Regularizer``. ``selection``: forking /
+    KL-Cov / Clip-Cov pick tokens per micro-batch (the paper's code) or over the mini-batch (a no-grad pre-pass)."""
 
     section: ClassVar[str] = "regularizer"
     kind: str = opt("none", "method", flag="--kind", choices=KINDS)
@@ -270,10 +260,9 @@ class RegularizerConfig(_Section):
         yield self.clip_cov_lb <= self.clip_cov_ub, "clip_cov_lb", f"<= clip_cov_ub ({self.clip_cov_ub})"
 
     def effective_coef(self, vocab_size: int, nucleus_size: int | None = None) -> float:
-        """The weight of the entropy-type term in units of an un-rescaled entropy: coef for ``entropy`` (and TRE
-        without rescale or with K = 1); coef * log V / log K for ``tre-k`` (0.001 at V = 151,936, K = 2: 0.017);
-        coef * log V / log max(n, 2) for ``tre-p`` with a nucleus of n tokens (default 2, an upper bound); 0 for
-        the kinds without an entropy term."""
+        """The entropy-type weight in un-rescaled units: coef (entropy; TRE without rescale or K = 1), coef log V /
+        log K (tre-k; 0.001 at V = 151,936, K = 2: 0.017), coef log V / log max(n, 2) (tre-p, nucleus n, default 2);
+        0 for the other kinds."""
         size = self.k if self.kind == "tre-k" else 2 if nucleus_size is None else nucleus_size
         for name, value, low in (("vocab_size", vocab_size, 2), ("nucleus_size", size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -291,6 +280,7 @@ class EvalConfig(_Section):
 
     section: ClassVar[str] = "eval"
     every: int = opt(25, "PPO steps between evaluations (0: only at the start and the end)", ge=0)
+    at_start: bool = opt(True, "evaluate before the first PPO step (a study evaluates its shared warm start once)")
     greedy: bool = opt(True, "greedy accuracy")
     sampled: bool = opt(True, "accuracy of one sampled answer at eval.temperature / eval.top_p")
     temperature: float = opt(1.0, "sampled evaluation temperature", gt=0)
@@ -335,10 +325,7 @@ class TrainConfig(_Section):
 
     def replace(self, overrides: list[str] | dict | None) -> TrainConfig:
         """A copy with dotted overrides: ``{"ppo.steps": 10}`` (typed values) or ``["ppo.steps=10"]``."""
-        data = self.to_dict()
-        for key, value in _pairs(overrides):
-            _set_dotted(data, key, value)
-        return TrainConfig.from_dict(data)
+        return _with_overrides(self.to_dict(), _pairs(overrides))
 
 
 @dataclass
@@ -405,10 +392,8 @@ def parse_value(tp: Any, raw: str, name: str = "value") -> Any:
     try:
         if base is str or (base is bool and text in ("true", "yes", "on", "1", "false", "no", "off", "0")):
             return raw if base is str else text in ("true", "yes", "on", "1")
-        if base is int:
-            return int(text)
-        if base is float:
-            return float(text)
+        if base in (int, float):
+            return base(text)
         if base is dict or base is Any:
             return yaml.safe_load(raw)
     except (ValueError, yaml.YAMLError) as err:
@@ -432,15 +417,18 @@ def _pairs(overrides: list[str] | dict | None) -> list[tuple[str, Any]]:
     return out
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    field_type(key)  # raises for an unknown key
-    *parents, leaf = key.split(".")
-    node = data
-    for part in parents:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[leaf] = value
+def _with_overrides(data: dict, pairs: list[tuple[str, Any]]) -> TrainConfig:
+    """The config of ``data`` with each dotted (key, value) of ``pairs`` set."""
+    for key, value in pairs:
+        field_type(key)  # raises for an unknown key
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return TrainConfig.from_dict(data)
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -481,10 +469,9 @@ def load_yaml_dict(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping at the top level")
-    base = data.pop("base", None)
+    if (base := data.pop("base", None)) is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a file name; got {base!r}")
     if base is not None:
-        if not isinstance(base, str):
-            raise ConfigError(f"{path}: base must be a file name; got {base!r}")
         data = _merge(load_yaml_dict(path.parent / base, (*_chain, path.resolve())), data)
     for task, block in (data.get("by_task") or {}).items():
         if task not in TASK_NAMES or not isinstance(block, dict):
@@ -495,19 +482,12 @@ def load_yaml_dict(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
 def load_config(
     path: str | Path | list[str | Path] | None = None, overrides: list[str] | dict | None = None
 ) -> TrainConfig:
-    """Load YAML config(s) and apply dotted overrides.
-
-    ``path``: one file, a list merged left to right (a task, a method, a model: ``["configs/paper/math.yaml",
-    "configs/paper/methods/tre-k.yaml", "configs/paper/models/qwen2.5-7b.yaml"]``), or None for the defaults.
-    ``overrides``: ``{"ppo.steps": 3}`` (typed values, used unchanged) or ``["ppo.steps=3"]`` (converted by type).
-    """
+    """Load one YAML file, a list merged left to right (task, method, model), or None (the defaults), and apply
+    dotted overrides: ``{"ppo.steps": 3}`` (typed values, used unchanged) or ``["ppo.steps=3"]`` (converted)."""
     paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
     files, pairs = [load_yaml_dict(p) for p in paths], _pairs(overrides)
     task = dict(pairs).get("task.name") or (_merge_files(files, None).get("task") or {}).get("name", "countdown")
-    data = _merge_files(files, task)
-    for key, value in pairs:
-        _set_dotted(data, key, value)
-    return TrainConfig.from_dict(data)
+    return _with_overrides(_merge_files(files, task), pairs)
 
 
 def _merge_files(files: list[dict], task: str | None) -> dict:

@@ -1,43 +1,22 @@
 """Entropies and tail statistics of next-token distributions, memory-bounded and accurate at any V.
 
-Every function takes logits ``z`` of shape ``(..., V)`` (usually ``(B, T, V)``) and works along the last
-dimension; ``pi = softmax(z)``. float64 logits are computed in float64 and give float64 results; every other
-floating dtype (float32, bf16, fp16) is computed in float32 and gives float32 results.
+Functions take logits ``z`` (..., V), work along the last dimension (``pi = softmax(z)``) and compute in float64
+for float64 logits, else float32. PAPER.md has the formulas: H(pi) (global), H_TRE = H(q) log V / log |A_TR| with
+q = pi renormalised on the trust region A_TR (TRE-K: the K largest logits; TRE-P: the nucleus of mass p; K = 1:
+min-entropy -log max pi), top-k / nucleus masses, log pi_token, and :func:`tail_metrics` (their masked means).
 
-Functions (PAPER.md has the formulas):
+Numerics. With ``s = z - max z <= 0``, ``e = exp(s)``, ``S = sum e >= 1`` every entropy is computed as
 
-- :func:`global_entropy`        H(pi) = -sum_a pi_a log pi_a (the classical bonus)
-- :func:`trust_region_entropy`  H_TRE = H(q) * log V / log |A_TR|, q = pi renormalised on the trust region
-                                A_TR (TRE-K: the K largest logits; TRE-P: the nucleus of mass p;
-                                K = 1: min-entropy)
-- :func:`min_entropy`           -log max_a pi_a
-- :func:`topk_mass`, :func:`tail_mass`                mass inside / outside the top-k
-- :func:`nucleus_size`, :func:`nucleus_tail_mass`     |nucleus of mass p| and the mass outside it
-- :func:`token_logprobs`        log pi_token = z_token - logsumexp(z)
-- :func:`tail_metrics`          a dict of masked means of the above, for logging (one pass per chunk)
+    H = log S - (sum_a e_a s_a) / S,    dH/dz_a = -pi_a (s_a - (sum_b e_b s_b) / S)
 
-Numerics. The textbook formula ``logsumexp(z) - sum(softmax(z) * z)`` subtracts two numbers of size ~|z| to
-get an entropy that can be far smaller: catastrophic cancellation. Here every entropy uses shifted logits
-``s = z - max z <= 0``, ``e = exp(s)``, ``S = sum e >= 1``:
+(both terms >= 0: no cancellation, unlike ``logsumexp(z) - sum(pi z)``); float32 error ~1e-6 at V = 151,936.
+Masses that decide a cut (TRE-P) or are tiny (tails) are never ``1 - inside``: the candidates' e are float64 and
+only the tail sum comes from the float32 pass, so the nucleus cut is the float64 one unless a mass-before lies
+within ``2e-6 * (mass outside the candidates) + 1e-12`` of p.
 
-    H = log S - (sum_a e_a s_a) / S          both terms are >= 0, so there is no cancellation,
-
-    dH/dz_a = -pi_a (log pi_a + H) = -pi_a (s_a - (sum_b e_b s_b) / S)     (equally cancellation-free).
-
-Both sums are ``torch.sum`` reductions (pairwise on CPU: relative error ~ eps log2 V, not eps V), so the float32
-error of H stays ~1e-6 at V = 151,936. Masses that decide a cut (TRE-P) or are tiny (tails) are never formed
-as ``1 - inside``: the candidates' e are taken in float64 and only the sum of e outside them (the tail, a small
-part of S) comes from the float32 pass, so the nucleus cut equals the float64 cut unless a rank's mass-before
-lies within ``2e-6 * (mass outside the candidates) + 1e-12`` of p.
-
-Memory. Nothing of size (N, V) is allocated except the gradient itself: the global passes run over chunks of
-rows (custom ``torch.autograd.Function``s that save only the logits reference and a few numbers per row and
-recompute the chunk in backward), and trust-region entropies only touch the top-K (or top-``max_candidates``)
-logits, whose gradient is scattered into a zero tensor.
-
-Masked vocabulary entries (``-inf`` logits) are valid everywhere. NaN or ``+inf`` logits, or a row whose
-logits are all ``-inf``, raise ``ValueError`` (detected on per-row reductions, so the check costs no extra
-pass).
+Memory. Nothing of size (N, V) is allocated except the gradient: global passes run over chunks of rows (autograd
+Functions that recompute each chunk in backward); trust regions only touch the top-K (or top-``max_candidates``)
+logits. ``-inf`` logits (masked tokens) are valid; NaN, ``+inf`` or an all ``-inf`` row raise ``ValueError``.
 """
 
 from __future__ import annotations
@@ -48,32 +27,18 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-__all__ = [
-    "global_entropy",
-    "trust_region_entropy",
-    "min_entropy",
-    "topk_mass",
-    "tail_mass",
-    "nucleus_size",
-    "nucleus_tail_mass",
-    "token_logprobs",
-    "tail_metrics",
-]
+__all__ = ["global_entropy", "trust_region_entropy", "min_entropy", "topk_mass", "tail_mass", "nucleus_size"]
+__all__ += ["nucleus_tail_mass", "token_logprobs", "tail_metrics"]
 
-# Elements per chunk of rows in the chunked passes (at least one row per chunk). On one CPU thread small
-# chunks whose temporaries stay in cache are fastest; with several threads every op ends in a barrier, which
-# is costly on a loaded machine, so fewer, larger ops win. On a GPU, kernel-launch cost dominates.
+# Elements per chunk of rows (>= 1 row). One CPU thread: small, cache-resident chunks; several threads or a GPU:
+# fewer, larger ops (per-op barriers / kernel launches dominate).
 _CHUNK_ELEMS_CPU_1THREAD = 1 << 19
 _CHUNK_ELEMS_CPU = 1 << 24
 _CHUNK_ELEMS_GPU = 1 << 24
 _SAFE_MIN = -1e4  # stand-in for -inf in s = z - max z: exp(-1e4) = 0 in float32 and float64, no 0 * (-inf)
 
 
-# ----------------------------------------------------------------------------------------------------
-# validation and chunking helpers
-# ----------------------------------------------------------------------------------------------------
-
-
+# --- validation and chunking helpers ---
 def _check_logits(logits: Tensor, name: str = "logits") -> int:
     if not isinstance(logits, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape (..., V), got {type(logits).__name__}")
@@ -85,13 +50,11 @@ def _check_logits(logits: Tensor, name: str = "logits") -> int:
 
 
 def _check_int(value: object, name: str, low: int, high: int | None = None) -> int:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
+    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value
+    if not ok or (high is not None and value > high):
         allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return int(value)  # type: ignore[arg-type]
+    return int(value)
 
 
 def _check_p(p: object, name: str) -> float:
@@ -101,9 +64,7 @@ def _check_p(p: object, name: str) -> float:
 
 
 def _check_max_candidates(max_candidates: object) -> int | None:
-    if max_candidates is None:
-        return None
-    return _check_int(max_candidates, "max_candidates", 1)
+    return None if max_candidates is None else _check_int(max_candidates, "max_candidates", 1)
 
 
 def _raise_bad_rows(m: Tensor, name: str = "logits") -> None:
@@ -116,17 +77,12 @@ def _raise_bad_rows(m: Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name} have a row that is entirely -inf; at least one token per position must be finite")
 
 
-def _cdtype(x: Tensor) -> torch.dtype:
-    """Compute dtype: float64 for float64 logits, float32 for everything else."""
+def _cdtype(x: Tensor) -> torch.dtype:  # the compute dtype: float64 for float64 logits, float32 for the others
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _row_views(x: Tensor) -> list[Tensor]:
-    """2-D views ``(r, V)`` covering the rows of ``x`` (..., V) in row-major order, without copying.
-
-    A strided input (e.g. ``out.logits[:, :-1]``) cannot be viewed as one (N, V) matrix; it is split along its
-    leading dimensions until each piece can.
-    """
+    """2-D views (r, V) covering the rows of ``x`` in order, no copy (a strided ``x`` is split until it views)."""
     V = x.shape[-1]
     if x.dim() <= 2:
         return [x.reshape(1, V) if x.dim() == 1 else x]
@@ -137,12 +93,8 @@ def _row_views(x: Tensor) -> list[Tensor]:
 
 
 def _chunk_rows(x: Tensor) -> int:
-    elems = (
-        _CHUNK_ELEMS_GPU
-        if x.is_cuda
-        else (_CHUNK_ELEMS_CPU_1THREAD if torch.get_num_threads() == 1 else _CHUNK_ELEMS_CPU)
-    )
-    return max(1, elems // max(1, x.shape[-1]))
+    cpu = _CHUNK_ELEMS_CPU_1THREAD if torch.get_num_threads() == 1 else _CHUNK_ELEMS_CPU
+    return max(1, (_CHUNK_ELEMS_GPU if x.is_cuda else cpu) // max(1, x.shape[-1]))
 
 
 def _chunks(views: list[Tensor]) -> Iterator[tuple[slice, Tensor]]:
@@ -166,12 +118,8 @@ def _buffers(views: list[Tensor], n: int, dtype: torch.dtype) -> list[Tensor]:
 def _row_pass(
     logits: Tensor, *, entropy: bool = False, idx: Tensor | None = None, m: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """One chunked pass over the rows of ``logits`` (..., V), no autograd, in the compute dtype.
-
-    Per row (N = numel / V), with ``s = z - m`` and ``e = exp(s)``: ``m = max z`` (or the given one),
-    ``S = sum e`` in [1, V]; with ``entropy``: ``d = sum e s <= 0`` and a bool flag for rows with -inf logits;
-    with ``idx`` (N, C): ``T = sum of e outside idx`` (summed directly, not S minus the inside).
-    """
+    """One chunked no-grad pass, per row: m = max z (or given), S = sum e; with ``entropy`` d = sum e s and a
+    has-(-inf) flag; with ``idx`` (N, C) T = sum of e outside idx (summed directly)."""
     views = _row_views(logits)
     N = sum(v.shape[0] for v in views)
     dt, dev = _cdtype(logits), logits.device
@@ -209,11 +157,7 @@ def _row_pass(
     return m_all, S_all, d_all, ninf_all, T_all
 
 
-# ----------------------------------------------------------------------------------------------------
-# global entropy
-# ----------------------------------------------------------------------------------------------------
-
-
+# --- global entropy ---
 class _GlobalEntropy(torch.autograd.Function):
     """H = log S + c with c = -(sum e s) / S (see module docstring), chunked; backward recomputes each chunk."""
 
@@ -252,24 +196,13 @@ class _GlobalEntropy(torch.autograd.Function):
 
 
 def global_entropy(logits: Tensor) -> Tensor:
-    """Entropy of the full softmax, ``H = -sum_a pi_a log pi_a``, per position.
-
-    Args:
-        logits: (..., V) float tensor, e.g. (B, T, V). -inf entries are masked tokens.
-
-    Returns:
-        (...) float32 (float64 for float64 logits), in [0, log V]. Differentiable: dH/dz_a = -pi_a (log pi_a + H),
-        which is positive for every tail token with log pi_a < -H (the global bonus pushes the whole tail up).
-    """
+    """``H = -sum_a pi_a log pi_a`` per position, in [0, log V]; dH/dz_a = -pi_a (log pi_a + H) is > 0 for every
+    tail token with log pi_a < -H (the global bonus lifts the whole tail)."""
     _check_logits(logits)
     return _GlobalEntropy.apply(logits)
 
 
-# ----------------------------------------------------------------------------------------------------
-# token log-probs, min-entropy, log-sum-exp
-# ----------------------------------------------------------------------------------------------------
-
-
+# --- token log-probs, min-entropy, log-sum-exp ---
 class _TokenLogprob(torch.autograd.Function):
     """log pi_t = z_t - logsumexp(z), chunked; d/dz = onehot(t) - pi (chunked in backward)."""
 
@@ -300,24 +233,13 @@ class _TokenLogprob(torch.autograd.Function):
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Log-probability of the given tokens, ``log softmax(z)[token] = z_token - logsumexp(z)``.
-
-    Memory-bounded: no (N, V) log-softmax copy is made in forward or backward (only the gradient itself).
-
-    Args:
-        logits: (..., V) float tensor, e.g. (B, T, V).
-        tokens: (...) integer tensor of token ids in [0, V), e.g. (B, T).
-
-    Returns:
-        (...) float32 (float64 for float64 logits), differentiable w.r.t. ``logits`` (gradient onehot(token) - pi).
-    """
+    """``log pi_token = z_token - logsumexp(z)`` for ``tokens`` (...) in [0, V); gradient onehot(token) - pi. No
+    (N, V) log-softmax copy is made in forward or backward (only the gradient itself)."""
     V = _check_logits(logits)
     if not isinstance(tokens, Tensor) or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError("tokens must be an integer tensor of shape logits.shape[:-1]")
-    if tuple(tokens.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"tokens must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}"
-        )
+    if (lead := tuple(logits.shape[:-1])) != tuple(tokens.shape):
+        raise ValueError(f"tokens must have shape logits.shape[:-1] = {lead}, got {tuple(tokens.shape)}")
     tokens = tokens.long().to(logits.device)
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= V):
         raise ValueError(f"tokens must be in [0, {V - 1}] (V = logits.shape[-1]); got values outside")
@@ -325,33 +247,22 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
 
 
 def min_entropy(logits: Tensor) -> Tensor:
-    """Min-entropy ``-log max_a pi_a`` per position: (..., V) -> (...) float32 (float64 in), differentiable.
-
-    Its gradient is pi - onehot(argmax) on the whole vocabulary (the official code's K = 1 case of TRE).
-    """
+    """Min-entropy ``-log max_a pi_a``; gradient pi - onehot(argmax) on the whole vocabulary (TRE's K = 1)."""
     _check_logits(logits)
     with torch.no_grad():
         top = logits.argmax(-1)
     return -token_logprobs(logits, top)
 
 
-def _logsumexp(logits: Tensor) -> Tensor:
-    """Chunked, checked logsumexp over the last dim, no grad: (..., V) -> (N,) in the compute dtype."""
+def _logsumexp(logits: Tensor) -> Tensor:  # chunked, checked, no grad: (..., V) -> (N,) in the compute dtype
     m, S, _, _, _ = _row_pass(logits)
     return m + torch.log(S)
 
 
-# ----------------------------------------------------------------------------------------------------
-# trust regions
-# ----------------------------------------------------------------------------------------------------
-
-
+# --- trust regions ---
 class _LocalEntropy(torch.autograd.Function):
-    """Entropy of softmax(v) restricted to ``keep`` along the last dim of a small (N, C) tensor.
-
-    Same cancellation-free forms as the global entropy: H = log S + c and dH/dv_a = -q_a (s_a + c),
-    exactly 0 outside keep.
-    """
+    """Entropy of softmax(v) restricted to ``keep`` (small (N, C)): H = log S + c, dH/dv_a = -q_a (s_a + c), 0
+    outside keep."""
 
     @staticmethod
     def forward(ctx, v: Tensor, keep: Tensor) -> Tensor:  # type: ignore[override]
@@ -381,12 +292,8 @@ def _flat_topk_idx(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def _head(logits: Tensor, vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """float64 per-row statistics of the candidates ``idx`` (their logits ``vals``, sorted, (N, C)), no grad.
-
-    Returns (e (N, C) = exp(z - max z) of the candidates, S = their sum + the float32 sum of e outside them
-    (the tail, summed directly), out = tail / S = the mass outside the candidates). The candidates' masses
-    e / S are then exact up to the tail sum's relative error (~eps log2 V) times the tail mass.
-    """
+    """float64 (e = exp(z - max z) of the candidates ``idx`` (N, C), S = sum e + the float32 tail sum T of e
+    outside them, out = T / S), no grad: e / S is exact up to T's relative error (~eps log2 V) x the tail mass."""
     v = vals.double()
     e = torch.exp(v - v[:, :1])
     _, _, _, _, T = _row_pass(logits, idx=idx, m=vals[:, 0])
@@ -397,17 +304,10 @@ def _head(logits: Tensor, vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Te
 def _nucleus(
     logits: Tensor, p: float, max_candidates: int | None, head: tuple[Tensor, ...] | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Select the nucleus of mass ``p`` per row, no grad.
-
-    Rank i (by probability, descending) is kept iff the mass strictly before it is < p; the first token
-    always; tokens with -inf logits never. Only the top ``max_candidates`` tokens are searched (all of them
-    are kept if their mass is < p); ``None`` searches as many as needed (growing the candidate set only for
-    the rows that need it). The cut equals the float64 cut unless a mass-before lies within
-    ``2e-6 * out + 1e-12`` of p (see :func:`_head`). ``head`` = (vals, idx, e, S, out) if already computed.
-
-    Returns (idx (N, C) long, keep (N, C) bool, probs (N, C) float64 of the candidates, out (N,) float64 =
-    the mass outside the candidates).
-    """
+    """The nucleus of mass ``p`` per row, no grad: rank i is kept iff the mass strictly before it is < p (the
+    first always, -inf never), among the top ``max_candidates`` (None: grown per row until enough). ``head`` =
+    (vals, idx, e, S, out) if already computed. Returns idx, keep (N, C), float64 probs (N, C) and out (N,) =
+    the mass outside the candidates."""
     V = logits.shape[-1]
     if head is None:
         vals, idx = _flat_topk_idx(logits, min(V, 256 if max_candidates is None else max_candidates))
@@ -444,39 +344,19 @@ def trust_region_entropy(
     max_candidates: int | None = 256,
     vocab_size: int | None = None,
 ) -> Tensor:
-    """Trust Region Entropy H_TRE (the paper's TRE-K / TRE-P), per position.
-
-    The trust region A_TR is the ``top_k`` most likely tokens (TRE-K) or the nucleus of mass ``top_p`` (TRE-P:
-    rank i is kept iff the mass strictly before it is < p; the first token always; only the top
-    ``max_candidates`` tokens are searched, all of them if their mass is < p; ``None`` = no cap). With q the
-    softmax renormalised on A_TR,
+    """Trust Region Entropy (TRE-K: A_TR = the ``top_k`` most likely tokens; TRE-P: the nucleus of mass ``top_p``
+    among the top ``max_candidates``, None = no cap), per position, with q = pi renormalised on A_TR:
 
         H_TR  = -sum_{a in A_TR} q_a log q_a                       in [0, log |A_TR|]
-        H_TRE = H_TR * log(V) / log(max(|A_TR|, 2))   (rescale)   in [0, log V], 0 where |A_TR| = 1
+        H_TRE = H_TR * log(V) / log(max(|A_TR|, 2))   (rescale)   in [0, log V]
 
-    with V = ``vocab_size`` or ``logits.shape[-1]``. ``top_k=1`` is the official special case: min-entropy
-    ``-log max pi``, never rescaled (its gradient is not confined to the trust region). The nucleus cut is
-    the float64 one except within ``2e-6 * (mass outside the candidates) + 1e-12`` of p.
-
-    Args:
-        logits: (..., V) float tensor, e.g. (B, T, V).
-        top_k: K in [1, V] (exactly one of top_k / top_p).
-        top_p: p in (0, 1].
-        rescale: multiply by log V / log |A_TR| (official code) so one coefficient means the same as for H.
-        max_candidates: TRE-P search cap (official: 256), an integer >= 1 or None. Ignored for TRE-K.
-        vocab_size: V used in the rescale factor (the LM head width) if the logits were sliced; integer >= 2.
-
-    Returns:
-        (...) float32 (float64 for float64 logits), differentiable; the gradient w.r.t. every logit outside
-        A_TR is exactly zero.
-    """
+    V = ``vocab_size`` (the LM head width, if the logits were sliced) or ``logits.shape[-1]``. ``top_k=1`` is
+    min-entropy, never rescaled. The gradient outside A_TR is exactly zero."""
     V = _check_logits(logits)
     if (top_k is None) == (top_p is None):
         raise ValueError("give exactly one of top_k (an integer in [1, V]) or top_p (a float in (0, 1])")
     max_candidates = _check_max_candidates(max_candidates)
-    if vocab_size is not None:
-        vocab_size = _check_int(vocab_size, "vocab_size", 2)
-    log_v = math.log(vocab_size if vocab_size is not None else V)
+    log_v = math.log(V if vocab_size is None else _check_int(vocab_size, "vocab_size", 2))
     shape = logits.shape[:-1]
     if top_k is not None:
         K = _check_int(top_k, "top_k", 1, V)
@@ -489,8 +369,7 @@ def trust_region_entropy(
         p = _check_p(top_p, "top_p")
         idx, keep, _, _ = _nucleus(logits, p, max_candidates)
         n = keep.sum(-1)
-    # differentiable part: only the (N, C) selected logits;
-    # gather's backward scatters their gradient into a zero (..., V) tensor
+    # differentiable part: the (N, C) selected logits (gather's backward scatters into a zero (..., V) tensor)
     v = logits.gather(-1, idx.view(*shape, idx.shape[-1])).to(_cdtype(logits)).reshape(idx.shape)
     h = _LocalEntropy.apply(v, keep)
     if rescale:
@@ -498,20 +377,12 @@ def trust_region_entropy(
     return h.view(shape)
 
 
-# ----------------------------------------------------------------------------------------------------
-# tail statistics (metrics)
-# ----------------------------------------------------------------------------------------------------
-
-
+# --- tail statistics (metrics) ---
 def topk_mass(logits: Tensor, k: int) -> Tensor:
-    """Probability mass of the k most likely tokens, ``sum_{a in top-k} pi_a``: (..., V) -> (...) float32.
-
-    Differentiable (through the k selected logits and the global logsumexp). ``k=1`` is the top-1 probability.
-    """
+    """Mass of the k most likely tokens, ``sum_{a in top-k} pi_a``, differentiable (k = 1: the top-1 prob)."""
     V = _check_logits(logits)
     k = _check_int(k, "k", 1, V)
-    with torch.no_grad():
-        _, idx = _flat_topk_idx(logits, k)
+    _, idx = _flat_topk_idx(logits, k)  # no grad
     shape = logits.shape[:-1]
     v = logits.gather(-1, idx.view(*shape, k)).to(_cdtype(logits))
     lse_k = torch.logsumexp(v, -1)
@@ -540,31 +411,21 @@ def tail_mass(logits: Tensor, k: int) -> Tensor:
 
 
 def nucleus_size(logits: Tensor, p: float, max_candidates: int | None = None) -> Tensor:
-    """Number of tokens in the nucleus of mass p (TRE-P's |A_TR|): (..., V) -> (...) int64, no grad.
-
-    Rank i is kept iff the mass strictly before it is < p (the token that crosses p is kept; the first
-    always). ``max_candidates`` caps the search (TRE-P's official 256); None = exact.
-    """
-    _check_logits(logits)
-    p = _check_p(p, "p")
-    max_candidates = _check_max_candidates(max_candidates)
+    """|nucleus of mass p| (TRE-P's |A_TR|, see :func:`_nucleus`), int64, no grad; ``max_candidates`` None = exact."""
     with torch.no_grad():
-        return _nucleus(logits, p, max_candidates)[1].sum(-1).view(logits.shape[:-1])
+        return _checked_nucleus(logits, p, max_candidates)[1].sum(-1).view(logits.shape[:-1])
 
 
 def nucleus_tail_mass(logits: Tensor, p: float, max_candidates: int | None = None) -> Tensor:
-    """Mass outside the nucleus of mass p (see :func:`nucleus_size`): (..., V) -> (...), no grad."""
-    _check_logits(logits)
-    p = _check_p(p, "p")
-    max_candidates = _check_max_candidates(max_candidates)
+    """Mass outside the nucleus of mass p (see :func:`nucleus_size`), no grad."""
     with torch.no_grad():
-        _, keep, probs, out = _nucleus(logits, p, max_candidates)
+        _, keep, probs, out = _checked_nucleus(logits, p, max_candidates)
         return (out + (probs * ~keep).sum(-1)).to(_cdtype(logits)).view(logits.shape[:-1])
 
 
-def _pct_name(p: float) -> str:
-    pct = p * 100
-    return f"p{int(round(pct))}" if abs(pct - round(pct)) < 1e-9 else f"p{pct:g}"
+def _checked_nucleus(logits: Tensor, p: float, max_candidates: int | None) -> tuple[Tensor, ...]:
+    _check_logits(logits)
+    return _nucleus(logits, _check_p(p, "p"), _check_max_candidates(max_candidates))
 
 
 def tail_metrics(
@@ -578,27 +439,10 @@ def tail_metrics(
     max_candidates: int | None = 256,
     chunk_rows: int = 64,
 ) -> dict[str, float]:
-    """Masked means over valid positions of entropy and vocabulary-tail statistics, for logging (no grad).
-
-    Any floating dtype, no full-size copy: per chunk of valid rows, one top-C search (C = the largest of
-    ``ks``, ``top_k`` and the nucleus candidates) and one pass over the chunk give every statistic.
-
-    Args:
-        logits: (B, T, V) (any (..., V) works) float tensor.
-        mask: (B, T) float or bool, 1 for valid tokens; None = all valid.
-        ks: top-k sizes; k = 1 gives "tail/top1_prob", k > 1 gives "tail/mass_outside_top{k}".
-        p: nucleus mass for "entropy/tre_p", "tail/nucleus_size_p{100p}" and
-        "tail/mass_outside_nucleus_p{100p}".
-        top_k: K of "entropy/tre_k".
-        rescale, max_candidates: as in :func:`trust_region_entropy` (the nucleus statistics use the same cap).
-        chunk_rows: positions processed at once (bounds the memory).
-
-    Returns:
-        dict with "entropy/global", "entropy/tre_k", "entropy/tre_p", "tail/top1_prob",
-        "tail/mass_outside_top2", "tail/mass_outside_top10", "tail/nucleus_size_p99",
-        "tail/mass_outside_nucleus_p99" (for the defaults). All values are finite; with no valid position
-        they are all 0.0.
-    """
+    """Means over the positions where ``mask`` (logits.shape[:-1], None = all) is nonzero, weighted by it, of
+    "entropy/global", "entropy/tre_k" (K = ``top_k``), "entropy/tre_p", "tail/top1_prob" (k = 1 in ``ks``),
+    "tail/mass_outside_top{k}", "tail/nucleus_size_p{100p}", "tail/mass_outside_nucleus_p{100p}"; all 0.0 without
+    a valid position. No grad; per chunk of ``chunk_rows`` valid rows one top-C search and one pass over the rows."""
     V = _check_logits(logits)
     p = _check_p(p, "p")
     top_k = _check_int(top_k, "top_k", 1, V)
@@ -606,15 +450,13 @@ def tail_metrics(
     max_candidates = _check_max_candidates(max_candidates)
     chunk_rows = _check_int(chunk_rows, "chunk_rows", 1)
     lead = logits.shape[:-1]
-    if mask is None:
-        w = torch.ones(lead, dtype=torch.float64, device=logits.device)
-    else:
-        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(lead):
-            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-            raise ValueError(f"mask must be a tensor of shape logits.shape[:-1] = {tuple(lead)}, got {got}")
-        w = mask.to(device=logits.device, dtype=torch.float64)
-    w = w.reshape(-1)
-    pn = _pct_name(p)
+    if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(lead)):
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a tensor of shape logits.shape[:-1] = {tuple(lead)}, got {got}")
+    w = torch.ones(lead, dtype=torch.float64, device=logits.device) if mask is None else mask
+    w = w.to(device=logits.device, dtype=torch.float64).reshape(-1)
+    pct = p * 100
+    pn = f"p{int(round(pct))}" if abs(pct - round(pct)) < 1e-9 else f"p{pct:g}"
     keys = ["entropy/global", "entropy/tre_k", "entropy/tre_p"]
     keys += ["tail/top1_prob" if k == 1 else f"tail/mass_outside_top{k}" for k in ks]
     keys += [f"tail/nucleus_size_{pn}", f"tail/mass_outside_nucleus_{pn}"]

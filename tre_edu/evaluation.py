@@ -12,9 +12,9 @@ Up to three generation passes over the same examples, through the sampler of the
   ``distinct_correct``, the mean number of distinct correct equations per solved example.
 
 Tail metrics (``eval.tail_metrics``) are measured on the exploration samples (on the sampled pass when
-``pass_k`` = 0), at every sampled position, from the model's temperature-1 distribution:
-``tail_response_frac`` = fraction of responses with at least one tail token (only for a tokenizer with known
-tail ids: the tiny model's ``<tail_*>`` entries), ``mass_outside_top10``, ``mass_outside_nucleus`` (p = 0.99),
+``pass_k`` = 0): ``tail_response_frac`` = fraction of all those responses with at least one tail token (only for a
+tokenizer with known tail ids: the tiny model's ``<tail_*>`` entries); at every sampled position of one response per
+example, from the model's temperature-1 distribution, ``mass_outside_top10``, ``mass_outside_nucleus`` (p = 0.99),
 ``entropy_global`` (H = -sum pi log pi) and ``entropy_tre`` (TRE-K, K = 2, rescaled by log V / log 2).
 
 A response succeeds when its score is ``>= task.success_threshold``; a task whose threshold is None (no notion
@@ -24,7 +24,6 @@ of success, e.g. a reward model) gets rewards only. NaN / +inf logits raise Valu
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -62,10 +61,11 @@ def tail_start(tokenizer: Any) -> int | None:
     return first
 
 
-def _sample(model, tokenizer, prompts, sampling, batch_size, generator, progress, desc, tail=False):
+def _sample(model, tokenizer, prompts, sampling, batch_size, generator, progress, desc, tail=0):
     """Generate for every prompt; returns (texts, tail flag per response or None, tail metrics). The tail
-    metrics (``tail=True``) come from one teacher-forced forward over each sampled batch: the model's
-    temperature-1 distribution at every sampled position, averaged over tokens."""
+    metrics (``tail`` = s > 0) come from a teacher-forced forward over every s-th response (s = n for n samples per
+    prompt: one per prompt, the cost of one sample): the model's temperature-1 distribution at each of its sampled
+    positions, averaged over tokens."""
     first = tail_start(tokenizer)
     texts: list[str] = []
     has_tail: list[bool] = []
@@ -87,10 +87,12 @@ def _sample(model, tokenizer, prompts, sampling, batch_size, generator, progress
         texts += decode_responses(tokenizer, ro)
         if first is not None:
             has_tail += ((ro.response >= first) & ro.response_mask).any(-1).tolist()
-        if tail:
-            logits, _ = response_logits(model, ro.input_ids, ro.attention_mask, ro.response_len)
-            n = int(ro.response_mask.sum())
-            for k, v in tail_metrics(logits, ro.response_mask).items():
+        rows = [i for i in range(len(ids)) if (s + i) % tail == 0] if tail else []
+        if rows:
+            ro_ids, ro_attn, ro_mask = ro.input_ids[rows], ro.attention_mask[rows], ro.response_mask[rows]
+            logits, _ = response_logits(model, ro_ids, ro_attn, ro.response_len)
+            n = int(ro_mask.sum())
+            for k, v in tail_metrics(logits, ro_mask).items():
                 sums[k] = sums.get(k, 0.0) + v * n
             tokens += n
     metrics = {_TAIL_KEYS[k]: v / tokens for k, v in sums.items() if k in _TAIL_KEYS} if tokens else {}
@@ -102,15 +104,14 @@ def evaluate(
     tokenizer: Any,
     task: Any,
     examples: list[dict[str, Any]],
-    eval_cfg: Any = None,
+    eval_cfg: Any,
     *,
-    style: str = "compact",
-    max_new_tokens: int = 64,
+    style: str,
+    max_new_tokens: int,
     seed: int = 0,
     greedy: bool | None = None,
     sampled: bool | None = None,
     progress: bool = False,
-    **legacy: Any,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``examples`` (see the module docstring for the passes and the keys).
 
@@ -136,11 +137,9 @@ def evaluate(
         raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
     greedy = eval_cfg.greedy if greedy is None else greedy
     sampled = eval_cfg.sampled if sampled is None else sampled
-    n_pass = int(getattr(eval_cfg, "pass_k", 0) or 0)
-    want_tail = bool(getattr(eval_cfg, "tail_metrics", True))
-    threshold = getattr(task, "success_threshold", 1.0)
-    if eval_cfg is None:  # TEMPORARY (until trainer / sft / pipeline call the new signature): the old call
-        return _legacy(model, tokenizer, task, examples, style, max_new_tokens, progress, **legacy)
+    n_pass = eval_cfg.pass_k
+    want_tail = eval_cfg.tail_metrics
+    threshold = task.success_threshold
     bs = eval_cfg.batch_size
     examples = list(examples)
     if not examples:
@@ -174,7 +173,7 @@ def evaluate(
             g = torch.Generator().manual_seed(seed)
             tail_here = want_tail and n_pass == 0
             texts, has_tail, metrics = _sample(
-                model, tokenizer, prompts, cfg, bs, g, progress, "eval sampled", tail=tail_here
+                model, tokenizer, prompts, cfg, bs, g, progress, "eval sampled", tail=int(tail_here)
             )
             score("sampled", texts, examples)
             if tail_here:
@@ -185,7 +184,7 @@ def evaluate(
             reps = [p for p in prompts for _ in range(n_pass)]
             rep_ex = [e for e in examples for _ in range(n_pass)]
             texts, has_tail, metrics = _sample(
-                model, tokenizer, reps, cfg, bs, g, progress, f"eval pass@{n_pass}", tail=want_tail
+                model, tokenizer, reps, cfg, bs, g, progress, f"eval pass@{n_pass}", tail=n_pass if want_tail else 0
             )
             rewards = [float(r) for r in task.reward(texts, rep_ex)]
             if want_tail:
@@ -197,40 +196,6 @@ def evaluate(
                 if getattr(task, "name", None) == "countdown":
                     out["distinct_correct"] = _distinct_correct(texts, rewards, n_pass, threshold)
     return out
-
-
-def _legacy(
-    model,
-    tokenizer,
-    task,
-    examples,
-    style,
-    max_new_tokens,
-    progress,
-    temperature=0.0,
-    top_p=1.0,
-    batch_size=64,
-    generator=None,
-    num_samples=0,
-):
-    g = greedy = temperature == 0
-    cfg = SimpleNamespace(
-        greedy=g,
-        sampled=not g,
-        temperature=temperature or 1.0,
-        top_p=top_p,
-        batch_size=batch_size,
-        pass_k=0,
-        tail_metrics=False,
-    )
-    seed = int(generator.initial_seed()) if generator is not None else 0
-    out = evaluate(model, tokenizer, task, examples, cfg, style=style, max_new_tokens=max_new_tokens, seed=seed)
-    name = "greedy" if greedy else "sampled"
-    return {
-        "accuracy": out.get(f"{name}_accuracy", 0.0),
-        "mean_reward": out.get(f"{name}_reward", 0.0),
-        "n": len(examples),
-    }
 
 
 def _distinct_correct(texts: list[str], rewards: list[float], n: int, threshold: float) -> float:

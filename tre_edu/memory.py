@@ -1,10 +1,5 @@
-"""Back-of-the-envelope GPU memory arithmetic for a run (``tre-edu train --dry-run [--processes N]``).
-
-The estimate counts the big items only and says so; it is meant to choose GPUs, micro-batch sizes and whether
-to shard (FSDP) or offload, not to predict the allocator's peak to the megabyte.
-
-Per process, for a model of P parameters trained with AdamW, sharded over N processes (FSDP full shard; N = 1
-or DDP means no sharding, S = N with FSDP else 1)::
+"""Back-of-the-envelope GPU memory of a run (``tre-edu train --dry-run [--processes N]``): the big items only, to
+choose GPUs, micro-batch sizes, sharding and offload. Per process, P parameters, AdamW, S = N with FSDP else 1::
 
     weights (compute copy)            2 P / S   (bf16: mixed precision or bf16 parameters; 4 P / S in fp32)
     fp32 master weights               4 P / S   (only with fp32 parameters + bf16 / fp16 autocast)
@@ -15,18 +10,11 @@ or DDP means no sharding, S = N with FSDP else 1)::
     activations, not checkpointed     L x 16 b T h x 2 bytes
     KV cache while sampling (hf)      2 L T d_kv x 2 bytes x rollout rows      (d_kv = h / heads x kv_heads)
 
-with b = ``ppo.micro_batch_size``, R = ``ppo.max_new_tokens``, T = prompt + R tokens, V the vocabulary, L the
-layers, h the width. The actor and a separate critic (the paper's set-up) each pay the parameter items; the
-critic has no LM head logits. ``offload=True`` (FSDP CPU offload) moves master weights, gradients and AdamW
-moments to CPU memory: those rows are listed with "(CPU)" and left out of the GPU total. With
-``ppo.rollout_backend: vllm`` the KV cache row is vLLM's pool instead: ``vllm_gpu_memory_utilization`` x the
-GPU's memory (``gpu_gib``).
-
-Example (Qwen2.5-7B-Instruct, the MATH recipe, 8 processes with FSDP)::
-
-    >>> from tre_edu.config import load_config
-    >>> cfg = load_config(["configs/paper/math.yaml", "configs/paper/models/qwen2.5-7b.yaml"])
-    >>> print(estimate_memory(cfg, processes=8).report())  # doctest: +SKIP
+with b = ``ppo.micro_batch_size``, R = ``ppo.max_new_tokens``, T = prompt + R, V the vocabulary, L the layers, h
+the width. A separate critic pays the parameter items too (no logits). ``offload=True`` moves master weights,
+gradients and moments to CPU rows ("(CPU)", not in the GPU total); with ``rollout_backend: vllm`` the KV cache row is
+vLLM's pool, ``vllm_gpu_memory_utilization`` x ``gpu_gib``. Example: ``estimate_memory(load_config(
+["configs/paper/math.yaml", "configs/paper/models/qwen2.5-7b.yaml"]), processes=8).report()``.
 """
 
 from __future__ import annotations
@@ -36,35 +24,26 @@ from typing import Any
 
 from transformers import AutoConfig
 
-# Shapes of the models the paper's recipes use (from their public configs), so that a dry run works offline.
+# Shapes of the recipes' models (from their public configs), so that a dry run works offline.
+_COLUMNS = ("hidden", "layers", "inter", "heads", "kv_heads", "vocab", "tied")
 KNOWN_SHAPES: dict[str, dict[str, int | bool]] = {
-    # the CPU stand-in (tre-edu's named model smollm2-135m-instruct)
-    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(
-        hidden=576, layers=30, inter=1536, heads=9, kv_heads=3, vocab=49152, tied=True
-    ),
-    "Qwen/Qwen2.5-0.5B-Instruct": dict(
-        hidden=896, layers=24, inter=4864, heads=14, kv_heads=2, vocab=151936, tied=True
-    ),
-    "Qwen/Qwen2.5-1.5B-Instruct": dict(
-        hidden=1536, layers=28, inter=8960, heads=12, kv_heads=2, vocab=151936, tied=True
-    ),
-    "Qwen/Qwen2.5-3B-Instruct": dict(
-        hidden=2048, layers=36, inter=11008, heads=16, kv_heads=2, vocab=151936, tied=True
-    ),
-    "Qwen/Qwen2.5-7B-Instruct": dict(
-        hidden=3584, layers=28, inter=18944, heads=28, kv_heads=4, vocab=152064, tied=False
-    ),
+    name: dict(zip(_COLUMNS, row, strict=True))
+    for name, row in {
+        "HuggingFaceTB/SmolLM2-135M-Instruct": (576, 30, 1536, 9, 3, 49152, True),  # the CPU stand-in
+        "Qwen/Qwen2.5-0.5B-Instruct": (896, 24, 4864, 14, 2, 151936, True),
+        "Qwen/Qwen2.5-1.5B-Instruct": (1536, 28, 8960, 12, 2, 151936, True),
+        "Qwen/Qwen2.5-3B-Instruct": (2048, 36, 11008, 16, 2, 151936, True),
+        "Qwen/Qwen2.5-7B-Instruct": (3584, 28, 18944, 28, 4, 152064, False),
+    }.items()
 }
 GIB = 1024**3
-# Typical prompt lengths (tokens, chat template included) used for T = prompt + response; the tiny model's
-# compact prompts are a few tokens.
+# Typical prompt lengths (tokens, chat template included) for T = prompt + response (tiny model: 16).
 PROMPT_TOKENS = {"math": 256, "countdown": 160, "hh": 512}
 CPU_TAG = " (CPU)"
 
 
 def shape_of(cfg: Any) -> dict[str, int | bool]:
-    """Model shape for a :class:`~tre_edu.config.TrainConfig`: the tiny model, a known id, or a local
-    config."""
+    """Model shape for a :class:`~tre_edu.config.TrainConfig`: the tiny model, a known id, or a local config."""
     m = cfg.model
     if m.name == "tiny" and cfg.init_from is None:
         vocab = 32 + m.tail_tokens  # the Countdown alphabet and specials are a few dozen tokens
@@ -121,9 +100,7 @@ class MemoryEstimate:
 
     @property
     def total_gib(self) -> float:
-        """Peak GPU memory per process (big items only; CPU rows excluded): what is held throughout plus the
-        larger of the training phase (logits, activations) and the sampling phase (KV cache, gathered
-        weights)."""
+        """Peak GPU GiB per process: what is held throughout + max(training phase, sampling phase)."""
         return self._gpu(None) + max(self._gpu("train"), self._gpu("sample"))
 
     @property
@@ -131,14 +108,12 @@ class MemoryEstimate:
         return sum(v for k, v in self.rows.items() if k.endswith(CPU_TAG))
 
     def fits(self, gpu_gib: float, margin: float = 0.9) -> bool:
-        """Whether the estimate stays below ``margin`` x ``gpu_gib`` (allocator overhead, CUDA context,
-        spikes)."""
+        """Whether the estimate stays below ``margin`` x ``gpu_gib`` (allocator overhead, CUDA context)."""
         return self.total_gib <= margin * gpu_gib
 
     def report(self) -> str:
-        layout = (
-            f"FSDP full shard over {self.processes}" if self.sharded else f"{self.processes} process(es), no sharding"
-        )
+        n = self.processes
+        layout = f"FSDP full shard over {n}" if self.sharded else f"{n} process(es), no sharding"
         lines = [f"memory estimate per process ({layout}, {self.params / 1e9:.3f} B params/model):"]
         tags = {"train": " [train]", "sample": " [sample]"}
         lines += [f"  {k + tags.get(self.phase.get(k, ''), ''):<64s} {v:9.2f} GiB" for k, v in self.rows.items()]
@@ -152,34 +127,24 @@ class MemoryEstimate:
 def estimate_memory(
     cfg: Any, processes: int = 1, fsdp: bool | None = None, offload: bool = False, gpu_gib: float = 80.0
 ) -> MemoryEstimate:
-    """Estimate the per-process memory of PPO training for ``cfg`` (see the module docstring for the
-    formulas).
-
-    Args:
-        cfg: a :class:`~tre_edu.config.TrainConfig`.
-        processes: number of processes (GPUs) the run is launched on.
-        fsdp: shard parameters, gradients and optimiser state (default: ``processes > 1``; False = DDP).
-        offload: FSDP CPU offload of master weights, gradients and AdamW state.
-        gpu_gib: memory of one GPU (used for vLLM's pool with ``rollout_backend: vllm``).
-    """
+    """Per-process memory of PPO training for ``cfg`` on ``processes`` GPUs (formulas: module docstring). ``fsdp``:
+    shard parameters, gradients and optimiser state (default ``processes > 1``; False = DDP); ``offload``: FSDP CPU
+    offload of master weights, gradients and AdamW state; ``gpu_gib``: one GPU's memory (vLLM's pool)."""
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
         raise ValueError(f"processes must be an int >= 1; got {processes!r}")
     if not isinstance(gpu_gib, (int, float)) or gpu_gib <= 0:
         raise ValueError(f"gpu_gib must be a number > 0; got {gpu_gib!r}")
-    s = shape_of(cfg)
+    s, n, p = shape_of(cfg), processes, cfg.ppo
     P = count_params(s)
-    n = processes
     sharded = bool(fsdp if fsdp is not None else n > 1)
     shard = n if sharded else 1
-    p = cfg.ppo
     param_bytes = 4 if cfg.model.dtype == "float32" else 2
     autocast = p.mixed_precision != "no"
     compute_bytes = 2 if (autocast or param_bytes == 2) else 4
     models = 2 if cfg.model.critic == "separate" else 1
     prompt_len = 16 if cfg.model.name == "tiny" else PROMPT_TOKENS.get(cfg.task.name, 256)
-    R = p.max_new_tokens
+    R, b = p.max_new_tokens, p.micro_batch_size
     T = prompt_len + R
-    b = p.micro_batch_size
     h, L, V = int(s["hidden"]), int(s["layers"]), int(s["vocab"])
     d_kv = h // int(s["heads"]) * int(s["kv_heads"])
     cpu = CPU_TAG if offload else ""

@@ -73,14 +73,9 @@ def format_text(tokenizer: Any, prompt: Prompt, response: str) -> str:
 
 
 class RewardModel:
-    """A scalar reward model: ``score(prompts, responses) -> list[float]``.
-
-    Args:
-        model: a sequence-classification model with ``num_labels == 1`` (output ``logits`` of shape (B, 1)).
-        tokenizer: its tokenizer; needs a pad token (the EOS token is used if it has none).
-        max_length: longest token sequence; longer ones keep their last ``max_length`` tokens.
-        truncation_side: ``"left"`` (keep the end, default) or ``"right"`` (keep the start).
-    """
+    """A scalar reward model ``score(prompts, responses) -> list[float]`` over a sequence-classification ``model``
+    with ``num_labels == 1`` and its ``tokenizer`` (pad token: EOS if it has none). Sequences longer than
+    ``max_length`` keep their end (``truncation_side="left"``) or their start (``"right"``)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_length: int = 1024, truncation_side: str = "left"):
         if getattr(model.config, "num_labels", None) != 1:
@@ -102,10 +97,8 @@ class RewardModel:
 
     @classmethod
     def from_pretrained(cls, path: str, *, max_length: int = 1024, **model_kwargs: Any) -> RewardModel:
-        """Load a reward model (or a causal LM + a new, untrained head) from a local directory or a hub id.
-
-        A missing directory raises ``FileNotFoundError("reward model not found: PATH; make it with ...")``.
-        """
+        """A reward model (or a causal LM + a new, untrained head) from a directory or a hub id; FileNotFoundError
+        saying how to make it when there is none."""
         looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "runs/"))
         if not os.path.isdir(path) and not looks_like_hub_id:
             raise FileNotFoundError(f"reward model not found: {path}; {HOW_TO_TRAIN.format(path=path)}")
@@ -251,9 +244,9 @@ def reward_trainer(rm: RewardModel, pairs: Sequence[dict[str, Any]], cfg: Reward
 
 
 def fit(pairs: Sequence[dict[str, Any]], cfg: RewardModelConfig, model: RewardModel | None = None) -> RewardModel:
-    """Train ``model`` (default: ``cfg.model`` loaded, or ``"tiny"``: :func:`build_tiny_reward_model` over the
-    pairs' words) on ``pairs`` (dicts with ``prompt``, ``chosen``, ``rejected``) with TRL's ``RewardTrainer``; save
-    it to ``cfg.output_dir`` when set. ``.history`` holds ``{"step", "epoch", "loss", "accuracy"}`` per step."""
+    """Train ``model`` (default: ``cfg.model``; ``"tiny"``: :func:`build_tiny_reward_model` over the pairs' words) on
+    ``pairs`` ``{prompt, chosen, rejected}`` with TRL's ``RewardTrainer``; saved to ``cfg.output_dir`` when set.
+    ``.history``: ``{"step", "epoch", "loss", "accuracy"}`` per step."""
     cfg.validate()  # ValueError naming reward_model.<field>
     pairs = _check_pairs(pairs)
     if model is None and cfg.model == "tiny":

@@ -401,8 +401,11 @@ def _fmt(mean_hw: tuple[float, float] | None, scale: float) -> str:
 
 def table(rows: list[dict]) -> str:
     """The markdown table of :func:`aggregate`'s rows: final values, mean ± 95 % half-width over seeds."""
+    ks = [int(k[5:]) for r in rows for k in r["final"] if k.startswith("pass@")]
+    top = f"pass@{max(ks)}" if ks else "pass@8"  # the largest k measured
+    columns = [(top, f"{top} %", s) if k == "pass@8" else (k, h, s) for k, h, s in COLUMNS]
     head = ["tail", "horizon", "method", "coef", "eff. coef", "seeds", "steps", "greedy % at start"]
-    head += [h for _, h, _ in COLUMNS]
+    head += [h for _, h, _ in columns]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         coef = "–" if r["coefficient"] is None else f"{r['coefficient']:g}"
@@ -417,7 +420,7 @@ def table(rows: list[dict]) -> str:
             str(r["steps"]),
             _fmt(r["start"].get("greedy_accuracy"), 100),
         ]
-        cells += [_fmt(r["final"].get(k), s) for k, _, s in COLUMNS]
+        cells += [_fmt(r["final"].get(k), s) for k, _, s in columns]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 

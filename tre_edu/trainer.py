@@ -592,7 +592,7 @@ class PPOTrainer:
         total = cfg.ppo.steps if steps is None else steps
         for cb in self.callbacks:
             cb.on_train_begin(self)
-        if self.step == 0 and not self.eval_history:
+        if self.step == 0 and not self.eval_history and cfg.eval.at_start:
             self.evaluate()
         bar = tqdm(total=total, initial=self.step, desc="PPO", disable=not self.progress, dynamic_ncols=True)
         while self.step < total:

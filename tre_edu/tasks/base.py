@@ -1,4 +1,4 @@
-"""The task protocol shared by Countdown, MATH and HH, the tasks' option table, and JSONL / subset helpers.
+"""The task protocol shared by Countdown, MATH and HH, the tasks' option table, and data helpers.
 
 Plain Python (no torch): ``tre_edu.config`` imports this module to validate ``task.options``.
 """
@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -17,23 +19,19 @@ PROMPT_STYLES = ("chat", "plain", "compact")
 
 
 class Task(ABC):
-    """A task turns examples into prompts and scores responses.
+    """Turns examples into prompts and scores responses.
 
-    Subclasses set ``name`` and implement :meth:`load`, :meth:`prompt` and :meth:`score`.
-
-    - ``load(split, n, seed, offline_ok)`` returns a list of example dicts; each records ``"source"``
-      (the hub dataset id, ``"bundled"`` or ``"generated"``) so every run can say what data it used.
-    - ``prompt(example, tokenizer, style)`` returns the prompt text. ``style`` is ``"chat"`` (the paper's prompt in
-      the tokenizer's chat template), ``"plain"`` (the paper's prompt as raw text) or ``"compact"`` (a short prompt
-      for the tiny CPU model).
-    - ``score(response, example)`` returns a float reward and never raises on malformed model output.
-    - ``success_threshold``: a response succeeds when its score >= this (accuracy = fraction of successes);
-      ``None`` for tasks without a notion of success (HH's reward-model scores).
-    - ``last_reward_stats``: counters of the last :meth:`reward` call for the trainer's metrics, e.g.
-      ``{"reward/grader_timeouts": 2.0}`` (tasks assign a new dict; empty when there is nothing to report).
+    - ``load(split, n, seed, offline_ok)``: example dicts, each with ``"source"`` (hub id, ``"bundled"`` or
+      ``"generated"``) so every run can say what data it used.
+    - ``prompt(example, tokenizer, style)``: ``"chat"`` (the paper's prompt in the chat template), ``"plain"`` (the
+      paper's prompt as raw text) or ``"compact"`` (a short prompt for the tiny CPU model); default :attr:`style`.
+    - ``score(response, example)``: a float reward; never raises on malformed model output.
+    - ``success_threshold``: success = score >= it (``None``: no notion of success, e.g. HH's reward-model scores).
+    - ``last_reward_stats``: counters of the last :meth:`reward` call for the trainer's metrics.
     """
 
     name: str = "task"
+    style: str = "plain"
     success_threshold: float | None = 1.0
     last_reward_stats: dict[str, float] = {}
 
@@ -42,19 +40,25 @@ class Task(ABC):
         self, split: str = "train", n: int | None = None, seed: int = 0, offline_ok: bool = True
     ) -> list[dict[str, Any]]: ...
 
-    @abstractmethod
-    def prompt(self, example: dict[str, Any], tokenizer: Any = None, style: str = "plain") -> str: ...
+    def user_text(self, example: dict[str, Any], style: str) -> str:
+        raise NotImplementedError
+
+    def prompt(self, example: dict[str, Any], tokenizer: Any = None, style: str | None = None) -> str:
+        """:meth:`user_text`, in the tokenizer's chat template for ``style="chat"``."""
+        style = self.check_style(style or self.style)
+        text = self.user_text(example, style)
+        return apply_chat_template(tokenizer, text) if style == "chat" else text
+
+    def prompts(self, examples: list[dict[str, Any]], tokenizer: Any = None, style: str | None = None) -> list[str]:
+        return [self.prompt(e, tokenizer, style) for e in examples]
 
     @abstractmethod
     def score(self, response: str, example: dict[str, Any]) -> float: ...
 
     def reward(self, responses: list[str], examples: list[dict[str, Any]]) -> list[float]:
-        """Score a batch. Tasks with a learned reward model override this to score in batches."""
+        """Score a batch (tasks that grade in batches override this)."""
         check_batch(responses, examples)
         return [float(self.score(r, e)) for r, e in zip(responses, examples)]
-
-    def prompts(self, examples: list[dict[str, Any]], tokenizer: Any = None, style: str | None = None) -> list[str]:
-        return [self.prompt(e, tokenizer, style) if style is not None else self.prompt(e, tokenizer) for e in examples]
 
     @staticmethod
     def check_style(style: str) -> str:
@@ -69,18 +73,15 @@ def check_batch(responses: list, examples: list) -> None:
 
 
 def apply_chat_template(tokenizer: Any, user_text: str) -> str:
-    """The user's message in the tokenizer's chat template with the generation prompt (falls back to plain text)."""
-    template = getattr(tokenizer, "chat_template", None)
-    if tokenizer is None or not template:
+    """The user's message in the tokenizer's chat template with the generation prompt (plain text without one)."""
+    if not getattr(tokenizer, "chat_template", None):
         return user_text
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
     )
 
 
-# ----------------------------------------------------------------------------------------------------
-# Options of each task (checked when a config is validated, before anything is built)
-# ----------------------------------------------------------------------------------------------------
+# ---- options of each task (checked when a config is validated, before anything is built) ----
 
 
 def _is_int(v: Any) -> bool:
@@ -93,7 +94,6 @@ def _one_of(*values: Any) -> tuple[Any, str]:
 
 _BOOL = (lambda v: isinstance(v, bool)), "true or false"
 _POS_INT = (lambda v: _is_int(v) and v >= 1), "an integer >= 1"
-_INT = _is_int, "an integer"
 _SECONDS = (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf), "a number > 0"
 _TEXT = (lambda v: v is None or isinstance(v, str)), "a string or null"
 _RANGE = (
@@ -101,7 +101,7 @@ _RANGE = (
     "a [low, high] pair of integers with 0 <= low <= high",
 )
 
-# task name -> option -> (check, allowed values in words). make_task / the constructors check with this table too.
+# task name -> option -> (check, allowed values in words). The task constructors check with this table too.
 OPTIONS: dict[str, dict[str, tuple[Any, str]]] = {
     "countdown": {
         "num_count": _one_of(3, 4),
@@ -124,7 +124,7 @@ OPTIONS: dict[str, dict[str, tuple[Any, str]]] = {
         "batch_size": _POS_INT,
         "rm_max_length": ((lambda v: _is_int(v) and v >= 2), "an integer >= 2"),
         "hub_id": _TEXT,
-        "shuffle_seed": _INT,
+        "shuffle_seed": (_is_int, "an integer"),
         "n_train": _POS_INT,
         "n_test": _POS_INT,
     },
@@ -145,21 +145,37 @@ def check_options(name: str, options: dict[str, Any], prefix: str = "task.option
     return options
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data helpers
-# ----------------------------------------------------------------------------------------------------
+# ---- data helpers ----
+
+
+def load_or_fallback(what: str, load: Callable[[], Any], instead: str, fallback: Callable[[], Any], offline_ok: bool):
+    """``load()``; when it fails, a warning and ``fallback()`` if ``offline_ok``, else RuntimeError."""
+    try:
+        return load()
+    except Exception as err:  # offline, no cache, a renamed dataset, ...
+        reason = f"{type(err).__name__}: {str(err)[:200]}"
+        if not offline_ok:
+            raise RuntimeError(
+                f"could not load {what} ({reason}); connect to the Hugging Face hub (unset HF_DATASETS_OFFLINE) "
+                f"or pass offline_ok=True to fall back to {instead}"
+            ) from err
+        warnings.warn(
+            f"could not load {what} ({reason}); offline: falling back to {instead}, NOT comparable with the paper",
+            UserWarning,
+            stacklevel=3,
+        )
+        return fallback()
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file: a path, or the name of a file bundled in ``tre_edu/data/``.
-
-    A file that is not UTF-8 or a line that is not a JSON object raises ValueError naming the file and line.
-    """
+    """Rows of a JSONL file (a path, or a file bundled in ``tre_edu/data/``); a line that is not UTF-8 or not a JSON
+    object raises ValueError naming the file and line."""
     file = Path(path) if Path(path).is_file() else resources.files("tre_edu").joinpath("data", str(path))
+    data = file.read_bytes()
     try:
-        text = file.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = file.read_bytes()[: err.start].count(b"\n") + 1
+        line = data[: err.start].count(b"\n") + 1
         raise ValueError(f"{file}: line {line} is not UTF-8 ({err.reason} at byte {err.start})") from None
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -176,11 +192,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def subsample(rows: list, n: int | None, seed: int) -> list:
     """All ``rows`` when ``n`` is None or >= len(rows); else ``n`` rows drawn without replacement (seeded)."""
-    if n is None:
-        return list(rows)
-    if not _is_int(n) or n < 1:
+    if n is not None and (not _is_int(n) or n < 1):
         raise ValueError(f"n must be a positive integer or None; got {n!r}")
-    if n >= len(rows):
+    if n is None or n >= len(rows):
         return list(rows)
-    idx = random.Random(seed).sample(range(len(rows)), n)
-    return [rows[i] for i in idx]
+    return [rows[i] for i in random.Random(seed).sample(range(len(rows)), n)]

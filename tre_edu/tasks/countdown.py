@@ -1,66 +1,47 @@
 """Countdown: reach a target with + - * / using each given number exactly once.
 
-The paper's third task (data: ``Jiayi-Pan/Countdown-Tasks-3to4-Unique``, rows 0-7,499 train,
-7,500-12,499 test). This module has everything the task needs on a CPU and on a GPU:
+The paper's third task (data: ``Jiayi-Pan/Countdown-Tasks-3to4-Unique``, rows 0-7,499 train, 7,500-12,499 test;
+offline: :func:`generate`'s reproducible, solvable puzzles). :func:`solve` is an exhaustive exact solver,
+:func:`think_trace` writes a solution's steps ("3*7=21 21+20=41") for the longer-horizon variant.
 
-- :func:`generate`: reproducible random puzzles, every one solvable (offline fallback, tiny-model data);
-- :func:`solve`: an exhaustive solver with exact fractions that prefers simple, integer-only solutions;
-- :func:`think_trace`: a worked trace of the steps ("3*7=21 21+20=41") for the longer-horizon variant;
-- :func:`score`: the paper's 0/1 reward, parsed with :mod:`ast` and evaluated exactly (never ``eval``);
-- :data:`PROMPT` (the paper's prompt, exact text) and the compact prompt of the tiny model;
-- :func:`load`: the hub dataset with the paper's row split and a clear offline fallback;
-- :class:`CountdownTask` / :func:`make_task`: the :class:`~tre_edu.tasks.base.Task` used by the trainer.
-
-Response format (one checker for every model)
----------------------------------------------
-A response scores 1.0 iff, after removing trailing whitespace and end-of-sequence markers (``<|im_end|>``,
-``<|endoftext|>``, ``<|eot_id|>``, ``</s>``, ``<eos>``), it **ends with**::
-
-    <think> ANYTHING </think> <answer> EQ </answer>
-
-where whitespace is allowed between ``</think>`` and ``<answer>`` and inside the answer tags, any
-text may come before ``<think>``, and EQ
+Reward (:func:`score`, the paper's 0/1): 1.0 iff the response, without trailing whitespace and end-of-sequence
+markers (:data:`EOS_MARKERS`), **ends with** ``<think> ANYTHING </think> <answer> EQ </answer>`` (whitespace allowed
+between the tags, any text before ``<think>``), and EQ
 
 - contains only ASCII digits, ``+ - * / ( )`` and spaces (no ``**``, ``//``, unary signs, decimals or names),
 - uses exactly the given multiset of numbers (each once),
-- evaluates (exact rational arithmetic) to the target within 1e-5.
+- evaluates (exact rational arithmetic, parsed with :mod:`ast`, never ``eval``) to the target within 1e-5.
 
-The compact format of the tiny model is the same format with no spaces and (by default) an empty think block::
-
-    prompt:   "3 7 20->41:"
-    response: "<think></think><answer>3*7+20</answer>"             (think=False)
-    response: "<think>3*7=21 21+20=41</think><answer>3*7+20</answer>"  (think=True, the longer horizon)
+The tiny model's compact format: prompt ``"3 7 20->41:"``, response ``"<think></think><answer>3*7+20</answer>"``
+(``think=True``: ``"<think>3*7=21 21+20=41</think><answer>3*7+20</answer>"``).
 """
 
 from __future__ import annotations
 
 import ast
 import itertools
+import operator
 import os
 import random
-import warnings
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 import datasets
 
-from tre_edu.tasks.base import Task, apply_chat_template, check_options
+from tre_edu.tasks.base import Task, check_options, load_or_fallback
 
 HUB_ID = "Jiayi-Pan/Countdown-Tasks-3to4-Unique"
-# The paper's split of the hub dataset's single "train" split: rows [start, stop).
-SPLIT_ROWS = {"train": (0, 7500), "test": (7500, 12500)}
-SPLITS = tuple(SPLIT_ROWS)
+SPLIT_ROWS = {"train": (0, 7500), "test": (7500, 12500)}  # the paper's rows [start, stop) of the hub's train split
 
-# The paper's prompt, exact text. ``{nums}`` is the list of numbers written as a Python list ("[3, 7, 20]"),
-# as in the public reward code the paper builds on.
+# The paper's prompt, exact text; ``{nums}`` is a Python list ("[3, 7, 20]") as in the reward code it builds on.
 PROMPT = (
     "Using the numbers {nums}, create an equation that equals {target}. "
     "You can use basic arithmetic operations (+, -, *, /) and each number can only be used once. "
     "Show your work in <think> </think> tags. "
     "And return the final answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>."
 )
-# The tiny model's prompt: the numbers, "->", the target, ":" (all single tokens of the tiny tokenizer).
-COMPACT_PROMPT = "{nums}->{target}:"
+COMPACT_PROMPT = "{nums}->{target}:"  # the tiny model's prompt (all single tokens of the tiny tokenizer)
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -75,61 +56,36 @@ MAX_MAGNITUDE = 10**12
 TOLERANCE = 1e-5
 _ALLOWED_CHARS = frozenset("0123456789+-*/() ")
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+_APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Reward
-# ------------------------------------------------------------------------------------------------------------
-def extract_answer(response: str) -> str | None:
-    """The EQ of a response that ends with ``<think>...</think> <answer>EQ</answer>``, else None.
+# ---- reward ----
 
-    Linear time in the response length; never raises on strings.
-    """
+
+def extract_answer(response: str) -> str | None:
+    """The EQ of a response that ends with ``<think>...</think> <answer>EQ</answer>``, else None (linear time)."""
     if not isinstance(response, str) or len(response) > MAX_RESPONSE_CHARS:
         return None
     text = response.rstrip()
-    stripped = True
-    while stripped:  # remove any trailing EOS markers (and the whitespace around them)
-        stripped = False
-        for marker in EOS_MARKERS:
-            if text.endswith(marker):
-                text = text[: -len(marker)].rstrip()
-                stripped = True
+    while marker := next((m for m in EOS_MARKERS if text.endswith(m)), None):
+        text = text[: -len(marker)].rstrip()
     if not text.endswith(ANSWER_CLOSE):
         return None
     body_end = len(text) - len(ANSWER_CLOSE)
     start = text.rfind(ANSWER_OPEN, 0, body_end)
     if start < 0:
         return None
-    equation = text[start + len(ANSWER_OPEN) : body_end]
     before = text[:start].rstrip()
-    if not before.endswith(THINK_CLOSE):
+    if not before.endswith(THINK_CLOSE) or before.rfind(THINK_OPEN, 0, len(before) - len(THINK_CLOSE)) < 0:
         return None
-    if before.rfind(THINK_OPEN, 0, len(before) - len(THINK_CLOSE)) < 0:
-        return None
-    return equation
-
-
-def _apply(op: str, left: Fraction, right: Fraction) -> Fraction:
-    """``left op right`` exactly; raises ValueError on division by zero."""
-    if op == "+":
-        return left + right
-    if op == "-":
-        return left - right
-    if op == "*":
-        return left * right
-    if right == 0:
-        raise ValueError("division by zero")
-    return left / right
+    return text[start + len(ANSWER_OPEN) : body_end]
 
 
 def _eval_node(node: ast.AST, literals: list[int]) -> Fraction:
-    """Exact value of an allowed expression node; raises ValueError on anything else."""
+    """Exact value of an allowed expression node; raises ValueError (or ZeroDivisionError) on anything else."""
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        left = _eval_node(node.left, literals)
-        right = _eval_node(node.right, literals)
-        value = _apply(_OPS[type(node.op)], left, right)
+        value = _APPLY[_OPS[type(node.op)]](_eval_node(node.left, literals), _eval_node(node.right, literals))
         if abs(value.numerator) > MAX_MAGNITUDE or value.denominator > MAX_MAGNITUDE:
             raise ValueError("intermediate value too large")
         return value
@@ -142,56 +98,42 @@ def _eval_node(node: ast.AST, literals: list[int]) -> Fraction:
 
 
 def evaluate_equation(equation: str) -> tuple[Fraction, list[int]] | None:
-    """Exact value and the integer literals of a Countdown equation, or None if it is not a valid equation.
+    """Exact value and integer literals of a valid Countdown equation, else None.
 
-    Valid: only ASCII digits, ``+ - * / ( )`` and spaces, at most :data:`MAX_EQUATION_CHARS` characters and
-    :data:`MAX_PAREN_DEPTH` nested parentheses, binary ``+ - * /`` on non-negative integer literals (no unary
-    signs, no ``**`` or ``//``), no division by zero, |intermediate values| <= :data:`MAX_MAGNITUDE`.
+    Valid: only :data:`_ALLOWED_CHARS`, at most :data:`MAX_EQUATION_CHARS` characters and :data:`MAX_PAREN_DEPTH`
+    nested parentheses (checked before the parser sees the string), binary ``+ - * /`` on non-negative integer
+    literals, no division by zero, |intermediate values| <= :data:`MAX_MAGNITUDE`.
     """
     if not isinstance(equation, str):
         return None
     eq = equation.strip()
-    if not eq or len(eq) > MAX_EQUATION_CHARS or not set(eq) <= _ALLOWED_CHARS:
-        return None
-    if "**" in eq or "//" in eq:
+    if not eq or len(eq) > MAX_EQUATION_CHARS or not set(eq) <= _ALLOWED_CHARS or "**" in eq or "//" in eq:
         return None
     depth = 0
-    for ch in eq:  # balanced parentheses, bounded depth: checked before the parser ever sees the string
-        if ch == "(":
-            depth += 1
-            if depth > MAX_PAREN_DEPTH:
-                return None
-        elif ch == ")":
-            depth -= 1
-            if depth < 0:
-                return None
+    for ch in eq:
+        depth += (ch == "(") - (ch == ")")
+        if not 0 <= depth <= MAX_PAREN_DEPTH:
+            return None
     if depth != 0:
         return None
     try:
-        tree = ast.parse(eq, mode="eval")
         literals: list[int] = []
-        value = _eval_node(tree.body, literals)
+        value = _eval_node(ast.parse(eq, mode="eval").body, literals)
     except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError, ZeroDivisionError):
         return None
     return value, literals
 
 
 def score(response: str, numbers: Any = None, target: Any = None, **_: Any) -> float:
-    """The paper's Countdown reward: 1.0 for a correct, well-formatted answer, else 0.0. Never raises.
-
-    ``score(response, **example)`` works (extra example fields are ignored). See the module docstring for the
-    exact format that passes.
-    """
+    """The paper's reward: 1.0 for a correct, well-formatted answer, else 0.0; ``score(response, **example)`` works.
+    Never raises."""
     try:
         equation = extract_answer(response)
-        if equation is None:
-            return 0.0
-        result = evaluate_equation(equation)
+        result = None if equation is None else evaluate_equation(equation)
         if result is None:
             return 0.0
         value, literals = result
-        wanted = sorted(int(n) for n in numbers)
-        if any(int(n) != n for n in numbers) or sorted(literals) != wanted:
+        if any(int(n) != n for n in numbers) or sorted(literals) != sorted(int(n) for n in numbers):
             return 0.0
         target_value = Fraction(target) if isinstance(target, (int, float)) else Fraction(int(target))
         return 1.0 if abs(float(value - target_value)) <= TOLERANCE else 0.0
@@ -199,9 +141,9 @@ def score(response: str, numbers: Any = None, target: Any = None, **_: Any) -> f
         return 0.0
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Solver and traces
-# ------------------------------------------------------------------------------------------------------------
+# ---- solver and traces ----
+
+
 class _Expr:
     """A node of a solution tree: a leaf number or ``left op right``; ``value`` is exact."""
 
@@ -225,22 +167,15 @@ class _Expr:
         return f"{left}{self.op}{right}"
 
 
-def _combine(a: _Expr, b: _Expr, domain: str):
-    """All ``a op b`` (both orders for - and /) allowed in ``domain``: 'natural' (integers >= 0), 'integer' or
-    'rational'. Order: + * - / (simple first)."""
+def _combine(a: _Expr, b: _Expr, domain: str) -> list[_Expr]:
+    """Every ``a op b`` (both orders for - and /), simple first (+ * - /), whose value lies in ``domain``:
+    'natural' (integers >= 0), 'integer' or 'rational'."""
     x, y = a.value, b.value
-    out = [_Expr(x + y, "+", a, b), _Expr(x * y, "*", a, b)]
-    out += [_Expr(x - y, "-", a, b), _Expr(y - x, "-", b, a)]
-    if y != 0:
-        out.append(_Expr(x / y, "/", a, b))
-    if x != 0:
-        out.append(_Expr(y / x, "/", b, a))
+    out = [_Expr(x + y, "+", a, b), _Expr(x * y, "*", a, b), _Expr(x - y, "-", a, b), _Expr(y - x, "-", b, a)]
+    out += ([_Expr(x / y, "/", a, b)] if y != 0 else []) + ([_Expr(y / x, "/", b, a)] if x != 0 else [])
     if domain == "rational":
         return out
-    out = [e for e in out if e.value.denominator == 1]
-    if domain == "natural":
-        out = [e for e in out if e.value >= 0]
-    return out
+    return [e for e in out if e.value.denominator == 1 and (domain == "integer" or e.value >= 0)]
 
 
 def _search(items: list[_Expr], target: Fraction, domain: str) -> _Expr | None:
@@ -249,28 +184,23 @@ def _search(items: list[_Expr], target: Fraction, domain: str) -> _Expr | None:
     for i, j in itertools.combinations(range(len(items)), 2):
         rest = [e for k, e in enumerate(items) if k not in (i, j)]
         for new in _combine(items[i], items[j], domain):
-            found = _search([new] + rest, target, domain)
-            if found is not None:
+            if (found := _search([new] + rest, target, domain)) is not None:
                 return found
     return None
 
 
 def solve(numbers: list[int], target: int | float) -> str | None:
-    """An equation using each of ``numbers`` exactly once that equals ``target``, or None if there is none.
+    """An equation using each of ``numbers`` once that equals ``target``, or None if there is none.
 
-    Exhaustive over all binary trees and operators with exact fractions (about 4k leaves for 4 numbers). The
-    search runs in three passes and returns the first solution found, so the answer is deterministic and
-    simple: first with non-negative integer intermediate values, then integers, then fractions (e.g.
-    ``8/(3-8/3)``).
+    Exhaustive over binary trees and operators with exact fractions, in three passes so the answer is deterministic
+    and simple: non-negative integer intermediate values, then integers, then fractions (``8/(3-8/3)``).
     """
     nums = [int(n) for n in numbers]
     if not nums or any(n < 0 for n in nums):
         raise ValueError(f"numbers must be a non-empty list of non-negative integers; got {numbers!r}")
-    goal = Fraction(target)
     leaves = [_Expr(Fraction(n)) for n in nums]
     for domain in ("natural", "integer", "rational"):
-        found = _search(leaves, goal, domain)
-        if found is not None:
+        if (found := _search(leaves, Fraction(target), domain)) is not None:
             return str(found)
     return None
 
@@ -280,10 +210,9 @@ def _fmt(value: Fraction) -> str:
 
 
 def think_trace(numbers: list[int], target: int | float, solution: str) -> str:
-    """The worked steps of ``solution``, one binary operation at a time, e.g. ``"3*7=21 21+20=41"``.
+    """The steps of ``solution`` in evaluation order, fractions as ``p/q``: ``"3*7=21 21+20=41"``.
 
-    Steps are in evaluation order (left subtree first); fractions are written ``p/q``. ``numbers`` and
-    ``target`` are checked against the solution: a wrong solution raises ValueError.
+    Raises ValueError if ``solution`` does not use exactly ``numbers`` or does not equal ``target``.
     """
     result = evaluate_equation(solution)
     if result is None or sorted(result[1]) != sorted(int(n) for n in numbers):
@@ -295,9 +224,8 @@ def think_trace(numbers: list[int], target: int | float, solution: str) -> str:
     def walk(node: ast.AST) -> Fraction:
         if isinstance(node, ast.Constant):
             return Fraction(node.value)
-        left, right = walk(node.left), walk(node.right)
-        op = _OPS[type(node.op)]
-        value = _apply(op, left, right)
+        left, right, op = walk(node.left), walk(node.right), _OPS[type(node.op)]
+        value = _APPLY[op](left, right)
         steps.append(f"{_fmt(left)}{op}{_fmt(right)}={_fmt(value)}")
         return value
 
@@ -305,18 +233,7 @@ def think_trace(numbers: list[int], target: int | float, solution: str) -> str:
     return " ".join(steps)
 
 
-def format_response(solution: str, numbers: list[int] | None = None, target: Any = None, think: bool = False) -> str:
-    """The compact response for a solution: ``<think>[trace]</think><answer>solution</answer>``."""
-    trace = think_trace(numbers, target, solution) if think else ""
-    return f"{THINK_OPEN}{trace}{THINK_CLOSE}{ANSWER_OPEN}{solution}{ANSWER_CLOSE}"
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Puzzles
-# ------------------------------------------------------------------------------------------------------------
-def _check_ranges(num_count: int, number_range: Any, target_range: Any) -> tuple[int, int, int, int]:
-    check_options("countdown", dict(num_count=num_count, number_range=number_range, target_range=target_range), "")
-    return (*number_range, *target_range)
+# ---- puzzles ----
 
 
 def generate(
@@ -327,17 +244,16 @@ def generate(
     target_range: tuple[int, int] = (1, 100),
     max_tries: int = 1000,
 ) -> list[dict[str, Any]]:
-    """``n`` random solvable puzzles, reproducible for a ``seed``.
+    """``n`` random solvable puzzles ``{numbers, target, solution, source="generated"}``, reproducible for a seed.
 
-    Each puzzle draws ``num_count`` numbers uniformly from ``number_range`` (inclusive), combines them in a
-    random order with random operators (a random binary tree, exact integer arithmetic only), and keeps the
-    result as the target if it is an integer inside ``target_range``. The stored ``solution`` is
-    :func:`solve`'s canonical (simplest) solution, which may differ from the random expression. Returns dicts
-    with ``numbers``, ``target``, ``solution`` and ``source="generated"``.
+    ``num_count`` numbers uniform in ``number_range`` are combined in a random binary tree with random operators
+    (integer arithmetic only); an integer result inside ``target_range`` is the target. ``solution`` is
+    :func:`solve`'s (simplest) solution.
     """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an integer >= 0; got {n!r}")
-    lo, hi, tlo, thi = _check_ranges(num_count, number_range, target_range)
+    check_options("countdown", dict(num_count=num_count, number_range=number_range, target_range=target_range), "")
+    (lo, hi), (tlo, thi) = number_range, target_range
     rng = random.Random(seed)
     out: list[dict[str, Any]] = []
     for _ in range(n):
@@ -354,18 +270,28 @@ def generate(
                 values = [v for k, v in enumerate(values) if k not in (i, j)] + [value]
             target = values[0]
             if target.denominator == 1 and tlo <= target <= thi:
-                target = int(target)
-                solution = solve(numbers, target)
+                solution = solve(numbers, int(target))
                 if solution is not None:
-                    out.append({"numbers": numbers, "target": target, "solution": solution, "source": "generated"})
+                    out.append({"numbers": numbers, "target": int(target), "solution": solution, "source": "generated"})
                     break
         else:
             raise ValueError(
-                f"could not generate a puzzle with number_range={number_range} "
-                f"and target_range={target_range} "
+                f"could not generate a puzzle with number_range={number_range} and target_range={target_range} "
                 f"in {max_tries} tries; widen the ranges"
             )
     return out
+
+
+def _hub_rows(start: int, count: int, stop: int) -> list[dict[str, Any]]:
+    if os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise RuntimeError("HF_DATASETS_OFFLINE is set")
+    data = datasets.load_dataset(HUB_ID, split="train")
+    if len(data) < stop:
+        raise RuntimeError(f"{HUB_ID} has {len(data)} rows; the paper's split needs {stop}")
+    return [
+        {"numbers": [int(v) for v in row["nums"]], "target": int(row["target"]), "solution": None, "source": HUB_ID}
+        for row in data.select(range(start, start + count))
+    ]
 
 
 def load(
@@ -377,88 +303,47 @@ def load(
     number_range: tuple[int, int] = (1, 20),
     target_range: tuple[int, int] = (1, 100),
 ) -> list[dict[str, Any]]:
-    """Countdown puzzles of a ``split`` ("train" or "test").
-
-    Online: the hub dataset :data:`HUB_ID` with the paper's rows (train: 0-7,499, test: 7,500-12,499; the
-    first ``n`` of them), fields ``numbers``, ``target``, ``solution=None`` (solve on demand),
-    ``source=HUB_ID``. Offline (``HF_DATASETS_OFFLINE=1`` or any load failure): if ``offline_ok``, warns and
-    falls back to :func:`generate` (``n`` puzzles, default 7,500 / 5,000) with a split-dependent seed so train
-    and test differ; otherwise raises RuntimeError. The generator options only apply to the fallback.
-    """
+    """The first ``n`` puzzles of ``split`` ("train" / "test") of :data:`HUB_ID` with the paper's rows
+    (``solution=None``: solved on demand). Offline (``HF_DATASETS_OFFLINE=1`` or any load failure), with
+    ``offline_ok``: :func:`generate`'s puzzles (``n``, default 7,500 / 5,000; the generator options only apply here)
+    with a split-dependent seed, so train and test differ."""
     if split not in SPLIT_ROWS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+        raise ValueError(f"split must be one of {', '.join(SPLIT_ROWS)}; got {split!r}")
     if n is not None and (not isinstance(n, int) or n < 0):
         raise ValueError(f"n must be None or an integer >= 0; got {n!r}")
     start, stop = SPLIT_ROWS[split]
     count = stop - start if n is None else min(n, stop - start)
-    error: Exception | None = None
-    if os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        error = RuntimeError("HF_DATASETS_OFFLINE is set")
-    else:
-        try:
-            data = datasets.load_dataset(HUB_ID, split="train")
-            if len(data) < stop:
-                raise RuntimeError(f"{HUB_ID} has {len(data)} rows; the paper's split needs {stop}")
-            rows = data.select(range(start, start + count))
-            return [
-                {
-                    "numbers": [int(v) for v in row["nums"]],
-                    "target": int(row["target"]),
-                    "solution": None,
-                    "source": HUB_ID,
-                }
-                for row in rows
-            ]
-        except Exception as exc:  # offline, no cache, a renamed dataset, ...
-            error = exc
-    if not offline_ok:
-        raise RuntimeError(
-            f"could not load {HUB_ID} ({error}); pass offline_ok=True to fall back to generated puzzles"
-        ) from error
-    warnings.warn(
-        f"Countdown: {HUB_ID} could not be loaded ({error}); offline: falling back to generated puzzles "
-        f"({count} for split {split!r}, num_count={num_count}, numbers in {tuple(number_range)})",
-        stacklevel=2,
-    )
     split_seed = seed * 1000 + (0 if split == "train" else 1)  # train and test differ for every seed
-    return generate(count, seed=split_seed, num_count=num_count, number_range=number_range, target_range=target_range)
+    return load_or_fallback(
+        HUB_ID,
+        lambda: _hub_rows(start, count, stop),
+        f"generated puzzles ({count} for split {split!r}, num_count={num_count}, numbers in {tuple(number_range)})",
+        lambda: generate(count, split_seed, num_count, number_range, target_range),
+        offline_ok,
+    )
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Task
-# ------------------------------------------------------------------------------------------------------------
+# ---- task ----
+
+
+@dataclass(eq=False)
 class CountdownTask(Task):
-    """Countdown as a :class:`~tre_edu.tasks.base.Task`.
+    """Countdown as a :class:`~tre_edu.tasks.base.Task`. ``num_count``, ``number_range``, ``target_range``: the
+    generated puzzles (offline fallback, tiny model); ``think``: reference responses carry a worked trace (longer
+    horizon); ``style``: the default prompt style ("compact" for the tiny model)."""
 
-    ``num_count``, ``number_range`` and ``target_range`` describe generated puzzles (offline fallback, tiny
-    model); ``think`` makes the reference responses carry a worked trace (longer horizon); ``style`` is the
-    default prompt style ("compact" for the tiny model, "plain" or "chat" for instruct models).
-    """
+    num_count: int = 3
+    number_range: tuple[int, int] = (1, 20)
+    target_range: tuple[int, int] = (1, 100)
+    think: bool = False
+    style: str = "compact"
 
     name = "countdown"
     success_threshold = 1.0
 
-    def __init__(
-        self,
-        num_count: int = 3,
-        number_range: tuple[int, int] = (1, 20),
-        target_range: tuple[int, int] = (1, 100),
-        think: bool = False,
-        style: str = "compact",
-    ):
-        _check_ranges(num_count, number_range, target_range)
-        check_options("countdown", dict(think=think, style=style), prefix="")
-        self.num_count = num_count
-        self.number_range = tuple(number_range)
-        self.target_range = tuple(target_range)
-        self.think = think
-        self.style = style
-
-    def __repr__(self) -> str:
-        return (
-            f"CountdownTask(num_count={self.num_count}, number_range={self.number_range}, "
-            f"target_range={self.target_range}, think={self.think}, style={self.style!r})"
-        )
+    def __post_init__(self):
+        check_options("countdown", dict(vars(self)), prefix="")
+        self.number_range, self.target_range = tuple(self.number_range), tuple(self.target_range)
 
     def generate(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
         """``n`` generated puzzles with this task's settings (see :func:`generate`)."""
@@ -469,29 +354,24 @@ class CountdownTask(Task):
     ) -> list[dict[str, Any]]:
         return load(split, n, offline_ok, seed, self.num_count, self.number_range, self.target_range)
 
-    def prompt(self, example: dict[str, Any], tokenizer: Any = None, style: str | None = None) -> str:
-        style = self.check_style(self.style if style is None else style)
+    def user_text(self, example: dict[str, Any], style: str) -> str:
         nums, target = [int(v) for v in example["numbers"]], example["target"]
         if style == "compact":
             return COMPACT_PROMPT.format(nums=" ".join(map(str, nums)), target=target)
-        text = PROMPT.format(nums=nums, target=target)
-        return apply_chat_template(tokenizer, text) if style == "chat" else text
+        return PROMPT.format(nums=nums, target=target)
 
     def score(self, response: str, example: dict[str, Any]) -> float:
-        if not isinstance(example, dict):
-            return 0.0
-        return score(response, example.get("numbers"), example.get("target"))
+        return score(response, example.get("numbers"), example.get("target")) if isinstance(example, dict) else 0.0
 
     def reference_response(self, example: dict[str, Any], think: bool | None = None) -> str:
-        """The target response for supervised warm starts (solves the puzzle if it has no ``solution``).
-
-        Raises ValueError for an unsolvable puzzle.
-        """
-        think = self.think if think is None else think
-        solution = example.get("solution") or solve(example["numbers"], example["target"])
+        """The target response of a warm start: ``<think>[trace]</think><answer>solution</answer>`` (the puzzle is
+        solved if it has no ``solution``; ValueError if it has none)."""
+        numbers, target = example["numbers"], example["target"]
+        solution = example.get("solution") or solve(numbers, target)
         if solution is None:
-            raise ValueError(f"puzzle {example['numbers']} -> {example['target']} has no solution")
-        return format_response(solution, example["numbers"], example["target"], think=think)
+            raise ValueError(f"puzzle {numbers} -> {target} has no solution")
+        trace = think_trace(numbers, target, solution) if (self.think if think is None else think) else ""
+        return f"{THINK_OPEN}{trace}{THINK_CLOSE}{ANSWER_OPEN}{solution}{ANSWER_CLOSE}"
 
 
 make_task = CountdownTask  # tre_edu.tasks.get_task(name, **options) calls tre_edu.tasks.<name>.make_task(**options)
@@ -505,7 +385,6 @@ __all__ = [
     "SPLIT_ROWS",
     "evaluate_equation",
     "extract_answer",
-    "format_response",
     "generate",
     "load",
     "make_task",

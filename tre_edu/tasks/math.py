@@ -1,26 +1,14 @@
 """MATH: competition problems; reward 1 if the last ``\\boxed{}`` answer is equivalent to the reference.
 
-Data (the paper's splits):
+Data (the paper's): ``DigitalLearningGmbH/MATH-lighteval`` (train 7,500 / test 5,000; the reference is the last
+``\\boxed{...}`` of ``solution``) or ``HuggingFaceH4/MATH-500`` (500 test problems, reference in ``answer``);
+offline, a small sample bundled with the package (``source="bundled"``).
 
-- ``DigitalLearningGmbH/MATH-lighteval``: train 7,500 / test 5,000; fields ``problem``, ``solution``; the
-  reference answer is the last ``\\boxed{...}`` of the solution.
-- ``HuggingFaceH4/MATH-500``: the 500-problem test subset; field ``answer`` holds the reference directly.
-
-Offline (``HF_DATASETS_OFFLINE=1``, no cache, or any loading failure) with ``offline_ok=True`` the loader
-warns and falls back to a small hand-written sample bundled with the package (``source="bundled"``).
-
-Reward (paper): ``1.0`` if the last boxed answer of the response is equivalent to the reference, else ``0.0``.
-Equivalence is decided in three steps, cheapest first:
-
-1. a string normaliser (spaces, ``\\left``/``\\right``, ``\\dfrac``, known units, degree signs, ``x=`` prefixes,
-   ``1e3``...);
-2. exact rational arithmetic for plain numbers (``1/2 == \\frac12 == 0.5``, ``1e3 == 1000``);
-3. only for a well-formed answer (:func:`well_formed`: no junk such as ``7 + ???``, ``7 @`` or ``\\not 7``, which
-   math-verify would read as ``7``): ``math_verify.parse`` + ``verify`` (symbolic: intervals, radicals, sets,
-   expressions) in worker processes (:class:`GraderPool`), each answer bounded by ``timeout_s`` in every thread
-   and a batch by ``batch_timeout_s``; the timeouts are counted in ``MathTask.last_reward_stats``.
-
-:func:`score` never raises: malformed, hostile or huge output scores ``0.0``.
+Equivalence, cheapest first: (1) a string normaliser (:func:`normalize_answer`); (2) exact rational arithmetic for
+plain numbers (``1/2 == \\frac12 == 0.5``); (3) only for a :func:`well_formed` answer (math-verify would read junk
+such as ``7 + ???`` as ``7``): ``math_verify.parse`` + ``verify`` in worker processes (:class:`GraderPool`), bounded
+by ``timeout_s`` per answer in every thread and ``batch_timeout_s`` per batch; the timeouts are counted in
+``MathTask.last_reward_stats``. :func:`score` never raises: malformed, hostile or huge output scores ``0.0``.
 """
 
 from __future__ import annotations
@@ -35,23 +23,19 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from tre_edu.tasks.base import Task, apply_chat_template, check_batch, check_options, read_jsonl, subsample
+from tre_edu.tasks.base import Task, check_batch, check_options, load_or_fallback, read_jsonl, subsample
 
-# The paper's prompt, verbatim.
-PROMPT = "{problem} Let's think step by step and output the final answer within \\boxed{{}}."
+PROMPT = "{problem} Let's think step by step and output the final answer within \\boxed{{}}."  # the paper's
 
-DATASETS = {
-    "lighteval": "DigitalLearningGmbH/MATH-lighteval",
-    "math500": "HuggingFaceH4/MATH-500",
-}
-# Paper's split sizes (MATH-lighteval ships exactly these two splits).
-SPLIT_SIZES = {"lighteval": {"train": 7500, "test": 5000}, "math500": {"test": 500}}
+DATASETS = {"lighteval": "DigitalLearningGmbH/MATH-lighteval", "math500": "HuggingFaceH4/MATH-500"}
+SPLIT_SIZES = {"lighteval": {"train": 7500, "test": 5000}, "math500": {"test": 500}}  # the paper's splits
 BUNDLED_FILE = "math_sample.jsonl"
 
 # Limits that keep scoring cheap on hostile model output.
@@ -66,25 +50,18 @@ START_TIMEOUT_S = 60.0  # a worker that is not ready (imports done) after this l
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Answer extraction
-# ----------------------------------------------------------------------------------------------------
+# ---- answer extraction ----
 
 
 def _matching_brace(text: str, open_idx: int) -> int:
-    """Index of the ``}`` closing the ``{`` at ``open_idx`` (-1 if unbalanced); iterative."""
-    depth = 0
-    i = open_idx
-    n = len(text)
-    while i < n:
+    """Index of the ``}`` closing the ``{`` at ``open_idx`` (-1 if unbalanced); skips escaped ``\\{`` ``\\}``."""
+    depth, i = 0, open_idx
+    while i < len(text):
         c = text[i]
-        if c == "\\":  # skip escaped characters such as \{ and \}
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
+        if c == "\\":
+            i += 1
+        elif c in "{}":
+            depth += 1 if c == "{" else -1
             if depth == 0:
                 return i
         i += 1
@@ -92,41 +69,30 @@ def _matching_brace(text: str, open_idx: int) -> int:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}``, ``\\boxed ...`` (space form) or ``\\fbox{...}`` in ``text``.
-
-    Nested braces are handled (``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}``). The space form ends at the next
-    ``$`` or whitespace (``\\boxed 5$`` -> ``5``). Returns ``None`` when there is no complete boxed answer
-    (e.g. the last ``\\boxed{`` is never closed) or when the content is longer than :data:`MAX_ANSWER_CHARS`.
-    Never raises.
-    """
+    """Content of the last ``\\boxed{...}`` (nested braces), ``\\boxed 5`` (up to ``$`` or whitespace) or
+    ``\\fbox{...}``; ``None`` when there is none, it is never closed or longer than :data:`MAX_ANSWER_CHARS`."""
     if not isinstance(text, str):
         return None
-    if len(text) > MAX_RESPONSE_CHARS:
-        text = text[-MAX_RESPONSE_CHARS:]
+    text = text[-MAX_RESPONSE_CHARS:]
     start = max(text.rfind(cmd) for cmd in _BOX_COMMANDS)
     if start < 0:
         return None
-    cmd = next(c for c in _BOX_COMMANDS if text.startswith(c, start))
-    rest_idx = start + len(cmd)
+    rest_idx = start + len(next(c for c in _BOX_COMMANDS if text.startswith(c, start)))
     j = rest_idx
     while j < len(text) and text[j] in " \t":  # "\boxed {5}" and "\boxed 5" both allowed
         j += 1
     if j < len(text) and text[j] == "{":
         end = _matching_brace(text, j)
         content = text[j + 1 : end] if end >= 0 else None
-    elif j > rest_idx:  # "\boxed 5" form: up to the next $ or whitespace
+    elif j > rest_idx:
         m = re.match(r"[^\s$]+", text[j : j + MAX_ANSWER_CHARS + 1])
         content = m.group(0) if m else None
     else:
         return None
-    if content is None or len(content) > MAX_ANSWER_CHARS:
-        return None
-    return content.strip()
+    return None if content is None or len(content) > MAX_ANSWER_CHARS else content.strip()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Normalisation
-# ----------------------------------------------------------------------------------------------------
+# ---- normalisation ----
 
 _SPACING = re.compile(r"\\q?quad|(?<!\\)\\[!,;: ]|~")  # \quad \! \, \; \: "\ " ~ (not the row break \\)
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)\s*\{([^{}]*)\}")
@@ -161,20 +127,17 @@ def _cosmetic(s: str) -> str:
 
 
 def normalize_answer(answer: str) -> str:
-    """A canonical string for an answer: cheap rules that make most equal answers compare equal as strings.
-
-    :func:`_cosmetic`, then a text-only answer loses its ``\\text{}`` (``\\text{(A)}`` -> ``(A)``), a
-    single-variable prefix goes (``x = 3`` -> ``3``), one trailing ``.`` and all spaces go, and
-    ``\\frac12`` -> ``\\frac{1}{2}``, ``\\sqrt2`` -> ``\\sqrt{2}``, ``1,000`` -> ``1000``, ``.5`` -> ``0.5``,
-    ``1e3`` / ``1\\times10^{3}`` -> ``1000`` (``2e-3`` -> ``1/500``). Never raises (``""`` for non-strings).
+    """A canonical string, so that most equal answers compare equal: :func:`_cosmetic`, then a text-only answer
+    loses its ``\\text{}`` (``\\text{(A)}`` -> ``(A)``), a single-variable prefix (``x = 3`` -> ``3``), one trailing
+    ``.`` and all spaces go, and ``\\frac12`` -> ``\\frac{1}{2}``, ``\\sqrt2`` -> ``\\sqrt{2}``, ``1,000`` -> ``1000``,
+    ``.5`` -> ``0.5``, ``1e3`` / ``1\\times10^{3}`` -> ``1000`` (``2e-3`` -> ``1/500``). ``""`` for non-strings.
     """
     if not isinstance(answer, str):
         return ""
     if len(answer) > MAX_ANSWER_CHARS:
         return answer.strip()
     s = _cosmetic(answer)
-    m = _TEXT_CMD.fullmatch(s)
-    if m:
+    if m := _TEXT_CMD.fullmatch(s):
         s = m.group(1)
     if s.count("=") == 1:
         s = _VAR_PREFIX.sub("", s)
@@ -187,8 +150,7 @@ def normalize_answer(answer: str) -> str:
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
     s = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", s)
-    m = _SCIENTIFIC.match(s)
-    if m:
+    if m := _SCIENTIFIC.match(s):
         q = Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
         s = str(q.numerator) if q.denominator == 1 else f"{q.numerator}/{q.denominator}"
     return s
@@ -212,9 +174,7 @@ def _as_rational(s: str) -> Fraction | None:
     return None if int(den) == 0 else (-1 if sign == "-" else 1) * Fraction(int(num), int(den))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Well-formed answers (the only ones math-verify sees)
-# ----------------------------------------------------------------------------------------------------
+# ---- well-formed answers (the only ones math-verify sees) ----
 
 _ALLOWED_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 +-*/^_=<>()[]{}|,.!'\\&:")
 _GREEK = (
@@ -276,9 +236,7 @@ def well_formed(answer: str, reference: str = "") -> bool:
     return not (re.search(f"(?:{ends})$", body) or re.match(f"(?:{ends.replace('+', '')})", body.lstrip("-+")))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Symbolic check in worker processes
-# ----------------------------------------------------------------------------------------------------
+# ---- symbolic check in worker processes ----
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
@@ -320,11 +278,11 @@ class _Worker:
 
 
 class GraderPool:
-    """Worker processes for math-verify (:mod:`tre_edu.tasks.math_worker`), kept between calls.
+    """math-verify worker processes (:mod:`tre_edu.tasks.math_worker`), kept between calls.
 
     An answer still running after ``timeout_s`` has its worker killed (a process can be stopped where a thread
     holding the GIL cannot) and replaced on demand; a call stops at ``budget_s``. Thread-safe: every call uses its
-    own workers (taken from, and returned to, the idle list).
+    own workers, taken from and returned to the idle list.
     """
 
     def __init__(self, start_timeout_s: float = START_TIMEOUT_S, max_idle: int = 8):
@@ -345,12 +303,6 @@ class GraderPool:
                 if worker.proc.poll() is None:
                     return worker
         return _Worker()
-
-    def _give_back(self, workers: list[_Worker]) -> None:
-        with self._lock:
-            self._idle.extend(workers)
-            while len(self._idle) > self.max_idle:
-                self._idle.pop(0).kill()
 
     def close(self) -> None:
         """Stop the idle workers (registered with :mod:`atexit`)."""
@@ -374,6 +326,9 @@ class GraderPool:
         free: list[_Worker] = []
         timeouts = 0
 
+        def deadline(w: _Worker) -> float:
+            return w.since + (timeout_s if w.ready else self.start_timeout_s)
+
         def stop(fd: int) -> None:  # kill the worker on ``fd``: its answer scores 0 and counts as a timeout
             nonlocal timeouts
             worker, i = busy.pop(fd)
@@ -387,9 +342,8 @@ class GraderPool:
                     worker.send(*pairs[i], timeout_s)
                     worker.since = time.monotonic() if worker.ready else worker.since
                     busy[worker.fd] = (worker, i)
-                now = time.monotonic()
-                limits = [w.since + (timeout_s if w.ready else self.start_timeout_s) for w, _ in busy.values()]
-                readable, _, _ = select.select(list(busy), [], [], max(0.0, min([end, *limits]) - now))
+                wait = min([end, *(deadline(w) for w, _ in busy.values())]) - time.monotonic()
+                readable, _, _ = select.select(list(busy), [], [], max(0.0, wait))
                 now = time.monotonic()
                 for fd in readable:
                     worker, i = busy[fd]
@@ -407,12 +361,15 @@ class GraderPool:
                             results[i] = line == "1"
                             free.append(busy.pop(fd)[0])
                 for fd, (worker, _) in list(busy.items()):
-                    if now >= worker.since + (timeout_s if worker.ready else self.start_timeout_s):
+                    if now >= deadline(worker):
                         stop(fd)
         finally:
             for fd in list(busy):  # still running when the budget ran out
                 stop(fd)
-            self._give_back(free)
+            with self._lock:
+                self._idle.extend(free)
+                while len(self._idle) > self.max_idle:
+                    self._idle.pop(0).kill()
         return results, timeouts
 
 
@@ -436,9 +393,7 @@ def symbolic_check(
     return [_CACHE.get(p, False) for p in pairs], stats
 
 
-# ----------------------------------------------------------------------------------------------------
-# Equivalence and the reward
-# ----------------------------------------------------------------------------------------------------
+# ---- equivalence and the reward ----
 
 
 def _cheap_verdict(answer: Any, reference: Any, use_math_verify: bool) -> bool | tuple[str, str]:
@@ -453,11 +408,19 @@ def _cheap_verdict(answer: Any, reference: Any, use_math_verify: bool) -> bool |
     qa, qr = _as_rational(a), _as_rational(r)
     if qa is not None and qr is not None:
         return qa == qr
-    if not use_math_verify or len(answer) > MAX_VERIFY_CHARS or len(reference) > MAX_VERIFY_CHARS:
-        return False
-    if not well_formed(answer, reference):
+    if not use_math_verify or max(len(answer), len(reference)) > MAX_VERIFY_CHARS or not well_formed(answer, reference):
         return False
     return (a if qa is not None else answer), reference  # a plain number goes as normalised ("1e3" -> "1000")
+
+
+def _grade(answers: list[Any], references: list[Any], use_math_verify: bool, **bounds: Any):
+    """``(verdicts, stats)``: the cheap rules first, then one bounded :func:`symbolic_check` of the undecided."""
+    verdicts = [_cheap_verdict(a, r, use_math_verify) for a, r in zip(answers, references)]
+    pending = [i for i, v in enumerate(verdicts) if not isinstance(v, bool)]
+    found, stats = symbolic_check([verdicts[i] for i in pending], **bounds)
+    for i, v in zip(pending, found):
+        verdicts[i] = v
+    return verdicts, stats
 
 
 def is_equivalent(
@@ -465,10 +428,8 @@ def is_equivalent(
 ) -> bool:
     """Whether two final answers are the same; never raises; a symbolic check takes <= ``timeout_s`` seconds."""
     try:
-        verdict = _cheap_verdict(answer, reference, use_math_verify)
-        if isinstance(verdict, bool):
-            return verdict
-        return symbolic_check([verdict], timeout_s=timeout_s, budget_s=timeout_s + START_TIMEOUT_S)[0][0]
+        bounds = dict(timeout_s=timeout_s, budget_s=timeout_s + START_TIMEOUT_S)
+        return _grade([answer], [reference], use_math_verify, **bounds)[0][0]
     except Exception:
         return False
 
@@ -481,32 +442,25 @@ def score(
     timeout_s: float = VERIFY_TIMEOUT_S,
     **example: Any,
 ) -> float:
-    """Paper's MATH reward: 1.0 if the last ``\\boxed{}`` of ``response`` is equivalent to ``answer``, else 0.0.
-
-    ``score(response, **example)`` works (other example fields are ignored). Never raises."""
+    """The paper's reward: 1.0 if the last ``\\boxed{}`` of ``response`` is equivalent to ``answer``, else 0.0;
+    ``score(response, **example)`` works. Never raises."""
     pred = last_boxed(response)
     if answer is None or pred is None:
         return 0.0
     return float(is_equivalent(pred, str(answer), use_math_verify=use_math_verify, timeout_s=timeout_s))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data loading
-# ----------------------------------------------------------------------------------------------------
+# ---- data ----
 
 
 def _example_from_row(row: dict[str, Any], source: str) -> dict[str, Any] | None:
-    problem = row.get("problem")
-    answer = row.get("answer")
+    problem, answer = row.get("problem"), row.get("answer")
     if answer is None and row.get("solution") is not None:
         answer = last_boxed(row["solution"])
     if not problem or answer is None:
         return None
-    ex = {"problem": str(problem), "answer": str(answer), "source": source}
-    for key in ("level", "type", "subject", "unique_id"):
-        if key in row and row[key] is not None:
-            ex[key] = row[key]
-    return ex
+    extra = {k: row[k] for k in ("level", "type", "subject", "unique_id") if row.get(k) is not None}
+    return {"problem": str(problem), "answer": str(answer), "source": source, **extra}
 
 
 def load(
@@ -518,114 +472,75 @@ def load(
     dataset: str = "lighteval",
     hub_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """MATH examples ``{"problem", "answer", "source", ...}``.
-
-    Args:
-        split: ``"train"`` (7,500) or ``"test"`` (5,000) for ``dataset="lighteval"``; only ``"test"`` (500)
-            for ``"math500"``.
-        n: keep a seeded random subset of ``n`` examples (``None``: the whole split in the dataset's order).
-        offline_ok: on any loading failure warn and use the bundled sample instead of raising.
-        seed: seed of the subset drawn when ``n`` is given.
-        dataset: ``"lighteval"`` or ``"math500"``.
-        hub_id: override the Hugging Face id or give a local path (``datasets.load_dataset`` argument).
-    """
+    """MATH examples ``{"problem", "answer", "source", ...}`` of ``split`` ("train" / "test" of ``"lighteval"``,
+    "test" of ``"math500"``), a seeded random subset of ``n`` of them (``None``: all, in order). ``hub_id``
+    overrides the dataset id or gives a local path; on a loading failure, with ``offline_ok``: the bundled sample."""
     check_options("math", {"dataset": dataset}, prefix="")
     if split not in SPLIT_SIZES[dataset]:
         allowed = ", ".join(SPLIT_SIZES[dataset])
         raise ValueError(f"split must be one of {allowed} for dataset={dataset!r}; got {split!r}")
     hub = hub_id or DATASETS[dataset]
-    try:
-        ds = datasets.load_dataset(hub, split=split)
-    except Exception as err:
-        if not offline_ok:
-            raise RuntimeError(
-                f"could not load MATH data {hub!r} split {split!r}: {type(err).__name__}: {err}. "
-                "Connect to the Hugging Face hub (unset HF_DATASETS_OFFLINE) or pass offline_ok=True to use "
-                "the small bundled sample."
-            ) from err
-        warnings.warn(
-            f"could not load {hub!r} ({type(err).__name__}: {str(err)[:200]}); falling back to the "
-            f"small bundled MATH sample tre_edu/data/{BUNDLED_FILE} (source='bundled'). Results on it "
-            "are NOT comparable with the paper.",
-            UserWarning,
-            stacklevel=2,
-        )
-        ds, hub = [r for r in read_jsonl(BUNDLED_FILE) if r.get("split") == split], "bundled"
-    rows = [ex for row in ds if (ex := _example_from_row(dict(row), hub)) is not None]
+    ds, source = load_or_fallback(
+        f"MATH data {hub!r} split {split!r}",
+        lambda: (datasets.load_dataset(hub, split=split), hub),
+        f"the small bundled MATH sample tre_edu/data/{BUNDLED_FILE} (source='bundled')",
+        lambda: ([r for r in read_jsonl(BUNDLED_FILE) if r.get("split") == split], "bundled"),
+        offline_ok,
+    )
+    rows = [ex for row in ds if (ex := _example_from_row(dict(row), source)) is not None]
     if not rows:
-        raise ValueError(f"{hub} split {split!r} has no usable rows (need 'problem' and 'solution' or 'answer')")
+        raise ValueError(f"{source} split {split!r} has no usable rows (need 'problem' and 'solution' or 'answer')")
     return subsample(rows, n, seed)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Task
-# ----------------------------------------------------------------------------------------------------
+# ---- task ----
 
 
-def prompt_text(problem: str) -> str:
-    """The paper's user message for ``problem``."""
-    return PROMPT.format(problem=problem)
-
-
+@dataclass(eq=False)
 class MathTask(Task):
     """MATH with the paper's prompt and the boxed-answer 0/1 reward.
 
-    Args:
-        dataset: ``"lighteval"`` (train/test, the paper's data) or ``"math500"`` (test only).
-        hub_id: override the dataset id / local path.
-        use_math_verify: set ``False`` to score with the string / rational rules only (faster, stricter).
-        timeout_s, batch_timeout_s, workers: bounds of the symbolic check (per answer, per :meth:`reward` batch)
-            and the worker processes a batch uses; after each batch ``last_reward_stats`` holds
-            ``{"reward/grader_timeouts", "reward/grader_skipped"}``.
+    ``dataset``: ``"lighteval"`` (train / test, the paper's) or ``"math500"`` (test); ``hub_id``: another dataset id
+    or a local path; ``use_math_verify=False``: the string / rational rules only (faster, stricter); ``timeout_s``,
+    ``batch_timeout_s``, ``workers``: bounds of the symbolic check per answer and per :meth:`reward` batch, and its
+    worker processes. After each batch, ``last_reward_stats`` holds ``reward/grader_timeouts`` and ``_skipped``.
     """
+
+    dataset: str = "lighteval"
+    hub_id: str | None = None
+    use_math_verify: bool = True
+    timeout_s: float = VERIFY_TIMEOUT_S
+    batch_timeout_s: float = BATCH_TIMEOUT_S
+    workers: int = WORKERS
+    last_reward_stats: dict[str, float] = field(default_factory=dict, init=False, repr=False)
 
     name = "math"
     success_threshold = 1.0
 
-    def __init__(
-        self,
-        dataset: str = "lighteval",
-        hub_id: str | None = None,
-        use_math_verify: bool = True,
-        timeout_s: float = VERIFY_TIMEOUT_S,
-        batch_timeout_s: float = BATCH_TIMEOUT_S,
-        workers: int = WORKERS,
-    ):
-        options = dict(dataset=dataset, hub_id=hub_id, use_math_verify=use_math_verify, timeout_s=timeout_s)
-        vars(self).update(check_options("math", dict(options, batch_timeout_s=batch_timeout_s, workers=workers), ""))
-        self.last_reward_stats: dict[str, float] = {}
+    def __post_init__(self):
+        check_options("math", {k: v for k, v in vars(self).items() if k != "last_reward_stats"}, prefix="")
 
     def load(
         self, split: str = "train", n: int | None = None, seed: int = 0, offline_ok: bool = True
     ) -> list[dict[str, Any]]:
         return load(split, n=n, offline_ok=offline_ok, seed=seed, dataset=self.dataset, hub_id=self.hub_id)
 
-    def prompt(self, example: dict[str, Any], tokenizer: Any = None, style: str = "plain") -> str:
-        """``"chat"``: the paper's prompt in the chat template; ``"plain"`` / ``"compact"``: raw prompt."""
-        self.check_style(style)
+    def user_text(self, example: dict[str, Any], style: str) -> str:
         if "problem" not in example:
             raise ValueError("example must have a 'problem' field")
-        text = prompt_text(example["problem"])
-        return apply_chat_template(tokenizer, text) if style == "chat" else text
+        return PROMPT.format(problem=example["problem"])
 
     def score(self, response: str, example: dict[str, Any]) -> float:
         answer = example.get("answer") if isinstance(example, dict) else None
         return score(response, answer, use_math_verify=self.use_math_verify, timeout_s=self.timeout_s)
 
     def reward(self, responses: list[str], examples: list[dict[str, Any]]) -> list[float]:
-        """Scores of a batch: the cheap rules first, then one bounded symbolic pass over the undecided answers."""
         check_batch(responses, examples)
-        verdicts = [
-            _cheap_verdict(last_boxed(r), e.get("answer") if isinstance(e, dict) else None, self.use_math_verify)
-            for r, e in zip(responses, examples)
-        ]
-        pending = [i for i, v in enumerate(verdicts) if not isinstance(v, bool)]
-        pairs = [verdicts[i] for i in pending]
-        found, self.last_reward_stats = symbolic_check(
-            pairs, timeout_s=self.timeout_s, budget_s=self.batch_timeout_s, workers=self.workers
+        answers = [e.get("answer") if isinstance(e, dict) else None for e in examples]
+        bounds = dict(timeout_s=self.timeout_s, budget_s=self.batch_timeout_s, workers=self.workers)
+        verdicts, self.last_reward_stats = _grade(
+            list(map(last_boxed, responses)), answers, self.use_math_verify, **bounds
         )
-        for i, v in zip(pending, found):
-            verdicts[i] = v
         return [float(v) for v in verdicts]
 
     def describe(self) -> str:
@@ -648,7 +563,6 @@ __all__ = [
     "load",
     "make_task",
     "normalize_answer",
-    "prompt_text",
     "score",
     "symbolic_check",
     "well_formed",

@@ -1,9 +1,8 @@
 """The symbolic MATH check in a separate process: ``python -m tre_edu.tasks.math_worker``.
 
-:mod:`tre_edu.tasks.math` starts a few of these and kills one that takes too long (sympy can hold the GIL for
-minutes on ``9^{9^{9}}``, so no thread of the parent could stop it). Protocol, one line each way: after its imports
-the worker writes ``ready``; then for every JSON line ``[answer, reference, timeout_s]`` it reads, it writes ``1``
-(``math_verify.verify`` says equal) or ``0``.
+:mod:`tre_edu.tasks.math` kills one that takes too long (sympy can hold the GIL for minutes on ``9^{9^{9}}``, so
+no thread could stop it). Protocol: after its imports the worker writes ``ready``; then for every JSON line
+``[answer, reference, timeout_s]`` it writes ``1`` (``math_verify.verify`` says equal) or ``0``.
 """
 
 from __future__ import annotations

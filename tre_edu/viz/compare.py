@@ -65,19 +65,14 @@ def comparison_figure(
     width: int | None = None,
     as_widget: bool = False,
 ) -> go.Figure:
-    """Several methods side by side, in three panels.
+    """Several methods side by side, in three panels (means over seeds).
 
-    1. Final held-out accuracy (``accuracy_key`` of the last evaluation): bars = mean over the seeds of a
-       method, error bars = standard deviation over seeds (n >= 2), dots = the single seeds, a grey dash = the
-       accuracy at the start (the warm start).
-    2. Held-out accuracy over PPO steps (mean over seeds).
-    3. ``tail_key`` (mass outside the top 10 tokens, per training batch) over PPO steps, log y axis: mean over
-       seeds, shaded min-max band; ``smooth`` > 1 applies a trailing moving average.
+    1. Final ``accuracy_key``: bars = mean, error bars = std over seeds (n >= 2), dots = seeds, grey dash = start.
+    2. ``accuracy_key`` over PPO steps.
+    3. ``tail_key`` over PPO steps (log y), with the min-max band over seeds; ``smooth`` > 1: a trailing mean.
 
-    Args:
-        runs: ``name -> run`` or ``name -> [run, run, ...]`` (seeds); a run is anything :func:`normalize_run`
-            reads. A dict of :class:`RecordedRun` (from :func:`load_recorded_runs`) is grouped by
-            :func:`group_runs` when ``group`` is True.
+    ``runs``: ``name -> run`` or ``name -> [run, ...]`` (seeds), a run being anything :func:`normalize_run` reads;
+    :class:`RecordedRun` values are grouped by :func:`group_runs` when ``group`` is True.
     """
     if not isinstance(smooth, int) or smooth < 1:
         raise ValueError(f"smooth must be an integer >= 1; got {smooth!r}")

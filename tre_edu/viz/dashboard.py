@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -78,22 +77,13 @@ DASHBOARD_PANELS = (
 class LiveDashboard:
     """Live training plots for one or several runs; implements the hooks of :class:`tre_edu.trainer.Callback`.
 
-    Pass it to ``PPOTrainer(callbacks=[dash])`` or ``run_training(cfg, callbacks=[dash])`` and display it
-    (the last expression of a cell, or ``display(dash)``) *before* training: every ``every`` PPO steps, and at
-    every evaluation, the new points are written into the ``FigureWidget`` inside one ``batch_update`` (one
-    message to the browser). Each run gets a colour (by method: red global entropy, blue TRE-K, green TRE-P,
-    ...); within a panel the line style tells the metrics apart (see the panel's subtitle).
+    Pass it to ``run_training(cfg, callbacks=[dash])`` (or a trainer) and display it *before* training: every
+    ``every`` PPO steps, and at every evaluation, the new points go into the ``FigureWidget`` in one
+    ``batch_update``. A colour per run (by method), a line style per metric (see the panel's subtitle).
 
-    A run starts at ``on_train_begin``, named after ``start_run(name)`` when it was called before, else after
-    the trainer's regulariser kind (starting a run of an existing name replaces it; the same trainer training
-    again continues its run). Without a notebook front end nothing is drawn on screen; everything is still
-    recorded (:attr:`runs`, :attr:`figure`).
-
-    Args:
-        every: redraw every ``every`` PPO steps (evaluations and the end of training always redraw).
-        panels: the subplots (default :data:`DASHBOARD_PANELS`, 3 x 2).
-        live: use a ``go.FigureWidget`` (True) or a plain ``go.Figure`` (False: headless, no widget library).
-        title, height, width: layout.
+    A run starts at ``on_train_begin``, named by an earlier ``start_run(name)``, else after the trainer's
+    regulariser kind (a new run of an existing name replaces it; the same trainer training again continues its
+    run). ``live=False`` draws into a plain ``go.Figure`` (headless); everything is recorded in :attr:`runs`.
     """
 
     def __init__(
@@ -129,12 +119,10 @@ class LiveDashboard:
         return {"row": i // 2 + 1, "col": i % 2 + 1}
 
     def _build(self, title: str | None, height: int, width: int | None) -> go.Figure:
-        n = len(self.panels)
-        rows = (n + 1) // 2
-        specs = [[None, None] for _ in range(rows)]
-        for i, panel in enumerate(self.panels):
-            cell = self._cell(i)
-            specs[cell["row"] - 1][cell["col"] - 1] = {"secondary_y": any(s.secondary for s in panel.series)}
+        rows = (len(self.panels) + 1) // 2
+        secondary = [any(s.secondary for s in panel.series) for panel in self.panels]
+        cells = [{"secondary_y": sec} for sec in secondary] + [None] * (2 * rows - len(self.panels))
+        specs = [cells[i : i + 2] for i in range(0, 2 * rows, 2)]
         fig = make_subplots(
             rows=rows,
             cols=2,
@@ -147,7 +135,7 @@ class LiveDashboard:
             fig.update_xaxes(title_text="PPO step", **self._cell(i))
             if panel.log_y:
                 fig.update_yaxes(type="log", exponentformat="power", secondary_y=False, **self._cell(i))
-            if any(s.secondary for s in panel.series):
+            if secondary[i]:
                 fig.update_yaxes(range=[0, 1.02], secondary_y=True, **self._cell(i))
         fig.update_annotations(font_size=12)
         fig.update_layout(
@@ -159,13 +147,7 @@ class LiveDashboard:
             margin={"l": 60, "r": 40, "t": 90, "b": 60},
             hovermode="closest",
         )
-        if self.live:
-            try:
-                return go.FigureWidget(fig)
-            except Exception as err:  # pragma: no cover - only without the widget libraries
-                warnings.warn(f"no FigureWidget ({err}); the dashboard records without live display", stacklevel=3)
-                self.live = False
-        return fig
+        return go.FigureWidget(fig) if self.live else fig
 
     def _add_run_traces(self, name: str) -> None:
         color = run_color(name, self._colors)
@@ -275,14 +257,8 @@ class LiveDashboard:
         if recs:
             last = recs[-1]
             parts.append(f"step {last['step']}" + (f" / {self._total}" if self._total else ""))
-            for key, text, fmt in (
-                ("reward/mean", "reward", ".3f"),
-                ("tail/mass_outside_top10", "mass outside top-10", ".2e"),
-            ):
-                if key in last:
-                    parts.append(f"{text} {last[key]:{fmt}}")
-            if "time/step" in last:
-                parts.append(f"{last['time/step']:.2f} s/step")
+            shown = (("reward/mean", "reward {:.3f}"), ("tail/mass_outside_top10", "mass outside top-10 {:.2e}"))
+            parts += [text.format(last[key]) for key, text in (*shown, ("time/step", "{:.2f} s/step")) if key in last]
         if evals and "eval/greedy_accuracy" in evals[-1]:
             parts.append(f"greedy accuracy {evals[-1]['eval/greedy_accuracy']:.3f} (step {evals[-1]['step']})")
         return " · ".join(parts)

@@ -21,28 +21,24 @@ from tre_edu import dynamics as dyn
 from tre_edu import entropy as ent
 from tre_edu.viz.style import COLORS, TEMPLATE, method_label
 
+LOG = {"type": "log", "exponentformat": "power"}
+RANK_X = {**LOG, "title": "rank"}
 
-def _finish(fig: go.Figure, as_widget: bool) -> go.Figure:
+
+def _finish(fig: go.Figure, as_widget: bool, margin: tuple[int, int] = (60, 50), **layout) -> go.Figure:
+    """Apply the template, the (left, top) ``margin`` and ``layout``; a ``FigureWidget`` with ``as_widget``."""
+    fig.update_layout(template=TEMPLATE, margin={"l": margin[0], "r": 20, "t": margin[1], "b": 40}, **layout)
     return go.FigureWidget(fig) if as_widget else fig
 
 
-def _region_sizes(logits: Tensor, k: int, p: float, max_candidates: int | None) -> tuple[int, int]:
-    v = logits.numel()
-    if not isinstance(k, int) or not 1 <= k <= v:
-        raise ValueError(f"k must be an int in [1, V={v}]; got {k!r}")
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"p must be in (0, 1]; got {p!r}")
-    n_p = int(ent.nucleus_size(logits.detach(), p, max_candidates=max_candidates))
-    return k, n_p
+def _rank_curve(logits: Tensor, n_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """A log-spaced grid of ranks and the sorted probabilities there."""
+    probs = dyn.sorted_probs(logits)
+    grid = dyn.log_rank_grid(probs.size, n=n_points)
+    return grid, probs[grid - 1]
 
 
-def _polygon(x0: float, x1: float, y0: float, y1: float) -> tuple[list[float], list[float]]:
-    return [x0, x1, x1, x0, x0], [y0, y0, y1, y1, y0]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Notebook 01: the trust region of one distribution
-# ---------------------------------------------------------------------------------------------------------
+# ---- notebook 01: the trust region of one distribution ---------------------------------------------------
 
 
 def trust_region_figure(
@@ -62,72 +58,38 @@ def trust_region_figure(
 
     1. The ``n_bars`` most likely tokens; the TRE-K region (the top K) highlighted, the TRE-P region marked.
     2. Probability against rank on log-log axes with both trust regions shaded.
-    3. Global entropy, TRE-K and TRE-P: raw local entropy ``H_TR`` and rescaled
-       ``H_TRE = H_TR log V / log|A_TR|``.
+    3. Global entropy, TRE-K and TRE-P: raw ``H_TR`` and rescaled ``H_TRE = H_TR log V / log|A_TR|``.
 
     Traces, in order: 0 "TRE-K region" (bars, exactly K of them when K <= n_bars), 1 "outside TRE-K" (bars),
     2 "TRE-P region" (markers), 3 "p(rank)" (line), 4 "TRE-K region" (shading), 5 "TRE-P region" (shading),
     6 "raw H_TR" (bars), 7 "rescaled" (bars), 8 "log V" (line).
     """
-    dyn._check_logits(logits)
-    v = logits.numel()
-    k, n_p = _region_sizes(logits, k, p, max_candidates)
-    n_bars = min(n_bars, v)
     probs = dyn.sorted_probs(logits)
-    ranks = np.arange(1, n_bars + 1)
-
-    h_glob = float(ent.global_entropy(logits))
-    h_k_raw = float(ent.trust_region_entropy(logits, top_k=k, rescale=False, max_candidates=max_candidates))
-    h_k = float(ent.trust_region_entropy(logits, top_k=k, rescale=True, max_candidates=max_candidates))
-    h_p_raw = float(ent.trust_region_entropy(logits, top_p=p, rescale=False, max_candidates=max_candidates))
-    h_p = float(ent.trust_region_entropy(logits, top_p=p, rescale=True, max_candidates=max_candidates))
-    f_k = dyn.rescale_factor(v, k)
-    f_p = dyn.rescale_factor(v, n_p)
-
+    v, n_bars = logits.numel(), min(n_bars, logits.numel())
+    n_p = int(ent.nucleus_size(logits.detach(), p, max_candidates=max_candidates))
+    region = {"k": k, "p": p, "max_candidates": max_candidates}
+    raw, rescaled = (
+        [float(dyn.regularizer_value(logits, m, rescale=r, **region)) for m in dyn.METHODS] for r in (False, True)
+    )
+    titles = (f"top {n_bars} of V = {v:,} tokens", "probability by rank (log-log)", "entropy (nats)")
     fig = make_subplots(
-        rows=1,
-        cols=3,
-        column_widths=[0.34, 0.36, 0.30],
-        horizontal_spacing=0.07,
-        subplot_titles=(
-            f"top {n_bars} of V = {v:,} tokens",
-            "probability by rank (log-log)",
-            "entropy (nats)",
-        ),
+        rows=1, cols=3, column_widths=[0.34, 0.36, 0.30], horizontal_spacing=0.07, subplot_titles=titles
     )
-    in_k = ranks <= k
-    fig.add_trace(
-        go.Bar(
-            x=ranks[in_k],
-            y=probs[:n_bars][in_k],
-            name=f"TRE-K region (K = {k})",
-            marker_color=COLORS["tre-k"],
-            hovertemplate="rank %{x}<br>p = %{y:.3g}<extra>in TRE-K region</extra>",
-        ),
-        row=1,
-        col=1,
-    )
-    fig.add_trace(
-        go.Bar(
-            x=ranks[~in_k],
-            y=probs[:n_bars][~in_k],
-            name="outside TRE-K",
-            marker_color=COLORS["outside"],
-            hovertemplate="rank %{x}<br>p = %{y:.3g}<extra>outside</extra>",
-        ),
-        row=1,
-        col=1,
-    )
-    in_p = ranks <= n_p
-    fig.add_trace(
-        go.Scatter(
-            x=ranks[in_p],
-            y=probs[:n_bars][in_p] * 1.6,
-            mode="markers",
-            marker={"symbol": "triangle-down", "size": 8, "color": COLORS["tre-p"]},
-            name=f"TRE-P region (p = {p:.3g}, |A_TR| = {n_p})",
-            hovertemplate="rank %{x}<extra>in TRE-P region</extra>",
-        ),
+    ranks, top = np.arange(1, n_bars + 1), probs[:n_bars]
+    in_k, in_p = ranks <= k, ranks <= n_p
+    for sel, name, color, where in (
+        (in_k, f"TRE-K region (K = {k})", COLORS["tre-k"], "in TRE-K region"),
+        (~in_k, "outside TRE-K", COLORS["outside"], "outside"),
+    ):
+        hover = f"rank %{{x}}<br>p = %{{y:.3g}}<extra>{where}</extra>"
+        fig.add_bar(x=ranks[sel], y=top[sel], name=name, marker_color=color, hovertemplate=hover, row=1, col=1)
+    fig.add_scatter(
+        x=ranks[in_p],
+        y=top[in_p] * 1.6,
+        mode="markers",
+        marker={"symbol": "triangle-down", "size": 8, "color": COLORS["tre-p"]},
+        name=f"TRE-P region (p = {p:.3g}, |A_TR| = {n_p})",
+        hovertemplate="rank %{x}<extra>in TRE-P region</extra>",
         row=1,
         col=1,
     )
@@ -135,103 +97,62 @@ def trust_region_figure(
     grid = dyn.log_rank_grid(v, n=n_points)
     y = probs[grid - 1]
     y_min = max(float(y.min()) / 3, 1e-300)
-    fig.add_trace(
-        go.Scatter(
-            x=grid,
-            y=y,
-            mode="lines",
-            line={"color": COLORS["start"], "width": 2},
-            name="p(rank)",
-            hovertemplate="rank %{x}<br>p = %{y:.3g}<extra></extra>",
-        ),
-        row=1,
-        col=2,
-    )
+    line = {"color": COLORS["start"], "width": 2}
+    hover = "rank %{x}<br>p = %{y:.3g}<extra></extra>"
+    fig.add_scatter(x=grid, y=y, mode="lines", line=line, name="p(rank)", hovertemplate=hover, row=1, col=2)
     for name, size, color in (("TRE-K region", k, COLORS["tre-k"]), ("TRE-P region", n_p, COLORS["tre-p"])):
-        xs, ys = _polygon(0.8, size + 0.4, y_min, 1.5)
-        fig.add_trace(
-            go.Scatter(
-                x=xs,
-                y=ys,
-                fill="toself",
-                mode="lines",
-                line={"width": 0},
-                fillcolor=color,
-                opacity=0.22,
-                name=f"{name} (shaded, {size} tokens)",
-                hoverinfo="skip",
-            ),
+        fig.add_scatter(
+            x=[0.8, size + 0.4, size + 0.4, 0.8, 0.8],
+            y=[y_min, y_min, 1.5, 1.5, y_min],
+            fill="toself",
+            mode="lines",
+            line={"width": 0},
+            fillcolor=color,
+            opacity=0.22,
+            name=f"{name} (shaded, {size} tokens)",
+            hoverinfo="skip",
             row=1,
             col=2,
         )
 
+    cell = {"row": 1, "col": 3}
     cats = ["global H", f"TRE-K (K={k})", f"TRE-P (p={p:.3g})"]
-    fig.add_trace(
-        go.Bar(
-            x=cats,
-            y=[h_glob, h_k_raw, h_p_raw],
-            name="raw: H, H_TR",
-            marker_color=["#f4a3a3", "#9ec5e8", "#a8dba8"],
-            text=[f"{h_glob:.3f}", f"{h_k_raw:.3f}", f"{h_p_raw:.3f}"],
-            textposition="outside",
-            textfont={"size": 10},
-        ),
-        row=1,
-        col=3,
-    )
-    fig.add_trace(
-        go.Bar(
-            x=cats,
-            y=[h_glob, h_k, h_p],
-            name="rescaled: H_TRE = H_TR·log V / log|A_TR|",
-            marker_color=[COLORS["entropy"], COLORS["tre-k"], COLORS["tre-p"]],
-            text=[f"{h_glob:.3f}", f"{h_k:.3f}", f"{h_p:.3f}"],
-            textposition="outside",
-        ),
-        row=1,
-        col=3,
-    )
+    for name, hs, colors, font in (
+        ("raw: H, H_TR", raw, ["#f4a3a3", "#9ec5e8", "#a8dba8"], {"size": 10}),
+        ("rescaled: H_TRE = H_TR·log V / log|A_TR|", rescaled, [COLORS[m] for m in dyn.METHODS], None),
+    ):
+        text = [f"{h:.3f}" for h in hs]
+        fig.add_bar(
+            x=cats, y=hs, name=name, marker_color=colors, text=text, textposition="outside", textfont=font, **cell
+        )
     log_v = math.log(v)
-    fig.add_trace(
-        go.Scatter(
-            x=[cats[0], cats[-1]],
-            y=[log_v, log_v],
-            mode="lines",
-            line={"dash": "dash", "color": "#777"},
-            name=f"log V = {log_v:.2f} (max)",
-        ),
-        row=1,
-        col=3,
+    dash = {"dash": "dash", "color": "#777"}
+    fig.add_scatter(
+        x=[cats[0], cats[-1]], y=[log_v] * 2, mode="lines", line=dash, name=f"log V = {log_v:.2f} (max)", **cell
     )
 
+    f_k, f_p = dyn.rescale_factor(v, k), dyn.rescale_factor(v, n_p)
     if k == 1:  # the official code's special case: min-entropy -log max pi, unscaled
         f_k = 1.0
         k_txt = "TRE-K: |A_TR| = 1, min-entropy −log max π (unscaled), effective coef"
     else:
         k_txt = f"TRE-K: |A_TR| = {k}, factor log V/log K = {f_k:.1f}, effective coef {coef:g}×{f_k:.1f} ="
     title = f"{k_txt} {coef * f_k:.4f}<br>TRE-P: |A_TR| = {n_p}, factor {f_p:.1f}, effective {coef * f_p:.4f}"
-    fig.update_layout(
-        template=TEMPLATE,
+    fig.update_xaxes(title_text="rank", row=1, col=1)
+    fig.update_yaxes(title_text="probability", dtick=1, row=1, col=1, **LOG)
+    fig.update_xaxes(title_text="rank", row=1, col=2, **LOG)
+    fig.update_yaxes(dtick=2, range=[math.log10(y_min), math.log10(1.5)], row=1, col=2, **LOG)
+    fig.update_yaxes(range=[0, log_v * 1.15], row=1, col=3)
+    return _finish(
+        fig,
+        as_widget,
+        (55, 80),
         height=height,
         width=width,
         barmode="group",
         title={"text": title, "font": {"size": 13}, "x": 0.01},
         legend={"orientation": "h", "y": -0.18, "x": 0.0, "font": {"size": 11}},
-        margin={"l": 55, "r": 20, "t": 80, "b": 40},
     )
-    fig.update_xaxes(title_text="rank", row=1, col=1)
-    fig.update_yaxes(type="log", title_text="probability", exponentformat="power", dtick=1, row=1, col=1)
-    fig.update_xaxes(type="log", title_text="rank", exponentformat="power", row=1, col=2)
-    fig.update_yaxes(
-        type="log",
-        exponentformat="power",
-        dtick=2,
-        range=[math.log10(y_min), math.log10(1.5)],
-        row=1,
-        col=2,
-    )
-    fig.update_yaxes(range=[0, log_v * 1.15], row=1, col=3)
-    return _finish(fig, as_widget)
 
 
 def gradient_figure(
@@ -256,7 +177,6 @@ def gradient_figure(
     """
     dyn._check_logits(logits)
     v = logits.numel()
-    k, n_p = _region_sizes(logits, k, p, max_candidates)
     order = torch.argsort(logits.detach(), descending=True)
     grads = {
         m: dyn.entropy_gradient(logits, m, k=k, p=p, max_candidates=max_candidates)[order].double().numpy()
@@ -265,116 +185,50 @@ def gradient_figure(
     grid = dyn.log_rank_grid(v, n=n_points, dense_head=32)
     idx = grid - 1
     h = -dyn.sign_threshold(logits)
-    logp_sorted = torch.log_softmax(logits.detach().double(), -1)[order].numpy()
-    below = np.nonzero(logp_sorted < -h)[0]
+    below = np.nonzero(torch.log_softmax(logits.detach().double(), -1)[order].numpy() < -h)[0]
     thr_rank = int(below[0]) + 1 if below.size else v
 
+    titles = ("|dH/dz| per token (log scale)", "sign of dH/dz: + raises the logit, − lowers it")
     fig = make_subplots(
-        rows=2,
-        cols=1,
-        shared_xaxes=True,
-        row_heights=[0.68, 0.32],
-        vertical_spacing=0.06,
-        subplot_titles=("|dH/dz| per token (log scale)", "sign of dH/dz: + raises the logit, − lowers it"),
+        rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.06, subplot_titles=titles
     )
-    g = grads["entropy"][idx]
-    up, down = g > 0, g < 0
-    fig.add_trace(
-        go.Scatter(
-            x=grid[up],
-            y=g[up],
-            mode="markers",
-            marker={"color": COLORS["entropy"], "size": 5},
-            name="global entropy: dH/dz > 0 (raised)",
-        ),
-        row=1,
-        col=1,
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=grid[down],
-            y=-g[down],
-            mode="markers",
-            marker={"color": COLORS["entropy"], "size": 7, "symbol": "x"},
-            name="global entropy: dH/dz < 0 (lowered)",
-        ),
-        row=1,
-        col=1,
-    )
+    g, top = grads["entropy"][idx], {"row": 1, "col": 1}
+    for sel, y, size, symbol, how in ((g > 0, g, 5, None, "> 0 (raised)"), (g < 0, -g, 7, "x", "< 0 (lowered)")):
+        marker = {"color": COLORS["entropy"], "size": size, "symbol": symbol}
+        fig.add_scatter(
+            x=grid[sel], y=y[sel], mode="markers", marker=marker, name=f"global entropy: dH/dz {how}", **top
+        )
     for m, symbol in (("tre-k", "diamond"), ("tre-p", "square")):
         gm = grads[m][idx]
         nz = gm != 0
-        n_zero = int((grads[m] == 0).sum())
-        fig.add_trace(
-            go.Scatter(
-                x=grid[nz],
-                y=np.abs(gm[nz]),
-                mode="markers",
-                marker={
-                    "color": COLORS[m],
-                    "size": 9,
-                    "symbol": symbol,
-                    "line": {"width": 1, "color": "white"},
-                },
-                name=f"{method_label(m)}: |dH/dz| (exactly 0 for the other {n_zero:,} tokens)",
-            ),
-            row=1,
-            col=1,
-        )
-    rows_y, rows_x, rows_s = [], [], []
-    for m in dyn.METHODS:
-        s = np.sign(grads[m][idx])
-        rows_y.append(np.full(s.shape, method_label(m), dtype=object))
-        rows_x.append(grid)
-        rows_s.append(s)
-    ys, xs, ss = np.concatenate(rows_y), np.concatenate(rows_x), np.concatenate(rows_s)
-    for sign, color, label in (
-        (1, COLORS["entropy"], "+"),
-        (0, COLORS["outside"], "0"),
-        (-1, COLORS["down"], "−"),
-    ):
-        sel = ss == sign
-        fig.add_trace(
-            go.Scatter(
-                x=xs[sel],
-                y=ys[sel],
-                mode="markers",
-                marker={"color": color, "size": 7, "symbol": "square"},
-                name=f"sign {label}",
-            ),
-            row=2,
-            col=1,
-        )
+        marker = {"color": COLORS[m], "size": 9, "symbol": symbol, "line": {"width": 1, "color": "white"}}
+        name = f"{method_label(m)}: |dH/dz| (exactly 0 for the other {int((grads[m] == 0).sum()):,} tokens)"
+        fig.add_scatter(x=grid[nz], y=np.abs(gm[nz]), mode="markers", marker=marker, name=name, **top)
+    labels = [method_label(m) for m in dyn.METHODS]
+    ys, xs = np.repeat(np.array(labels, dtype=object), grid.size), np.tile(grid, len(labels))
+    signs = np.sign(np.concatenate([grads[m][idx] for m in dyn.METHODS]))
+    for sign, color, label in ((1, COLORS["entropy"], "+"), (0, COLORS["outside"], "0"), (-1, COLORS["down"], "−")):
+        sel, marker = signs == sign, {"color": color, "size": 7, "symbol": "square"}
+        fig.add_scatter(x=xs[sel], y=ys[sel], mode="markers", marker=marker, name=f"sign {label}", row=2, col=1)
     pos = np.abs(np.concatenate([g[g != 0], grads["tre-k"][idx], grads["tre-p"][idx]]))
     pos = pos[pos > 0]
     lo, hi = (float(pos.min()) / 3, float(pos.max()) * 3) if pos.size else (1e-12, 1.0)
-    for row, ys_line in ((1, [lo, hi]), (2, [method_label("entropy"), method_label("tre-p")])):
-        fig.add_trace(
-            go.Scatter(
-                x=[thr_rank, thr_rank],
-                y=ys_line,
-                mode="lines",
-                line={"dash": "dot", "color": "#555"},
-                name=f"log π = −H (H = {h:.3f}): rank {thr_rank}",
-                showlegend=row == 1,
-            ),
+    for row, ys_line in ((1, [lo, hi]), (2, [labels[0], labels[-1]])):
+        fig.add_scatter(
+            x=[thr_rank, thr_rank],
+            y=ys_line,
+            mode="lines",
+            line={"dash": "dot", "color": "#555"},
+            name=f"log π = −H (H = {h:.3f}): rank {thr_rank}",
+            showlegend=row == 1,
             row=row,
             col=1,
         )
-    fig.update_layout(
-        template=TEMPLATE,
-        height=height,
-        width=width,
-        legend={"font": {"size": 11}},
-        margin={"l": 60, "r": 20, "t": 40, "b": 40},
-    )
-    fig.update_xaxes(type="log", exponentformat="power", dtick=1, row=1, col=1)
-    fig.update_xaxes(type="log", exponentformat="power", dtick=1, title_text="rank", row=2, col=1)
-    fig.update_yaxes(type="log", exponentformat="power", range=[math.log10(lo), math.log10(hi)], row=1, col=1)
-    fig.update_yaxes(
-        categoryorder="array", categoryarray=[method_label(m) for m in reversed(dyn.METHODS)], row=2, col=1
-    )
-    return _finish(fig, as_widget)
+    fig.update_xaxes(dtick=1, **LOG)
+    fig.update_xaxes(title_text="rank", row=2, col=1)
+    fig.update_yaxes(range=[math.log10(lo), math.log10(hi)], row=1, col=1, **LOG)
+    fig.update_yaxes(categoryorder="array", categoryarray=labels[::-1], row=2, col=1)
+    return _finish(fig, as_widget, (60, 40), height=height, width=width, legend={"font": {"size": 11}})
 
 
 def effective_coef_figure(
@@ -389,35 +243,20 @@ def effective_coef_figure(
     vs = np.asarray(sorted(int(v) for v in vocab_sizes))
     fig = go.Figure()
     for k in ks:
-        fig.add_trace(
-            go.Scatter(
-                x=vs,
-                y=[coef * dyn.rescale_factor(int(v), k) for v in vs],
-                mode="lines+markers",
-                name=f"K = {k}",
-            )
-        )
+        y = [coef * dyn.rescale_factor(int(v), k) for v in vs]
+        fig.add_scatter(x=vs, y=y, mode="lines+markers", name=f"K = {k}")
     fig.add_hline(y=coef, line_dash="dash", annotation_text=f"global entropy: {coef:g} (no rescaling)")
-    fig.update_layout(
-        template=TEMPLATE,
+    return _finish(
+        fig,
+        as_widget,
         height=height,
         title=f"effective weight of the TRE-K term, coef = {coef:g}",
-        xaxis={"type": "log", "title": "vocabulary size V", "exponentformat": "power"},
+        xaxis={**LOG, "title": "vocabulary size V"},
         yaxis={"title": "coef · log V / log K", "rangemode": "tozero"},
-        margin={"l": 60, "r": 20, "t": 50, "b": 40},
     )
-    return _finish(fig, as_widget)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Notebook 02: tail dilution under an entropy bonus
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _rank_curve(logits: Tensor, n_points: int) -> tuple[np.ndarray, np.ndarray]:
-    probs = dyn.sorted_probs(logits)
-    grid = dyn.log_rank_grid(probs.size, n=n_points)
-    return grid, probs[grid - 1]
+# ---- notebook 02: tail dilution under an entropy bonus ---------------------------------------------------
 
 
 def rank_curves_figure(
@@ -435,16 +274,9 @@ def rank_curves_figure(
         dyn._check_logits(logits, f"curves[{label!r}]")
         x, y = _rank_curve(logits, n_points)
         color = (colors or {}).get(label)
-        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=label, line={"color": color} if color else None))
-    fig.update_layout(
-        template=TEMPLATE,
-        height=height,
-        title=title,
-        xaxis={"type": "log", "title": "rank", "exponentformat": "power"},
-        yaxis={"type": "log", "title": "probability", "exponentformat": "power"},
-        margin={"l": 60, "r": 20, "t": 50, "b": 40},
-    )
-    return _finish(fig, as_widget)
+        fig.add_scatter(x=x, y=y, mode="lines", name=label, line={"color": color} if color else None)
+    yaxis = {**LOG, "title": "probability"}
+    return _finish(fig, as_widget, height=height, title=title, xaxis=RANK_X, yaxis=yaxis)
 
 
 def tail_mass_figure(
@@ -463,25 +295,19 @@ def tail_mass_figure(
     style = {v: dashes[max(len(dashes) - len(vs) + i, 0)] for i, v in enumerate(vs)}
     fig = go.Figure()
     for (method, v), res in results.items():
-        fig.add_trace(
-            go.Scatter(
-                x=res.steps,
-                y=res.tail_mass,
-                mode="lines",
-                name=f"{method_label(method)}, V = {v:,}",
-                line={"color": COLORS.get(method), "dash": style[v], "width": 2},
-            )
+        line = {"color": COLORS.get(method), "dash": style[v], "width": 2}
+        fig.add_scatter(
+            x=res.steps, y=res.tail_mass, mode="lines", name=f"{method_label(method)}, V = {v:,}", line=line
         )
     k = next(iter(results.values())).tail_k if results else 0
-    fig.update_layout(
-        template=TEMPLATE,
+    return _finish(
+        fig,
+        as_widget,
         height=height,
         title=f"mass outside the top {k} tokens during entropy ascent",
         xaxis={"title": "ascent step"},
-        yaxis={"title": "tail mass", "type": "log" if log_y else "linear", "exponentformat": "power"},
-        margin={"l": 60, "r": 20, "t": 50, "b": 40},
+        yaxis={**LOG, "title": "tail mass", "type": "log" if log_y else "linear"},
     )
-    return _finish(fig, as_widget)
 
 
 def _clean_traces(eps: Mapping[str, float], t_max: int, t_mark: int, colors, show_mark: bool, text: bool = True):
@@ -492,11 +318,9 @@ def _clean_traces(eps: Mapping[str, float], t_max: int, t_mark: int, colors, sho
     lines, marks = [], []
     for label, e in eps.items():
         name, color, val = method_label(label), colors.get(label), float(dyn.clean_response_probability(e, t_mark)[0])
-        dash = "dot" if label == "start" else "solid"
+        line = {"color": color, "dash": "dot" if label == "start" else "solid"}
         y = dyn.clean_response_probability(e, ts)
-        lines.append(
-            go.Scatter(x=ts, y=y, mode="lines", name=f"{name} (ε = {e:.2g})", line={"color": color, "dash": dash})
-        )
+        lines.append(go.Scatter(x=ts, y=y, mode="lines", name=f"{name} (ε = {e:.2g})", line=line))
         marks.append(
             go.Scatter(
                 x=[t_mark],
@@ -534,15 +358,14 @@ def clean_response_figure(
         raise ValueError(f"t_max must be >= 1; got {t_max}")
     t_mark = t_max if mark_t is None else int(mark_t)
     fig = go.Figure(_clean_traces(eps, t_max, t_mark, colors or {}, show_mark=mark_t is not None))
-    fig.update_layout(
-        template=TEMPLATE,
+    return _finish(
+        fig,
+        as_widget,
         height=height,
         title="chance that a T-token response never samples a tail token: ∏(1 − ε_t)",
-        xaxis={"type": "log", "title": "response length T (tokens)", "exponentformat": "power"},
+        xaxis={**LOG, "title": "response length T (tokens)"},
         yaxis={"title": "P(clean response)", "range": [0, 1.05]},
-        margin={"l": 60, "r": 20, "t": 50, "b": 40},
     )
-    return _finish(fig, as_widget)
 
 
 def tail_dilution_figure(
@@ -584,9 +407,8 @@ def tail_dilution_figure(
     for m, res in results.items():
         x, y = _rank_curve(res.final_logits, n_points)
         line = {"color": COLORS.get(m), "dash": "dash" if m != "entropy" else "solid"}
-        fig.add_scatter(
-            x=x, y=y, mode="lines", name=f"{method_label(m)} after {n_steps} steps", line=line, row=1, col=1
-        )
+        name = f"{method_label(m)} after {n_steps} steps"
+        fig.add_scatter(x=x, y=y, mode="lines", name=name, line=line, row=1, col=1)
     for m, res in results.items():
         line = {"color": COLORS.get(m), "width": 2}
         fig.add_scatter(x=res.steps, y=res.tail_mass, mode="lines", line=line, showlegend=False, row=1, col=2)
@@ -598,18 +420,18 @@ def tail_dilution_figure(
         for lbl, e in eps.items()
     )
     coef_txt = f"coef = {coef:g}, " if coef is not None else ""
-    fig.update_layout(
-        template=TEMPLATE,
+    fig.update_xaxes(title_text="rank", col=1, **LOG)
+    fig.update_xaxes(title_text="ascent step", col=2)
+    fig.update_xaxes(title_text="T (tokens)", col=3, **LOG)
+    fig.update_yaxes(col=1, **LOG)
+    fig.update_yaxes(col=2, **LOG)
+    fig.update_yaxes(range=[0, 1.05], col=3)
+    return _finish(
+        fig,
+        as_widget,
+        (55, 80),
         height=height,
         width=width,
         title={"text": f"{coef_txt}T = {horizon:,}<br>{summary}", "font": {"size": 12}, "x": 0.01},
         legend={"orientation": "h", "y": -0.2, "x": 0.0, "font": {"size": 11}},
-        margin={"l": 55, "r": 20, "t": 80, "b": 40},
     )
-    fig.update_xaxes(type="log", exponentformat="power", title_text="rank", col=1)
-    fig.update_yaxes(type="log", exponentformat="power", col=1)
-    fig.update_xaxes(title_text="ascent step", col=2)
-    fig.update_yaxes(type="log", exponentformat="power", col=2)
-    fig.update_xaxes(type="log", exponentformat="power", title_text="T (tokens)", col=3)
-    fig.update_yaxes(range=[0, 1.05], col=3)
-    return _finish(fig, as_widget)

@@ -15,7 +15,7 @@ from tre_edu.models.tiny import alphabet
 from tre_edu.pipeline import run_training, run_warm_start
 from tre_edu.regularizers import Regularizer
 from tre_edu.viz.dashboard import LiveDashboard
-from tre_edu.viz.records import COEF_KINDS, finite
+from tre_edu.viz.records import ENTROPY_KINDS, finite
 
 # The methods of the paper's comparison (clip-cov is a sibling of KL-Cov, available in the library).
 METHODS = ("none", "entropy", "tre-k", "tre-p", "forking", "kl-cov")
@@ -28,27 +28,14 @@ _NOTES = {
 
 
 class RunLauncher:
-    """Sliders for a short PPO run and a "Train" button; the run is drawn live into a :class:`LiveDashboard`.
+    """Widgets for a short PPO run from ``base_config`` and a "Train" button; drawn live into ``dashboard``.
 
-    Widgets (``ipywidgets``): ``method`` (dropdown: none, entropy, tre-k, tre-p, forking, kl-cov), ``coef``
-    (log slider, the paper's units), ``k_slider`` ("K", TRE-K), ``p_slider`` ("p", TRE-P), ``tail_slider``
-    ("tail": tail tokens of the tiny model's vocabulary), ``steps_slider`` ("steps") and ``button`` ("Train").
-    The info line shows the effective coefficient (``coef · log V / log K`` for TRE-K).
-
-    Training is synchronous in the kernel: :func:`tre_edu.pipeline.run_training` from the warm start of the
-    chosen tail size, with ``output_dir`` under ``output_root`` (a new temporary directory by default). A tail
-    size without a warm start gets one first (:func:`tre_edu.pipeline.run_warm_start` with ``base_config``'s
-    ``sft`` section), cached for later runs. ``results[label]`` keeps each run's ``summary``, ``history`` and
-    ``eval_history``.
-
-    Args:
-        base_config: the :class:`~tre_edu.config.TrainConfig` every run starts from (sizes, rates, ...).
-        warm_starts: ``tail_tokens -> warm-start directory`` already made (e.g. by the notebook).
-        tails: the choices of the "tail" slider (default: the warm starts' and base_config's tail sizes).
-        dashboard: the live dashboard to draw into (default: a new one).
-        output_root: where runs and new warm starts are written (default: a new temporary directory).
-        max_steps: the largest value of the "steps" slider.
-        progress: progress bars of the training functions.
+    ``method`` (dropdown of :data:`METHODS`), ``coef`` (the paper's units), ``k_slider`` ("K"), ``p_slider``
+    ("p"), ``tail_slider`` ("tail": the tiny model's tail tokens, choices ``tails`` plus the warm starts'),
+    ``steps_slider`` (up to ``max_steps``); the info line shows the effective coefficient. "Train" runs
+    :func:`tre_edu.pipeline.run_training` (blocking) from the tail size's warm start (``warm_starts``: tail ->
+    directory; a missing one is made first by :func:`tre_edu.pipeline.run_warm_start` and cached), writing under
+    ``output_root`` (default: a new temporary directory). ``results[label]``: summary, history, eval_history.
     """
 
     def __init__(
@@ -64,9 +51,7 @@ class RunLauncher:
     ) -> None:
         self.base_config = base_config
         self.warm_starts: dict[int, str] = {int(k): str(v) for k, v in (warm_starts or {}).items()}
-        self.output_root = Path(
-            output_root if output_root is not None else tempfile.mkdtemp(prefix="tre_edu_launcher_")
-        )
+        self.output_root = Path(output_root or tempfile.mkdtemp(prefix="tre_edu_launcher_"))
         self.dashboard = dashboard if dashboard is not None else LiveDashboard(title="launcher runs")
         self.progress = progress
         self.results: dict[str, dict[str, Any]] = {}
@@ -110,7 +95,7 @@ class RunLauncher:
         """The ``regularizer.*`` overrides of the current widget values."""
         kind = self.method.value
         out: dict[str, Any] = {"regularizer.kind": kind}
-        if kind in COEF_KINDS:
+        if kind in ENTROPY_KINDS:
             out["regularizer.coef"] = float(self.coef.value)
         if kind == "tre-k":
             out["regularizer.k"] = int(self.k_slider.value)
@@ -127,14 +112,14 @@ class RunLauncher:
 
     def _on_change(self, _change=None) -> None:
         kind, k, tail = self.method.value, int(self.k_slider.value), int(self.tail_slider.value)
-        self.coef.disabled = kind not in COEF_KINDS
+        self.coef.disabled = kind not in ENTROPY_KINDS
         self.k_slider.disabled = kind != "tre-k"
         self.p_slider.disabled = kind != "tre-p"
         text = ""
         V = len(alphabet()) + tail if self.base_config.model.name == "tiny" else None
         if V:
             text = f"V = {V:,} tokens ({len(alphabet())} useful + {tail:,} tail). "
-        if kind in COEF_KINDS and V:
+        if kind in ENTROPY_KINDS and V:
             eff = Regularizer(kind=kind, coef=float(self.coef.value), k=k).effective_coef(V)
             how = {
                 "entropy": "no rescaling, on all V tokens",

@@ -62,40 +62,33 @@ class TrustRegionPanel(widgets.VBox):
         max_candidates: int | None = 256,
         width: int | None = 960,
     ) -> None:
-        dyn._check_logits(logits)
-        self.logits = logits.detach()
+        self.logits = dyn._check_logits(logits).detach()
         self.n_bars, self.coef, self.max_candidates, self.width = n_bars, coef, max_candidates, width
         slider = {"continuous_update": False, "style": {"description_width": "2em"}}
-        self.k_slider = widgets.IntSlider(
-            value=k, min=1, max=min(k_max, self.logits.numel()), description="K", **slider
-        )
+        k_max = min(k_max, self.logits.numel())
+        self.k_slider = widgets.IntSlider(value=k, min=1, max=k_max, description="K", **slider)
         self.p_slider = widgets.FloatSlider(
             value=p, min=0.5, max=0.999, step=0.001, readout_format=".3f", description="p", **slider
         )
-        self.figure = figures.trust_region_figure(self.logits, **self._kwargs(), as_widget=True)
-        self.gradient = (
-            figures.gradient_figure(self.logits, **self._kwargs(gradient=True), as_widget=True)
-            if show_gradient
-            else None
-        )
+        main, grad = self._figures(show_gradient)
+        self.figure, self.gradient = go.FigureWidget(main), None if grad is None else go.FigureWidget(grad)
         self.k_slider.observe(self.update, names="value")
         self.p_slider.observe(self.update, names="value")
-        children = [widgets.HBox([self.k_slider, self.p_slider]), self.figure]
-        if self.gradient is not None:
-            children.append(self.gradient)
-        super().__init__(children=children)
+        children = [widgets.HBox([self.k_slider, self.p_slider]), self.figure, self.gradient]
+        super().__init__(children=[c for c in children if c is not None])
 
-    def _kwargs(self, gradient: bool = False) -> dict:
-        """The builders' arguments for the current sliders (``gradient``: those of ``gradient_figure``)."""
+    def _figures(self, gradient: bool = True) -> tuple[go.Figure, go.Figure | None]:
+        """Both figures for the current slider values (the gradient one only with ``gradient``)."""
         kw = {"k": int(self.k_slider.value), "p": float(self.p_slider.value), "max_candidates": self.max_candidates}
-        kw["width"] = self.width
-        return kw if gradient else {**kw, "n_bars": self.n_bars, "coef": self.coef}
+        main = figures.trust_region_figure(self.logits, n_bars=self.n_bars, coef=self.coef, width=self.width, **kw)
+        return main, figures.gradient_figure(self.logits, width=self.width, **kw) if gradient else None
 
     def update(self, _change=None) -> None:
         """Recompute both figures for the current slider values (``_change``: the slider event, unused)."""
-        sync_figure(self.figure, figures.trust_region_figure(self.logits, **self._kwargs()))
-        if self.gradient is not None:
-            sync_figure(self.gradient, figures.gradient_figure(self.logits, **self._kwargs(gradient=True)))
+        main, grad = self._figures(self.gradient is not None)
+        sync_figure(self.figure, main)
+        if grad is not None:
+            sync_figure(self.gradient, grad)
 
 
 class TailDilutionPanel(widgets.VBox):
@@ -126,25 +119,15 @@ class TailDilutionPanel(widgets.VBox):
         lr: float = 1.0,
         width: int | None = 960,
     ) -> None:
-        if not vocab_sizes or not horizons:
-            raise ValueError("vocab_sizes and horizons must not be empty")
         vocab_sizes, horizons = [int(v) for v in vocab_sizes], [int(t) for t in horizons]
+        dyn._check(bool(vocab_sizes and horizons), "vocab_sizes and horizons must not be empty")
         vocab_size = vocab_sizes[-1] if vocab_size is None else int(vocab_size)
         horizon = horizons[len(horizons) // 2] if horizon is None else int(horizon)
-        if vocab_size not in vocab_sizes:
-            raise ValueError(f"vocab_size must be one of vocab_sizes {vocab_sizes}; got {vocab_size}")
-        if horizon not in horizons:
-            raise ValueError(f"horizon must be one of horizons {horizons}; got {horizon}")
+        dyn._check(vocab_size in vocab_sizes, f"vocab_size must be one of vocab_sizes {vocab_sizes}; got {vocab_size}")
+        dyn._check(horizon in horizons, f"horizon must be one of horizons {horizons}; got {horizon}")
         self.methods = tuple(dyn._check_method(m) for m in methods)
-        self.ascent_kwargs = {
-            "steps": steps,
-            "k": k,
-            "p": p,
-            "optimizer": optimizer,
-            "lr": lr,
-            "tail_k": n_plausible,
-            "record_every": record_every,
-        }
+        kw = {"k": k, "p": p, "optimizer": optimizer, "lr": lr, "record_every": record_every}
+        self.ascent_kwargs = {"steps": steps, "tail_k": n_plausible, **kw}
         self.n_plausible, self.seed, self.width = n_plausible, seed, width
         self.t_max = max(horizons)
         self._cache: dict[tuple[int, float], dict[str, dyn.AscentResult]] = {}
@@ -158,21 +141,12 @@ class TailDilutionPanel(widgets.VBox):
         self.figure = figures.tail_dilution_figure(self._results(), **self._fig_kwargs(), as_widget=True)
         for s in (self.v_slider, self.t_slider, self.coef_slider):
             s.observe(self.update, names="value")
-        super().__init__(
-            children=[
-                widgets.HBox([self.v_slider, self.coef_slider, self.t_slider]),
-                self.status,
-                self.figure,
-            ]
-        )
+        controls = widgets.HBox([self.v_slider, self.coef_slider, self.t_slider])
+        super().__init__(children=[controls, self.status, self.figure])
 
     def _fig_kwargs(self) -> dict:
-        return {
-            "horizon": int(self.t_slider.value),
-            "t_max": self.t_max,
-            "coef": float(self.coef_slider.value),
-            "width": self.width,
-        }
+        horizon, coef = int(self.t_slider.value), float(self.coef_slider.value)
+        return {"horizon": horizon, "t_max": self.t_max, "coef": coef, "width": self.width}
 
     def _results(self) -> dict[str, dyn.AscentResult]:
         key = (int(self.v_slider.value), round(float(self.coef_slider.value), 12))

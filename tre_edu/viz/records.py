@@ -7,6 +7,7 @@ record with ``"step"``; evaluation records carry ``"kind": "eval"``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from tre_edu.dynamics import METHODS as ENTROPY_KINDS  # the kinds whose coefficient weighs an entropy
 from tre_edu.env import repo_root
 
 # Config fields that tell runs apart in labels (when they differ between the runs being compared).
@@ -30,7 +32,6 @@ _LABEL_FIELDS = (
     ("task.options.think", "think"),
     ("ppo.max_new_tokens", "T"),
 )
-COEF_KINDS = ("entropy", "tre-k", "tre-p")  # the kinds whose coefficient is an entropy weight
 
 
 def finite(x: Any) -> bool:
@@ -102,15 +103,9 @@ def _split_records(records: Sequence[Mapping[str, Any]]) -> tuple[list[dict], li
 
 
 def normalize_run(run: Any, name: str = "run") -> tuple[list[dict], list[dict]]:
-    """``(history, eval_history)`` of one run given as any of:
-
-    - a :class:`RecordedRun`, a :class:`~tre_edu.trainer.PPOTrainer` (``.history`` / ``.eval_history``);
-    - a dict with ``"history"`` (and ``"eval_history"`` or a ``"trainer"``, e.g. the result of
-      :func:`tre_edu.pipeline.run_training` or a :attr:`LiveDashboard.runs` entry);
-    - a list of metric dicts (``trainer.history`` or the records of a ``metrics.jsonl``).
-
-    Every record of both lists has a ``"step"``.
-    """
+    """``(history, eval_history)``, every record with a ``"step"``, of a :class:`RecordedRun`, a trainer, a dict
+    with ``"history"`` (and ``"eval_history"`` or ``"trainer"``: :func:`tre_edu.pipeline.run_training`'s result, a
+    :attr:`LiveDashboard.runs` entry) or a list of metric dicts (``trainer.history``, a ``metrics.jsonl``)."""
     if isinstance(run, RecordedRun):
         return list(run.history), list(run.eval_history)
     if hasattr(run, "history") and hasattr(run, "eval_history") and not isinstance(run, Mapping):
@@ -158,25 +153,16 @@ def _read_jsonl(file: Path) -> list[dict]:
 def _resolve(path: str | Path) -> Path:
     """``path`` as given, else relative to the repository root (so ``data/...`` works from notebooks/)."""
     p = Path(path)
-    if p.exists() or p.is_absolute():
-        return p
-    try:
-        root = repo_root()
-    except FileNotFoundError:
-        return p
-    return root / p if (root / p).exists() else p
+    if not (p.exists() or p.is_absolute()):
+        with contextlib.suppress(FileNotFoundError):  # outside a checkout
+            p = repo_root() / p if (repo_root() / p).exists() else p
+    return p
 
 
 def load_recorded_runs(path: str | Path = "data/countdown_runs") -> RecordedRuns:
-    """Every run under ``path`` that has a ``summary.json`` (at any depth), as :class:`RecordedRun` objects.
-
-    Per run directory: ``summary.json`` (required, written by :func:`tre_edu.pipeline.run_training`),
-    ``metrics.jsonl`` (optional: one JSON object per PPO step with ``"step"``, evaluations with
-    ``"kind": "eval"``; see :class:`~tre_edu.trainer.JSONLLogger`) and ``config.yaml`` (optional). The run's
-    name is its directory relative to ``path``. A missing ``path`` gives an empty result (``len(runs) == 0``),
-    never an error, so a notebook can say how to produce the runs. A relative ``path`` that does not exist
-    from the current directory is looked up from the repository root.
-    """
+    """Every directory under ``path`` with a ``summary.json`` (and optional ``metrics.jsonl``, ``config.yaml``) as a
+    :class:`RecordedRun` named by its path relative to ``path``. A missing ``path`` gives no runs, never an error;
+    a relative one that does not exist here is looked up from the repository root."""
     root = _resolve(path)
     readme = (root / "README.md").read_text() if (root / "README.md").is_file() else None
     runs: dict[str, RecordedRun] = {}
@@ -221,7 +207,7 @@ def group_runs(runs: Mapping[str, RecordedRun]) -> dict[str, list[RecordedRun]]:
             parts = [r.method]
             for key, short in varying:
                 value = _get(r.config, key)
-                if value is None or (key.startswith("regularizer.") and r.method not in COEF_KINDS):
+                if value is None or (key.startswith("regularizer.") and r.method not in ENTROPY_KINDS):
                     continue
                 parts.append(f"{short}={value:g}" if isinstance(value, float) else f"{short}={value}")
             label = " ".join(parts)
