@@ -61,6 +61,8 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
     assert {"greedy_accuracy", "sampled_accuracy", "pass@2", "tail_response_frac"} <= set(first["eval"])
     assert first["config"]["model"]["tail_tokens"] == 300
     assert len(list((runs / "warm").iterdir())) == 1  # one warm start shared by both cells
+    assert len(list((runs / "warm").glob("*/eval_*.json"))) == 1  # ... and evaluated once, not once per cell
+    assert lines[0]["eval"] == json.loads(files[1].read_text().splitlines()[0])["eval"]
 
     # resume: finished cells are skipped; a half-finished cell (.part) is rerun from the start
     files[1].rename(files[1].with_name(files[1].name + ".part"))
@@ -80,7 +82,8 @@ def _line(method, coef, tail, seed, step, acc):
     cell = study.cell_id(axes)
     return {"cell": cell, "axes": axes, "method": method, "kind": method, "coefficient": coef, "effective_coef": coef,
             "tail": tail, "horizon": "think", "seed": seed, "step": step, "code_version": "test",
-            "eval": {"greedy_accuracy": acc, "tail_response_frac": 1 - acc}}  # fmt: skip
+            "eval": {"greedy_accuracy": acc, "tail_response_frac": 1 - acc},
+            "train_curve": [{"step": s, "tail/mass_outside_top10": 1 - acc} for s in range(1, step + 1)]}  # fmt: skip
 
 
 def test_aggregate_table_and_figures(tmp_path):
@@ -101,8 +104,11 @@ def test_aggregate_table_and_figures(tmp_path):
     sentences = study.against_baseline(rows)
     assert any("entropy 0.03 (tail 20,000" in s and "below none" in s for s in sentences)
     figs = study.figures(rows)
-    assert {"coef_greedy_accuracy_tail20000_think", "coef_tail_response_frac_tail0_think", "tail_greedy_think"} <= set(
-        figs
-    )
+    assert {
+        "coef_greedy_accuracy_tail20000_think",
+        "coef_tail_response_frac_tail0_think",
+        "tail_greedy_think",
+        "train_tail_tail0_think",
+    } <= set(figs)
     (path,) = study.save_figures({"one": figs["tail_greedy_think"]}, tmp_path)
     assert path.suffix in (".png", ".html") and path.stat().st_size > 0

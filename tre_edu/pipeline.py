@@ -88,7 +88,7 @@ def build_sampler(cfg: TrainConfig, tokenizer: Any, actor: Any) -> VLLMRollout |
     if cfg.ppo.rollout_backend != "vllm":
         return None
     state = PartialState()
-    source = cfg.init_from or (None if cfg.model.name == "tiny" else cfg.model.name)
+    source = cfg.init_from or (None if cfg.model.name == "tiny" else hub.resolve(cfg.model.name))
     if source is None:  # a freshly built tiny model: vLLM loads from a directory
         source = str(Path(cfg.output_dir) / f"vllm_init_rank{state.process_index}")
         actor.save_pretrained(source)

@@ -103,7 +103,9 @@ def load_study(path: str | Path) -> dict[str, Any]:
         for values in itertools.product(*axes.values()):
             cell = dict(zip(axes, values))
             if "coefficient" in cell and _method(cell) not in ENTROPY_METHODS:
-                cell["coefficient"] = None  # no entropy term: the coefficient axis does not apply
+                del cell["coefficient"]  # no entropy term: the coefficient axis does not apply
+            order = [a for a in NAMED_AXES if a in cell] + sorted(a for a in cell if a not in NAMED_AXES)
+            cell = {a: cell[a] for a in order}  # one order for every grid: the same cell has the same id
             if cell not in cells:
                 cells.append(cell)
     spec["cells"] = cells
@@ -117,7 +119,7 @@ def _method(cell: dict) -> str:
 
 def cell_id(cell: dict) -> str:
     """A file-name-safe id from the axis values: ``method-entropy_coefficient-0.01_tail-20000_seed-0``."""
-    parts = [f"{k}-{v}" for k, v in cell.items() if v is not None]
+    parts = [f"{k}-{v}" for k, v in cell.items()]
     return "_".join(parts).replace("/", "-").replace(" ", "")
 
 
@@ -286,34 +288,39 @@ def run_study(
         return out
 
     try:
-        jobs = [(f"warm/{k}", _warm_job, (c.to_dict(), str(d))) for k, (c, d) in warm.items() if not d.is_dir()]
-        run_all(jobs, "warm starts")
-        jobs = []
-        for cell, cid, cfg, warm_dir in todo:
-            if warm_dir is not None and f"warm/{warm_dir.name}" in failed:
-                failed[cid] = f"warm start {warm_dir.name} failed"
-                continue
-            over = {"output_dir": str(runs / "cells" / cid)}
-            if warm_dir is not None:
-                over.update({"init_from": str(warm_dir), "sft.enabled": False})
-                if hasattr(cfg.eval, "at_start"):  # evaluate the shared warm start once, not once per cell
-                    over["eval.at_start"] = False
-            cfg = cfg.replace(over)
-            meta = {
-                "study": spec["name"],
-                "cell": cid,
-                "axes": cell,
-                "method": cell.get("method", cfg.regularizer.kind),
-                "kind": cfg.regularizer.kind,
-                "coefficient": cell.get("coefficient"),
-                "seed": cfg.seed,
-                "tail": cfg.model.tail_tokens,
-                "horizon": cell.get("horizon"),
-                "code_version": version,
-                "config": cfg.to_dict(),
-            }
-            jobs.append((cid, _cell_job, (cfg.to_dict(), str(results / f"{cid}.jsonl"), meta)))
-        done = list(run_all(jobs, f"study {spec['name']}"))
+        # seed-major: every cell of the first seed (its warm starts, then its cells) before the next seed, so that a
+        # study stopped early leaves complete seeds behind
+        for seed in sorted({cfg.seed for _, _, cfg, _ in todo}):
+            jobs = [
+                (f"warm/{k}", _warm_job, (c.to_dict(), str(d)))
+                for k, (c, d) in warm.items()
+                if c.seed == seed and not d.is_dir()
+            ]
+            run_all(jobs, f"warm starts, seed {seed}")
+            jobs = []
+            for cell, cid, cfg, warm_dir in (t for t in todo if t[2].seed == seed):
+                if warm_dir is not None and f"warm/{warm_dir.name}" in failed:
+                    failed[cid] = f"warm start {warm_dir.name} failed"
+                    continue
+                over = {"output_dir": str(runs / "cells" / cid)}
+                if warm_dir is not None:  # evaluate the shared warm start once, not once per cell
+                    over.update({"init_from": str(warm_dir), "sft.enabled": False, "eval.at_start": False})
+                cfg = cfg.replace(over)
+                meta = {
+                    "study": spec["name"],
+                    "cell": cid,
+                    "axes": cell,
+                    "method": cell.get("method", cfg.regularizer.kind),
+                    "kind": cfg.regularizer.kind,
+                    "coefficient": cell.get("coefficient"),
+                    "seed": cfg.seed,
+                    "tail": cfg.model.tail_tokens,
+                    "horizon": cell.get("horizon"),
+                    "code_version": version,
+                    "config": cfg.to_dict(),
+                }
+                jobs.append((cid, _cell_job, (cfg.to_dict(), str(results / f"{cid}.jsonl"), meta)))
+            done += list(run_all(jobs, f"study {spec['name']}, seed {seed}"))
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -347,8 +354,8 @@ def _group_key(line: dict) -> tuple:
 
 def aggregate(lines: list[dict]) -> list[dict]:
     """One row per cell without its seed: axes, effective coefficient, seeds, and for every eval metric
-    ``start`` (step 0) and ``final`` (last evaluation) as (mean, 95 % half-width) over seeds, plus the mean
-    trajectory ``curve[metric] = [(step, mean), ...]``."""
+    ``start`` (step 0) and ``final`` (last evaluation) as (mean, 95 % half-width) over seeds, plus the mean over
+    seeds of the training-batch mass outside the top 10, ``tail_curve = [(step, mean), ...]``."""
     by_cell: dict[str, list[dict]] = defaultdict(list)
     for line in lines:
         by_cell[line["cell"]].append(line)
@@ -371,19 +378,17 @@ def aggregate(lines: list[dict]) -> list[dict]:
             "steps": runs[0][-1]["step"],
             "start": {},
             "final": {},
-            "curve": {},
         }
         for key in sorted({k for r in runs for line in r for k in line["eval"]}):
             for which, pick in (("start", 0), ("final", -1)):
                 vals = [r[pick]["eval"][key] for r in runs if key in r[pick]["eval"]]
                 if vals:
                     row[which][key] = t_interval(vals)
-            steps = sorted({line["step"] for r in runs for line in r})
-            row["curve"][key] = [
-                (s, sum(v) / len(v))
-                for s in steps
-                if (v := [line["eval"][key] for r in runs for line in r if line["step"] == s and key in line["eval"]])
-            ]
+        per_step = defaultdict(list)
+        for point in (p for r in runs for line in r for p in line.get("train_curve", [])):
+            if "tail/mass_outside_top10" in point:
+                per_step[point["step"]].append(point["tail/mass_outside_top10"])
+        row["tail_curve"] = [(s, sum(v) / len(v)) for s, v in sorted(per_step.items())]
         rows.append(row)
     order = {m: i for i, m in enumerate(("none", "entropy", "tre-k", "tre-p", "forking", "kl-cov", "clip-cov"))}
     rows.sort(key=lambda r: (r["tail"], str(r["horizon"]), order.get(r["kind"], 99), r["coefficient"] or 0))
@@ -427,8 +432,8 @@ def table(rows: list[dict]) -> str:
 
 def figures(rows: list[dict]) -> dict[str, go.Figure]:
     """Plotly figures of the aggregated rows: final metric vs coefficient (one line per method, per tail and
-    horizon) and vs tail size (per horizon and coefficient), with 95 % intervals as error bars; and the mean
-    trajectory of the held-out tail metric."""
+    horizon) and vs tail size (per horizon and coefficient), with 95 % intervals as error bars; and the mass
+    outside the top 10 on the training batches, step by step (mean over seeds, log scale)."""
     figs: dict[str, go.Figure] = {}
 
     def bar(r, key, scale):
@@ -436,6 +441,18 @@ def figures(rows: list[dict]) -> dict[str, go.Figure]:
         return m * scale, (0.0 if math.isnan(hw) else hw * scale)
 
     for (tail, horizon), grp in _by(rows, lambda r: (r["tail"], r["horizon"])).items():
+        if any(r["tail_curve"] for r in grp):
+            fig = go.Figure()
+            for r in grp:
+                name = r["method"] if r["coefficient"] is None else f"{r['method']} {r['coefficient']:g}"
+                fig.add_scatter(x=[s for s, _ in r["tail_curve"]], y=[v for _, v in r["tail_curve"]], name=name)
+            fig.update_layout(
+                template="plotly_white",
+                title=f"mass outside the top 10 (training batches, mean over seeds), tail {tail:,}, horizon {horizon}",
+                xaxis_title="PPO step",
+                yaxis={"type": "log", "title": "mass outside top-10"},
+            )
+            figs[f"train_tail_tail{tail}_{horizon}"] = fig
         swept = [r for r in grp if r["coefficient"] is not None]
         if len({r["coefficient"] for r in swept}) < 2:
             continue

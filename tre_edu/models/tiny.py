@@ -61,17 +61,9 @@ def build_tokenizer(tail_tokens: int = 2000):
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated")
     core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token=PAD,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        model_max_length=4096,
-    )
-    return tokenizer
+    specials = dict(pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK)
+    return PreTrainedTokenizerFast(tokenizer_object=core, **specials, padding_side="left",
+                                   clean_up_tokenization_spaces=False, model_max_length=4096)  # fmt: skip
 
 
 def tail_token_ids(tokenizer) -> list[int]:
@@ -79,15 +71,8 @@ def tail_token_ids(tokenizer) -> list[int]:
     return list(range(len(alphabet()), len(tokenizer)))
 
 
-def build_tiny_model(
-    tokenizer,
-    n_embd: int = 128,
-    n_layer: int = 4,
-    n_head: int = 4,
-    n_positions: int = 128,
-    seed: int = 0,
-    arch: str = "gpt2",
-):
+def build_tiny_model(tokenizer, n_embd: int = 128, n_layer: int = 4, n_head: int = 4, n_positions: int = 128,
+                     seed: int = 0, arch: str = "gpt2"):  # fmt: skip
     """A freshly initialised Hugging Face causal LM for ``tokenizer`` (no hub): GPT-2 style (learned
     positions, GELU MLP) or Llama style (RoPE, RMSNorm, SwiGLU); tied input / output embeddings; no dropout
     (PPO needs the same log-probs in rollout and training); vocab size ``len(tokenizer)`` so the LM head's
@@ -102,38 +87,20 @@ def build_tiny_model(
         raise ValueError(f"arch must be one of gpt2, llama; got {arch!r}")
     if n_embd % n_head or (arch == "llama" and (n_embd // n_head) % 2):
         raise ValueError(f"n_embd must be a multiple of n_head ({n_head}) with an even head size; got {n_embd}")
-    ids = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    V = len(tokenizer)
     if arch == "gpt2":
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_positions=n_positions,
-            n_embd=n_embd,
-            n_layer=n_layer,
-            n_head=n_head,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            tie_word_embeddings=True,
-            **ids,
-        )
+        config = GPT2Config(vocab_size=V, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                            **ids)  # fmt: skip
         cls = GPT2LMHeadModel
     else:
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=n_embd,
-            intermediate_size=int(8 * n_embd / 3 + 63) // 64 * 64,  # SwiGLU width ~ 8/3 d (4 d of GELU's params)
-            num_hidden_layers=n_layer,
-            num_attention_heads=n_head,
-            num_key_value_heads=n_head,
-            max_position_embeddings=n_positions,
-            attention_dropout=0.0,
-            tie_word_embeddings=True,
-            **ids,
-        )
+        inter = int(8 * n_embd / 3 + 63) // 64 * 64  # SwiGLU width ~ 8/3 d (4 d of GELU's params)
+        config = LlamaConfig(vocab_size=V, hidden_size=n_embd, intermediate_size=inter, num_hidden_layers=n_layer,
+                             num_attention_heads=n_head, num_key_value_heads=n_head,
+                             max_position_embeddings=n_positions, attention_dropout=0.0, tie_word_embeddings=True,
+                             **ids)  # fmt: skip
         cls = LlamaForCausalLM
     config.tiny = shape  # recorded in config.json for reference
     with torch.random.fork_rng(devices=[]):
