@@ -211,9 +211,11 @@ def test_notebook01_k_slider_updates_figure(tmp_path):
         _wait(all_ran, 300, f"all {n_code} code cells to run")
         _wait(lambda: _kernel_ready(base, token), 60, "the kernel to be idle after Run All")
 
-        slider = page.locator(".widget-slider").filter(has=page.locator(".widget-label", has_text=re.compile(r"^K$")))
+        # the first K slider: the synthetic distribution's panel (section 6 has a second one on SmolLM2's logits)
+        k_label = page.locator(".widget-label", has_text=re.compile(r"^K$"))
+        slider = page.locator(".widget-slider").filter(has=k_label).first
         slider.wait_for()
-        output = page.locator(".jp-OutputArea-output").filter(has=slider)
+        output = page.locator(".jp-OutputArea-output").filter(has=slider).first
         plot = output.locator(".js-plotly-plot").first
         highlighted = plot.locator(".cartesianlayer .subplot.xy .barlayer .trace").first.locator(".point path")
         readout = slider.locator(".widget-readout")
