@@ -124,8 +124,9 @@ def build_components(cfg: TrainConfig, task: Task | None = None, actor: tuple[An
 
 
 def build_trainer(cfg: TrainConfig, *, task: Task | None = None, actor=None, **trainer_kwargs) -> PPOTrainer:
-    """Seeds, builds the components and returns a ready :class:`~tre_edu.trainer.PPOTrainer`."""
-    if task is None and actor is None:
+    """Builds the components and returns a ready :class:`~tre_edu.trainer.PPOTrainer`; seeds (and sets threads) first
+    when it builds the model itself (``actor`` None), so a given ``actor`` (a warm start of this job) is seeded once."""
+    if actor is None:
         setup_runtime(cfg)
     c = build_components(cfg, task, actor)
     return PPOTrainer(cfg, c.policy, c.tokenizer, c.task, c.train_examples, c.eval_examples, c.regularizer,
@@ -200,11 +201,11 @@ def run_training(
     """
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resume, overwrite)
-    setup_runtime(cfg)
     t0 = time.perf_counter()
     task, actor, sft_summary = build_task(cfg), None, None
     warm_dir = out / "warm_start"
-    if cfg.sft.enabled and cfg.init_from is None:
+    if cfg.sft.enabled and cfg.init_from is None:  # seeded once here; build_trainer then reuses the actor
+        setup_runtime(cfg)
         if (warm_dir / "config.json").is_file():
             actor = build_actor(cfg, str(warm_dir))
         else:
