@@ -81,8 +81,8 @@ def _line(method, coef, tail, seed, step, acc):
     axes = {"method": method, "coefficient": coef, "tail": tail, "horizon": "think", "seed": seed}
     cell = study.cell_id(axes)
     return {"cell": cell, "axes": axes, "method": method, "kind": method, "coefficient": coef, "effective_coef": coef,
-            "tail": tail, "horizon": "think", "seed": seed, "step": step, "code_version": "test",
-            "eval": {"greedy_accuracy": acc, "tail_response_frac": 1 - acc},
+            "tail": tail, "vocab_size": 33 + tail, "horizon": "think", "seed": seed, "step": step,
+            "code_version": "test", "eval": {"greedy_accuracy": acc, "tail_response_frac": 1 - acc},
             "train_curve": [{"step": s, "tail/mass_outside_top10": 1 - acc} for s in range(1, step + 1)]}  # fmt: skip
 
 
@@ -108,7 +108,24 @@ def test_aggregate_table_and_figures(tmp_path):
         "coef_greedy_accuracy_tail20000_think",
         "coef_tail_response_frac_tail0_think",
         "tail_greedy_think",
+        "tail_tail_response_frac_think",
         "train_tail_tail0_think",
     } <= set(figs)
+    assert list(figs["tail_greedy_think"].data[0].x) == [33, 20033]  # plotted against V, smallest first
     (path,) = study.save_figures({"one": figs["tail_greedy_think"]}, tmp_path)
     assert path.suffix in (".png", ".html") and path.stat().st_size > 0
+
+
+def test_tail_figure_joins_cells_of_one_effective_weight():
+    """TRE-K set per tail to one effective weight (different paper coefficients) is drawn as one line over V."""
+    lines = []
+    for tail, coef in ((0, 0.00198), (2000, 0.00091), (20000, 0.0007)):
+        v = 33 + tail
+        for seed in (0, 1):
+            for line in (_line("tre-k", coef, tail, seed, s, 0.3) for s in (0, 60)):
+                line["effective_coef"] = coef * math.log(v) / math.log(2)
+                lines.append(line)
+            lines += [_line("none", None, tail, seed, s, 0.3) for s in (0, 60)]
+    fig = study.figures(study.aggregate(lines))["tail_greedy_think"]
+    names = {t.name: list(t.x) for t in fig.data}
+    assert names == {"none": [33, 2033, 20033], "tre-k eff 0.01": [33, 2033, 20033]}

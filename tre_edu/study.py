@@ -373,6 +373,7 @@ def aggregate(lines: list[dict]) -> list[dict]:
             "coefficient": first["coefficient"],
             "effective_coef": first["effective_coef"],
             "tail": first["tail"],
+            "vocab_size": first.get("vocab_size"),
             "horizon": first["horizon"],
             "seeds": sorted(r[0]["seed"] for r in runs),
             "steps": runs[0][-1]["step"],
@@ -478,32 +479,46 @@ def figures(rows: list[dict]) -> dict[str, go.Figure]:
                 yaxis_title=title,
             )
             figs[f"coef_{key}_tail{tail}_{horizon}"] = fig
-    by_h = _by(rows, lambda r: r["horizon"])
-    for horizon, grp in by_h.items():
+    for horizon, grp in _by(rows, lambda r: r["horizon"]).items():
         if len({r["tail"] for r in grp}) < 2:
             continue
-        fig = go.Figure()
-        for method, rs in _by(grp, lambda r: (r["method"], r["coefficient"])).items():
-            rs = sorted(rs, key=lambda r: r["tail"])
-            if len(rs) < 2:
-                continue
-            ys = [bar(r, "greedy_accuracy", 100) for r in rs]
-            name = method[0] if method[1] is None else f"{method[0]} {method[1]:g}"
-            fig.add_scatter(
-                x=[r["tail"] for r in rs],
-                y=[y for y, _ in ys],
-                error_y={"array": [e for _, e in ys]},
-                name=name,
-                mode="lines+markers",
+        for key, title, scale in COLUMNS[:1] + COLUMNS[3:4]:
+            fig = go.Figure()
+            for name, rs in _tail_lines(grp).items():
+                ys = [bar(r, key, scale) for r in rs]
+                fig.add_scatter(
+                    x=[r["vocab_size"] or r["tail"] for r in rs],
+                    y=[y for y, _ in ys],
+                    error_y={"array": [e for _, e in ys]},
+                    name=name,
+                    mode="lines+markers",
+                    hovertext=[f"tail {r['tail']:,}" for r in rs],
+                )
+            fig.update_layout(
+                template="plotly_white",
+                title=f"{title} after PPO vs vocabulary size, horizon {horizon}",
+                xaxis={"type": "log", "title": "V = 33 useful + tail tokens (log scale)"},
+                yaxis_title=title,
             )
-        fig.update_layout(
-            template="plotly_white",
-            title=f"greedy accuracy after PPO vs tail size, horizon {horizon}",
-            xaxis_title="tail tokens",
-            yaxis_title="greedy %",
-        )
-        figs[f"tail_greedy_{horizon}"] = fig
+            figs[f"tail_{key.removesuffix('_accuracy')}_{horizon}"] = fig
     return figs
+
+
+def _tail_lines(rows: list[dict]) -> dict[str, list[dict]]:
+    """The lines of the vs-tail-size figures: one per (method, coefficient) measured at >= 2 tail sizes; rows whose
+    coefficient was set per tail (the same *effective* weight at every V) join one line per (method, effective
+    weight), named ``"tre-k eff 0.01"``. Each line sorted by tail size."""
+    lines: dict[str, list[dict]] = {}
+    single: list[dict] = []
+    for (method, coef), rs in _by(rows, lambda r: (r["method"], r["coefficient"])).items():
+        if len(rs) >= 2:
+            lines[method if coef is None else f"{method} {coef:g}"] = sorted(rs, key=lambda r: r["tail"])
+        else:
+            single += rs
+    for (method, eff), rs in _by(single, lambda r: (r["method"], float(f"{r['effective_coef'] or 0:.2g}"))).items():
+        if len(rs) >= 2:
+            lines[f"{method} eff {eff:g}"] = sorted(rs, key=lambda r: r["tail"])
+    return lines
 
 
 def against_baseline(rows: list[dict], key: str = "greedy_accuracy", baseline: str = "none") -> list[str]:
