@@ -99,10 +99,16 @@ def test_aggregate_table_and_figures(tmp_path):
     assert len(rows) == 10 and all(r["seeds"] == [0, 1, 2] for r in rows)
     leak = next(r for r in rows if (r["method"], r["coefficient"], r["tail"]) == ("entropy", 0.03, 20000))
     assert leak["final"]["greedy_accuracy"] == (0.0, 0.0) and math.isclose(leak["start"]["greedy_accuracy"][0], 0.2)
+    # paired by seed: entropy 0.03 at tail 20,000 ends 0.2 + 0.01 * seed below none in every seed
+    assert leak["delta"]["greedy_accuracy"][0] == pytest.approx(-0.21)
+    assert leak["delta"]["greedy_accuracy"][1] == pytest.approx(4.303 * 0.01 / math.sqrt(3), rel=1e-3)
+    tre = next(r for r in rows if (r["method"], r["coefficient"], r["tail"]) == ("tre-k", 0.001, 0))
+    assert tre["delta"]["greedy_accuracy"] == pytest.approx((0.05, 0.0))  # the same +5 points in every seed
     text = study.table(rows)
-    assert text.count("\n") == len(rows) + 1 and "0.0 ± 0.0" in text
+    assert text.count("\n") == len(rows) + 1 and "0.0 ± 0.0" in text and "| -21.0 ± 2.5 |" in text
     sentences = study.against_baseline(rows)
     assert any("entropy 0.03 (tail 20,000" in s and "below none" in s for s in sentences)
+    assert any("tre-k 0.001 (tail 0" in s and "above none" in s for s in sentences)  # paired: +5 in each seed
     figs = study.figures(rows)
     assert {
         "coef_greedy_accuracy_tail20000_think",

@@ -390,10 +390,30 @@ def aggregate(lines: list[dict]) -> list[dict]:
             if "tail/mass_outside_top10" in point:
                 per_step[point["step"]].append(point["tail/mass_outside_top10"])
         row["tail_curve"] = [(s, sum(v) / len(v)) for s, v in sorted(per_step.items())]
+        row["per_seed"] = {r[0]["seed"]: r[-1]["eval"] for r in runs}
         rows.append(row)
+    _paired_deltas(rows)
     order = {m: i for i, m in enumerate(("none", "entropy", "tre-k", "tre-p", "forking", "kl-cov", "clip-cov"))}
     rows.sort(key=lambda r: (r["tail"], str(r["horizon"]), order.get(r["kind"], 99), r["coefficient"] or 0))
     return rows
+
+
+def _paired_deltas(rows: list[dict], baseline: str = "none") -> None:
+    """``row["delta"][key]`` = (mean, 95 % half-width) over seeds of the row's final ``key`` minus the
+    ``baseline``'s of the same seed, tail and horizon. Every method of a seed starts from the same warm start and is
+    evaluated on the same puzzles, so the paired difference removes the seed-to-seed spread of the warm starts
+    (which dominates the unpaired intervals)."""
+    base = {(r["tail"], r["horizon"]): r for r in rows if r["method"] == baseline}
+    for r in rows:
+        r["delta"] = {}
+        b = base.get((r["tail"], r["horizon"]))
+        if b is None or b is r:
+            continue
+        seeds = sorted(set(r["per_seed"]) & set(b["per_seed"]))
+        for key in r["final"]:
+            diffs = [r["per_seed"][s][key] - b["per_seed"][s][key] for s in seeds if key in b["per_seed"][s]]
+            if diffs:
+                r["delta"][key] = t_interval(diffs)
 
 
 def _fmt(mean_hw: tuple[float, float] | None, scale: float) -> str:
@@ -411,7 +431,7 @@ def table(rows: list[dict]) -> str:
     top = f"pass@{max(ks)}" if ks else "pass@8"  # the largest k measured
     columns = [(top, f"{top} %", s) if k == "pass@8" else (k, h, s) for k, h, s in COLUMNS]
     head = ["tail", "horizon", "method", "coef", "eff. coef", "seeds", "steps", "greedy % at start"]
-    head += [h for _, h, _ in columns]
+    head += [columns[0][1], "Δ greedy vs none (paired), points"] + [h for _, h, _ in columns[1:]]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         coef = "–" if r["coefficient"] is None else f"{r['coefficient']:g}"
@@ -427,6 +447,8 @@ def table(rows: list[dict]) -> str:
             _fmt(r["start"].get("greedy_accuracy"), 100),
         ]
         cells += [_fmt(r["final"].get(k), s) for k, _, s in columns]
+        delta = r.get("delta", {}).get("greedy_accuracy")
+        cells.insert(9, "–" if delta is None else ("+" if delta[0] >= 0 else "") + _fmt(delta, 100))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -522,27 +544,33 @@ def _tail_lines(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def against_baseline(rows: list[dict], key: str = "greedy_accuracy", baseline: str = "none") -> list[str]:
-    """One sentence per row: its final ``key`` next to the ``baseline`` method's of the same tail and horizon, and
-    whether the two 95 % intervals are apart (the notebook and README state only what these sentences say)."""
+    """One sentence per row: its final ``key`` next to the ``baseline`` method's of the same tail and horizon, and the
+    paired difference over the seeds both have (mean and 95 % t-interval): "below" / "above" when the interval
+    excludes 0 (the notebook and README state only what these sentences say)."""
     base = {(r["tail"], r["horizon"]): r for r in rows if r["method"] == baseline}
     out = []
     for r in rows:
         b = base.get((r["tail"], r["horizon"]))
         if b is None or r is b or key not in r["final"] or key not in b["final"]:
             continue
-        (m, hw), (bm, bhw) = r["final"][key], b["final"][key]
-        if math.isnan(hw) or math.isnan(bhw):
+        seeds = sorted(s for s in set(r["per_seed"]) & set(b["per_seed"]) if key in b["per_seed"][s])
+        diffs = [r["per_seed"][s][key] - b["per_seed"][s][key] for s in seeds]
+        if not diffs:
+            continue
+        d, hw = t_interval(diffs)
+        if math.isnan(hw):
             verdict = "one seed: no interval"
-        elif m + hw < bm - bhw:
-            verdict = f"below {baseline} (intervals apart)"
-        elif m - hw > bm + bhw:
-            verdict = f"above {baseline} (intervals apart)"
+        elif d + hw < 0:
+            verdict = f"below {baseline} (paired interval excludes 0)"
+        elif d - hw > 0:
+            verdict = f"above {baseline} (paired interval excludes 0)"
         else:
             verdict = f"not distinguishable from {baseline}"
         coef = "" if r["coefficient"] is None else f" {r['coefficient']:g}"
         out.append(
             f"{r['method']}{coef} (tail {r['tail']:,}, {r['horizon']}): {key} {_fmt(r['final'][key], 100)} % vs "
-            f"{baseline} {_fmt(b['final'][key], 100)} % -> {verdict}"
+            f"{baseline} {_fmt(b['final'][key], 100)} %; paired difference over {len(diffs)} seed(s) "
+            f"{'+' if d >= 0 else ''}{_fmt((d, hw), 100)} points -> {verdict}"
         )
     return out
 
