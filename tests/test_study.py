@@ -135,3 +135,18 @@ def test_tail_figure_joins_cells_of_one_effective_weight():
     fig = study.figures(study.aggregate(lines))["tail_greedy_think"]
     names = {t.name: list(t.x) for t in fig.data}
     assert names == {"none": [33, 2033, 20033], "tre-k eff 0.01": [33, 2033, 20033]}
+
+
+def test_only_runs_the_chosen_cells_and_rejects_unknown_axes(tmp_path, capsys):
+    from tre_edu.cli import main
+
+    results, runs = tmp_path / "res", tmp_path / "runs"
+    out = study.run_study(QUICK, only={"seed": [99]}, results_dir=results, runs_dir=runs, progress=False)
+    assert not out["done"] and not out["skipped"] and not out["failed"]  # no cell has seed 99
+    assert not list(runs.glob("warm/*"))  # ... so no warm start was trained
+    cells = study.load_study(QUICK)["cells"]
+    assert study._select(cells, {"method": ["entropy"]}) == [c for c in cells if c["method"] == "entropy"] != []
+    with pytest.raises(ValueError, match="only: unknown axis 'nope'"):
+        study.run_study(QUICK, only={"nope": [1]}, results_dir=results, runs_dir=runs, progress=False)
+    assert main(["study", "run", str(QUICK), "--only", "seed"]) == 2
+    assert "--only takes AXIS=VALUE" in capsys.readouterr().err

@@ -104,7 +104,13 @@ def cmd_train_rm(args: argparse.Namespace) -> None:
 
 def cmd_study(args: argparse.Namespace) -> None:
     if args.action == "run":
-        out = study.run_study(args.path, workers=args.workers)
+        only: dict[str, list[str]] = {}
+        for item in args.only or []:
+            axis, sep, values = item.partition("=")
+            if not sep or not axis or not values:
+                raise ValueError(f"--only takes AXIS=VALUE[,VALUE...] (e.g. seed=0 or tail=20000); got {item!r}")
+            only.setdefault(axis, []).extend(values.split(","))
+        out = study.run_study(args.path, workers=args.workers, only=only or None)
     else:
         out = study.report(args.path, figures_dir=args.figures)
     print(out if isinstance(out, str) else json.dumps(out, indent=2, default=str))
@@ -148,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = studies.add_parser("run", help="run (or continue) every run of a study file")
     p.add_argument("path", metavar="CONFIG")
     p.add_argument("--workers", type=int, default=1, help="runs at once")
+    p.add_argument(
+        "--only", action="append", metavar="AXIS=V[,V]", help="run just these cells first (repeatable), e.g. seed=2"
+    )
     p.set_defaults(func=cmd_study)
     p = studies.add_parser("report", help="print a study's markdown report")
     p.add_argument("path", metavar="DIR")

@@ -235,14 +235,28 @@ def _cell_job(cfg_dict: dict, result: str, meta: dict) -> dict:
     return {"cell": meta["cell"], "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _select(cells: list[dict], only: dict[str, list] | None) -> list[dict]:
+    if not only:
+        return cells
+    axes = {k for c in cells for k in c}
+    for axis in only:
+        if axis not in axes:
+            raise ValueError(f"only: unknown axis {axis!r}; this study's axes: {', '.join(sorted(axes))}")
+    want = {axis: {str(v) for v in values} for axis, values in only.items()}
+    return [c for c in cells if all(str(c.get(a)) in vs for a, vs in want.items())]
+
+
 def run_study(
     path: str | Path,
     workers: int = 1,
     results_dir: str | Path | None = None,
     runs_dir: str | Path | None = None,
     progress: bool = True,
+    only: dict[str, list] | None = None,
 ) -> dict[str, Any]:
     """Run every unfinished cell of the study at ``path`` (warm starts first), ``workers`` processes at a time.
+    ``only`` = ``{axis: [values]}`` runs just the cells whose axes take one of those values (e.g. one seed or one
+    tail size first: its warm starts only); the others are left for a later call.
 
     Results: ``results_dir`` (default ``data/results/<name>/``), one ``<cell>.jsonl`` per finished cell; models
     and logs: ``runs_dir`` (default ``runs/studies/<name>/``, git-ignored). ``workers`` = 1 runs in this process.
@@ -257,7 +271,7 @@ def run_study(
     results.mkdir(parents=True, exist_ok=True)
     version = code_version(root)
     todo, skipped, warm = [], [], {}
-    for cell in spec["cells"]:
+    for cell in _select(spec["cells"], only):
         cid = cell_id(cell)
         if (results / f"{cid}.jsonl").is_file():
             skipped.append(cid)
