@@ -491,8 +491,8 @@ def figures(rows: list[dict]) -> dict[str, go.Figure]:
             )
             figs[f"train_tail_tail{tail}_{horizon}"] = fig
         swept = [r for r in grp if r["coefficient"] is not None]
-        if len({r["coefficient"] for r in swept}) < 2:
-            continue
+        if len({r["coefficient"] for r in swept}) < 2 or len({r["method"] for r in swept}) < 2:
+            continue  # a coefficient figure compares methods: two or more of them swept
         for key, title, scale in COLUMNS[:1] + COLUMNS[3:4]:
             fig = go.Figure()
             for method, rs in _by(swept, lambda r: r["method"]).items():
@@ -512,7 +512,7 @@ def figures(rows: list[dict]) -> dict[str, go.Figure]:
                 template="plotly_white",
                 title=f"{title}, tail {tail:,}, horizon {horizon}",
                 xaxis={"type": "log", "title": "coefficient (paper units)"},
-                yaxis_title=title,
+                yaxis={"title": title, "range": [-2, 102] if scale == 100 else None},
             )
             figs[f"coef_{key}_tail{tail}_{horizon}"] = fig
     for horizon, grp in _by(rows, lambda r: r["horizon"]).items():
@@ -534,7 +534,7 @@ def figures(rows: list[dict]) -> dict[str, go.Figure]:
                 template="plotly_white",
                 title=f"{title} after PPO vs vocabulary size, horizon {horizon}",
                 xaxis={"type": "log", "title": "V = 33 useful + tail tokens (log scale)"},
-                yaxis_title=title,
+                yaxis={"title": title, "range": [-2, 102] if scale == 100 else None},
             )
             figs[f"tail_{key.removesuffix('_accuracy')}_{horizon}"] = fig
     return figs
