@@ -473,10 +473,6 @@ def figures(rows: list[dict]) -> dict[str, go.Figure]:
     outside the top 10 on the training batches, step by step (mean over seeds, log scale)."""
     figs: dict[str, go.Figure] = {}
 
-    def bar(r, key, scale):
-        m, hw = r["final"].get(key, (math.nan, math.nan))
-        return m * scale, (0.0 if math.isnan(hw) else hw * scale)
-
     for (tail, horizon), grp in _by(rows, lambda r: (r["tail"], r["horizon"])).items():
         if any(r["tail_curve"] for r in grp):
             fig = go.Figure()
@@ -493,51 +489,52 @@ def figures(rows: list[dict]) -> dict[str, go.Figure]:
         swept = [r for r in grp if r["coefficient"] is not None]
         if len({r["coefficient"] for r in swept}) < 2 or len({r["method"] for r in swept}) < 2:
             continue  # a coefficient figure compares methods: two or more of them swept
+        lines = {m: sorted(rs, key=lambda r: r["coefficient"]) for m, rs in _by(swept, lambda r: r["method"]).items()}
         for key, title, scale in COLUMNS[:1] + COLUMNS[3:4]:
-            fig = go.Figure()
-            for method, rs in _by(swept, lambda r: r["method"]).items():
-                rs = sorted(rs, key=lambda r: r["coefficient"])
-                ys = [bar(r, key, scale) for r in rs]
-                fig.add_scatter(
-                    x=[r["coefficient"] for r in rs],
-                    y=[y for y, _ in ys],
-                    name=method,
-                    error_y={"array": [e for _, e in ys]},
-                    mode="lines+markers",
-                )
+            fig = _lines_figure(
+                lines, "coefficient", key, scale, f"{title}, tail {tail:,}, horizon {horizon}",
+                "coefficient (paper units)", title,
+            )  # fmt: skip
             for r in grp:
                 if r["coefficient"] is None:
-                    fig.add_hline(y=bar(r, key, scale)[0], line_dash="dot", annotation_text=r["method"])
-            fig.update_layout(
-                template="plotly_white",
-                title=f"{title}, tail {tail:,}, horizon {horizon}",
-                xaxis={"type": "log", "title": "coefficient (paper units)"},
-                yaxis={"title": title, "range": [-2, 102] if scale == 100 else None},
-            )
+                    fig.add_hline(y=_bar(r, key, scale)[0], line_dash="dot", annotation_text=r["method"])
             figs[f"coef_{key}_tail{tail}_{horizon}"] = fig
     for horizon, grp in _by(rows, lambda r: r["horizon"]).items():
         if len({r["tail"] for r in grp}) < 2:
             continue
         for key, title, scale in COLUMNS[:1] + COLUMNS[3:4]:
-            fig = go.Figure()
-            for name, rs in _tail_lines(grp).items():
-                ys = [bar(r, key, scale) for r in rs]
-                fig.add_scatter(
-                    x=[r["vocab_size"] or r["tail"] for r in rs],
-                    y=[y for y, _ in ys],
-                    error_y={"array": [e for _, e in ys]},
-                    name=name,
-                    mode="lines+markers",
-                    hovertext=[f"tail {r['tail']:,}" for r in rs],
-                )
-            fig.update_layout(
-                template="plotly_white",
-                title=f"{title} after PPO vs vocabulary size, horizon {horizon}",
-                xaxis={"type": "log", "title": "V = 33 useful + tail tokens (log scale)"},
-                yaxis={"title": title, "range": [-2, 102] if scale == 100 else None},
-            )
+            fig = _lines_figure(
+                _tail_lines(grp), "vocab_size", key, scale, f"{title} after PPO vs vocabulary size, horizon {horizon}",
+                "V = 33 useful + tail tokens (log scale)", title,
+            )  # fmt: skip
             figs[f"tail_{key.removesuffix('_accuracy')}_{horizon}"] = fig
     return figs
+
+
+def _bar(r: dict, key: str, scale: float) -> tuple[float, float]:
+    m, hw = r["final"].get(key, (math.nan, math.nan))
+    return m * scale, (0.0 if math.isnan(hw) else hw * scale)
+
+
+def _lines_figure(lines: dict, x: str, key: str, scale: float, title: str, xtitle: str, ytitle: str) -> go.Figure:
+    """One line per entry of ``lines`` (name -> rows): row[x] against the final ``key`` with its 95 % interval."""
+    fig = go.Figure()
+    for name, rs in lines.items():
+        ys = [_bar(r, key, scale) for r in rs]
+        fig.add_scatter(
+            x=[r[x] or r["tail"] for r in rs] if x == "vocab_size" else [r[x] for r in rs],
+            y=[y for y, _ in ys],
+            error_y={"array": [e for _, e in ys]},
+            name=name,
+            mode="lines+markers",
+        )
+    fig.update_layout(
+        template="plotly_white",
+        title=title,
+        xaxis={"type": "log", "title": xtitle},
+        yaxis={"title": ytitle, "range": [-2, 102] if scale == 100 else None},
+    )
+    return fig
 
 
 def _tail_lines(rows: list[dict]) -> dict[str, list[dict]]:
