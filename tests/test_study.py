@@ -150,3 +150,15 @@ def test_only_runs_the_chosen_cells_and_rejects_unknown_axes(tmp_path, capsys):
         study.run_study(QUICK, only={"nope": [1]}, results_dir=results, runs_dir=runs, progress=False)
     assert main(["study", "run", str(QUICK), "--only", "seed"]) == 2
     assert "--only takes AXIS=VALUE" in capsys.readouterr().err
+
+
+def test_readme_study_table_is_the_report_of_the_recorded_lines():
+    """README's table between the study-table markers is exactly what `tre-edu study report` prints for the
+    recorded study (regenerate with scripts/readme_evidence.py after recording cells)."""
+    root = repo_root()
+    results = root / "data" / "results" / "tail_leak"
+    if not list(results.glob("*.jsonl")):
+        pytest.skip("no recorded study in this checkout")
+    readme = (root / "README.md").read_text()
+    table = readme.split("<!-- study-table:start -->\n", 1)[1].split("\n<!-- study-table:end -->", 1)[0]
+    assert table == study.report(results)
