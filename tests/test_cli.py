@@ -120,7 +120,10 @@ def test_sft_eval_train_rm_and_study(captured, tmp_path):
     assert isinstance(rm, RewardModelConfig) and (rm.n_train, rm.output_dir, rm.lr) == (4, "rm #1", 2e-5)
     assert rm.epochs == 3 and rm.n_test is None
     assert cli.main(["study", "run", "configs/studies/x.yaml", "--workers", "2"]) == 0
-    assert captured["study run"] == (("configs/studies/x.yaml",), {"workers": 2})
+    assert captured["study run"] == (("configs/studies/x.yaml",), {"workers": 2, "only": None})
+    argv = ["study", "run", "configs/studies/x.yaml", "--only", "seed=2", "--only", "tail=0,2000"]
+    assert cli.main(argv) == 0
+    assert captured["study run"][1] == {"workers": 1, "only": {"seed": ["2"], "tail": ["0", "2000"]}}
     assert cli.main(["study", "report", "data/results/x", "--figures", "figs"]) == 0
     assert captured["study report"] == (("data/results/x",), {"figures_dir": "figs"})
 
