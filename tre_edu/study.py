@@ -423,11 +423,16 @@ def _paired_deltas(rows: list[dict], baseline: str = "none") -> None:
         b = base.get((r["tail"], r["horizon"]))
         if b is None or b is r:
             continue
-        seeds = sorted(set(r["per_seed"]) & set(b["per_seed"]))
         for key in r["final"]:
-            diffs = [r["per_seed"][s][key] - b["per_seed"][s][key] for s in seeds if key in b["per_seed"][s]]
+            diffs = _paired(r, b, key)
             if diffs:
                 r["delta"][key] = t_interval(diffs)
+
+
+def _paired(r: dict, b: dict, key: str) -> list[float]:
+    """Row ``r``'s final ``key`` minus row ``b``'s, for every seed both have."""
+    seeds = sorted(s for s in set(r["per_seed"]) & set(b["per_seed"]) if key in b["per_seed"][s])
+    return [r["per_seed"][s][key] - b["per_seed"][s][key] for s in seeds if key in r["per_seed"][s]]
 
 
 def _fmt(mean_hw: tuple[float, float] | None, scale: float) -> str:
@@ -564,8 +569,7 @@ def against_baseline(rows: list[dict], key: str = "greedy_accuracy", baseline: s
         b = base.get((r["tail"], r["horizon"]))
         if b is None or r is b or key not in r["final"] or key not in b["final"]:
             continue
-        seeds = sorted(s for s in set(r["per_seed"]) & set(b["per_seed"]) if key in b["per_seed"][s])
-        diffs = [r["per_seed"][s][key] - b["per_seed"][s][key] for s in seeds]
+        diffs = _paired(r, b, key)
         if not diffs:
             continue
         d, hw = t_interval(diffs)
