@@ -196,3 +196,13 @@ def test_train_rm_tiny_end_to_end(tmp_path, capsys):
     assert cli.main([*argv, "--output-dir", str(tmp_path / "rm")]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["source"] and 0.0 <= res["test_accuracy"] <= 1.0
+
+
+def test_study_run_exits_1_when_a_job_failed(captured, monkeypatch, capsys):
+    """A study whose cells (or warm starts) failed says which and exits 1, so that scripts stop there."""
+    out = {"done": ["a"], "skipped": [], "failed": {"method-none_seed-2": "RuntimeError: boom"}}
+    monkeypatch.setattr(study, "run_study", lambda *a, **k: out)
+    assert cli.main(["study", "run", "configs/studies/quick.yaml"]) == 1
+    assert "1 study job(s) failed: method-none_seed-2" in capsys.readouterr().err
+    monkeypatch.setattr(study, "run_study", lambda *a, **k: {**out, "failed": {}})
+    assert cli.main(["study", "run", "configs/studies/quick.yaml"]) == 0

@@ -71,6 +71,27 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
     assert not list(results.glob("*.part"))
     assert len(files[1].read_text().splitlines()) == 2
 
+    # every line names the weights it started from; a retrained warm start that differs is refused, never mixed in
+    sha = study.warm_fingerprint(next((runs / "warm").iterdir()))
+    assert all(json.loads(s)["warm_start"]["sha256"] == sha for f in files for s in f.read_text().splitlines())
+    keep = files[0].read_text()
+    for legacy in (False, True):
+        first, *rest = keep.splitlines()
+        line = json.loads(first)
+        if legacy:  # an older line without a fingerprint: compared by its step-0 evaluation
+            del line["warm_start"]
+            line["eval"]["greedy_accuracy"] += 0.5
+        else:
+            line["warm_start"]["sha256"] = "0" * 16
+        files[0].write_text("\n".join([json.dumps(line), *rest]) + "\n")
+        files[1].unlink(missing_ok=True)
+        out = study.run_study(QUICK, workers=1, results_dir=results, runs_dir=runs, progress=False)
+        assert not out["done"] and "is not the one recorded cell" in out["failed"][files[1].stem]
+        assert not files[1].exists()
+    files[0].write_text(keep)  # the true line again: the cell runs
+    out = study.run_study(QUICK, workers=1, results_dir=results, runs_dir=runs, progress=False)
+    assert out["done"] == [files[1].stem] and not out["failed"]
+
     text = study.report(results, figures_dir=tmp_path / "figs")
     rows = [r for r in text.splitlines() if r.startswith("| 300 ")]
     assert len(rows) == 2 and "entropy" in rows[1] and "0.01" in rows[1]
@@ -102,12 +123,16 @@ def test_aggregate_table_and_figures(tmp_path):
     # paired by seed: entropy 0.03 at tail 20,000 ends 0.2 + 0.01 * seed below none in every seed
     assert leak["delta"]["greedy_accuracy"][0] == pytest.approx(-0.21)
     assert leak["delta"]["greedy_accuracy"][1] == pytest.approx(4.303 * 0.01 / math.sqrt(3), rel=1e-3)
+    assert study.leaked_seeds(leak) == (3, 3)  # every seed ends with all sampled responses holding a tail token
     tre = next(r for r in rows if (r["method"], r["coefficient"], r["tail"]) == ("tre-k", 0.001, 0))
     assert tre["delta"]["greedy_accuracy"] == pytest.approx((0.05, 0.0))  # the same +5 points in every seed
     text = study.table(rows)
     assert text.count("\n") == len(rows) + 1 and "0.0 ± 0.0" in text and "| -21.0 ± 2.5 |" in text
     sentences = study.against_baseline(rows)
-    assert any("entropy 0.03 (tail 20,000" in s and "below none" in s for s in sentences)
+    assert any(
+        "entropy 0.03 (tail 20,000" in s and "below none" in s and s.endswith("; 3 of 3 seeds leaked")
+        for s in sentences
+    )
     assert any("tre-k 0.001 (tail 0" in s and "above none" in s for s in sentences)  # paired: +5 in each seed
     figs = study.figures(rows)
     assert {
@@ -120,6 +145,20 @@ def test_aggregate_table_and_figures(tmp_path):
     assert list(figs["tail_greedy_think"].data[0].x) == [33, 20033]  # plotted against V, smallest first
     (path,) = study.save_figures({"one": figs["tail_greedy_think"]}, tmp_path)
     assert path.suffix in (".png", ".html") and path.stat().st_size > 0
+
+
+def test_figures_fall_back_to_html_with_a_warning(tmp_path, monkeypatch):
+    """Without kaleido (or a Chromium) the figures are written as HTML, and the user is told, never silently."""
+    import plotly.graph_objects as go
+
+    def no_export(self, *args, **kwargs):
+        raise ValueError("Image export requires the Kaleido package")
+
+    monkeypatch.setattr(go.Figure, "write_image", no_export)
+    figs = {"a": go.Figure(go.Scatter(x=[1], y=[1])), "b": go.Figure()}
+    with pytest.warns(UserWarning, match=r"static PNG export failed .*Kaleido.*tre_edu\[figures\]"):
+        paths = study.save_figures(figs, tmp_path)
+    assert [p.name for p in paths] == ["a.html", "b.html"] and all(p.stat().st_size > 0 for p in paths)
 
 
 def test_tail_figure_joins_cells_of_one_effective_weight():
@@ -162,3 +201,58 @@ def test_readme_study_table_is_the_report_of_the_recorded_lines():
     readme = (root / "README.md").read_text()
     table = readme.split("<!-- study-table:start -->\n", 1)[1].split("\n<!-- study-table:end -->", 1)[0]
     assert table == study.report(results)
+
+
+def _readme_evidence():
+    """scripts/readme_evidence.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_evidence", repo_root() / "scripts" / "readme_evidence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_claims_are_the_template_filled_from_the_recorded_lines(tmp_path, monkeypatch):
+    """The claims block holds the numbers of the recorded study, and the template's qualitative statements hold for
+    them: scripts/readme_evidence.py on a copy of README.md changes nothing."""
+    root = repo_root()
+    results = root / "data" / "results" / "tail_leak"
+    if not list(results.glob("*.jsonl")):
+        pytest.skip("no recorded study in this checkout")
+    copy = tmp_path / "README.md"
+    copy.write_text((root / "README.md").read_text())
+    monkeypatch.setattr("sys.argv", ["readme_evidence.py", str(results), "--readme", str(copy)])
+    _readme_evidence().main()
+    assert copy.read_text() == (root / "README.md").read_text()
+
+
+def test_readme_evidence_refuses_numbers_that_contradict_the_template():
+    module = _readme_evidence()
+    results = repo_root() / "data" / "results" / "tail_leak"
+    if not list(results.glob("*.jsonl")):
+        pytest.skip("no recorded study in this checkout")
+    rows = study.aggregate(study.load_results(results))
+    assert module._checks(rows) == []
+    # a regulariser whose paired interval lies above 0, and a global bonus that no longer leaks
+    kl = next(r for r in rows if r["method"] == "kl-cov")
+    kl["delta"]["greedy_accuracy"] = (0.05, 0.01)
+    leak = next(
+        r for r in rows if (r["method"], r["coefficient"], r["tail"], r["horizon"]) == ("entropy", 0.01, 20000, "think")
+    )
+    for values in leak["per_seed"].values():
+        values["tail_response_frac"] = 0.3
+    failed = module._checks(rows)
+    assert len(failed) == 4, failed
+    assert any("no regulariser beats PPO" in f for f in failed)
+    assert any("KL-Cov is not distinguishable" in f for f in failed)
+    assert any("every seed leaked at 20,000, think" in f for f in failed)
+    assert any("far on either side of the leak line" in f for f in failed)  # 30 % is neither a leak nor PPO's level
+
+
+def test_leaked_seeds_counts_runs_at_or_above_the_leak_line():
+    row = {
+        "per_seed": {0: {"tail_response_frac": 0.96}, 1: {"tail_response_frac": 0.49}, 2: {"tail_response_frac": 0.5}}
+    }
+    assert study.LEAK_FRAC == 0.5 and study.leaked_seeds(row) == (2, 3)
+    assert study.leaked_seeds({"per_seed": {0: {"greedy_accuracy": 0.3}}}) == (0, 0)  # tail 0: nothing to count

@@ -102,7 +102,7 @@ def cmd_train_rm(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2, default=str))
 
 
-def cmd_study(args: argparse.Namespace) -> None:
+def cmd_study(args: argparse.Namespace) -> int:
     if args.action == "run":
         only: dict[str, list[str]] = {}
         for item in args.only or []:
@@ -111,9 +111,13 @@ def cmd_study(args: argparse.Namespace) -> None:
                 raise ValueError(f"--only takes AXIS=VALUE[,VALUE...] (e.g. seed=0 or tail=20000); got {item!r}")
             only.setdefault(axis, []).extend(values.split(","))
         out = study.run_study(args.path, workers=args.workers, only=only or None)
-    else:
-        out = study.report(args.path, figures_dir=args.figures)
-    print(out if isinstance(out, str) else json.dumps(out, indent=2, default=str))
+        print(json.dumps(out, indent=2, default=str))
+        if out.get("failed"):  # finished cells are kept; the study can be run again for the failed ones
+            print(f"tre-edu: {len(out['failed'])} study job(s) failed: {', '.join(out['failed'])}", file=sys.stderr)
+            return 1
+        return 0
+    print(study.report(args.path, figures_dir=args.figures))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = build_parser().parse_args(argv)
-        args.func(args)
-        return 0
+        return args.func(args) or 0  # a command returns None (success) or its exit status
     except (ValueError, OSError) as err:
         print(f"tre-edu: error: {err}".replace("\n", " "), file=sys.stderr)
         return 2

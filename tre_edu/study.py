@@ -36,6 +36,7 @@ import os
 import shutil
 import subprocess
 import time
+import warnings
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -64,6 +65,9 @@ COLUMNS = (
     ("tail_response_frac", "responses with a tail token %", 100),
     ("mass_outside_top10", "mass outside top-10", 1),
 )
+# A run *leaked* when at least this fraction of its sampled evaluation responses hold a tail token. Leaks are tipping
+# events: in the recorded tail_leak study the leaked runs end at 94.8-100 % and all others at <= 10.6 %.
+LEAK_FRAC = 0.5
 # two-sided 95 % Student-t quantiles t_{0.975, df}, df = 1..30 (above 30: the normal 1.96 plus a small correction)
 _T975 = [
     float(t)
@@ -222,6 +226,38 @@ def _warm_eval(cfg: TrainConfig) -> dict:
     return {f"eval/{k}": v for k, v in json.loads(f.read_text()).items()}
 
 
+def warm_fingerprint(warm_dir: str | Path) -> str:
+    """sha256 (first 16 hex digits) of a warm start's weights: recorded in every line of a cell that starts there."""
+    h = hashlib.sha256()
+    with (Path(warm_dir) / "model.safetensors").open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _warm_mismatch(warm_dir: Path, recorded: list[tuple[str, dict]], cfg: TrainConfig) -> str | None:
+    """Why the warm start in ``warm_dir`` is not the one the ``recorded`` cells (cell id, first line) started from,
+    or None. Lines with a ``warm_start`` fingerprint are compared by it; older lines by their step-0 evaluation
+    (the warm start's, the same for every cell that starts there)."""
+    now = warm_fingerprint(warm_dir)
+    for cid, line in recorded:
+        then = (line.get("warm_start") or {}).get("sha256")
+        if then is None and line.get("step") == 0:
+            over = {"init_from": str(warm_dir), "sft.enabled": False, "eval.at_start": False}
+            ev = {k.removeprefix("eval/"): v for k, v in _warm_eval(cfg.replace(over)).items()}
+            same = all(ev.get(k) == v for k, v in line["eval"].items())
+        else:
+            same = then == now
+        if not same:
+            return (
+                f"warm start {warm_dir.name} is not the one recorded cell {cid} started from (retrained since, e.g. "
+                "on another machine: 200 supervised steps do not reproduce bit for bit across CPUs), so this "
+                "cell's paired differences would be meaningless. Restore that warm start, or move the recorded "
+                "cells of this (tail, horizon, seed) aside and run them all again"
+            )
+    return None
+
+
 def _cell_job(cfg_dict: dict, result: str, meta: dict) -> dict:
     cfg, result_p = TrainConfig.from_dict(cfg_dict), Path(result)
     part = result_p.with_name(result_p.name + ".part")
@@ -230,6 +266,7 @@ def _cell_job(cfg_dict: dict, result: str, meta: dict) -> dict:
     start = None
     if cfg.init_from and getattr(cfg.eval, "at_start", True) is False:
         start = _warm_eval(cfg)
+        meta = {**meta, "warm_start": {"key": Path(cfg.init_from).name, "sha256": warm_fingerprint(cfg.init_from)}}
     run_training(cfg, overwrite=True, callbacks=[_Recorder(part, meta, start)], progress=False)
     part.rename(result_p)
     return {"cell": meta["cell"], "seconds": round(time.perf_counter() - t0, 1)}
@@ -261,6 +298,11 @@ def run_study(
     Results: ``results_dir`` (default ``data/results/<name>/``), one ``<cell>.jsonl`` per finished cell; models
     and logs: ``runs_dir`` (default ``runs/studies/<name>/``, git-ignored). ``workers`` = 1 runs in this process.
     Returns ``{"done": [...], "skipped": [...], "failed": {cell: error}}``.
+
+    Every method of a seed must start from the same warm start, or the paired differences mean nothing. Warm starts
+    live in the git-ignored ``runs_dir``; one retrained later (a fresh machine) need not match the recorded cells'
+    bit for bit, so a cell is run only when its warm start is the one its recorded siblings started from (their
+    ``warm_start.sha256``, or for older lines their step-0 evaluation); otherwise it is reported as failed.
     """
     spec = load_study(path)
     if not isinstance(workers, int) or workers < 1:
@@ -270,7 +312,11 @@ def run_study(
     runs = Path(runs_dir or root / "runs" / "studies" / spec["name"])
     results.mkdir(parents=True, exist_ok=True)
     version = code_version(root)
-    todo, skipped, warm = [], [], {}
+    todo, skipped, warm, recorded = [], [], {}, {}
+    for cell in spec["cells"]:  # the finished cells of every warm start, to check that a resumed one is the same
+        f = results / f"{cell_id(cell)}.jsonl"
+        if f.is_file() and (first := f.read_text().split("\n", 1)[0].strip()):
+            recorded.setdefault(warm_key(cell_config(spec, cell)), []).append((cell_id(cell), json.loads(first)))
     for cell in _select(spec["cells"], only):
         cid = cell_id(cell)
         if (results / f"{cid}.jsonl").is_file():
@@ -311,10 +357,18 @@ def run_study(
                 if c.seed == seed and not d.is_dir()
             ]
             run_all(jobs, f"warm starts, seed {seed}")
+            mismatch = {
+                k: _warm_mismatch(d, recorded[k], c)
+                for k, (c, d) in warm.items()
+                if c.seed == seed and k in recorded and d.is_dir()
+            }
             jobs = []
             for cell, cid, cfg, warm_dir in (t for t in todo if t[2].seed == seed):
                 if warm_dir is not None and f"warm/{warm_dir.name}" in failed:
                     failed[cid] = f"warm start {warm_dir.name} failed"
+                    continue
+                if warm_dir is not None and mismatch.get(warm_dir.name):
+                    failed[cid] = mismatch[warm_dir.name]
                     continue
                 over = {"output_dir": str(runs / "cells" / cid)}
                 if warm_dir is not None:  # evaluate the shared warm start once, not once per cell
@@ -444,6 +498,12 @@ def _fmt(mean_hw: tuple[float, float] | None, scale: float) -> str:
     return f"{m * scale:.1f}" + ("" if math.isnan(hw) else f" ± {hw * scale:.1f}")
 
 
+def leaked_seeds(row: dict) -> tuple[int, int]:
+    """(seeds whose final sampled responses hold a tail token in at least ``LEAK_FRAC`` of cases, seeds measured)."""
+    fracs = [e["tail_response_frac"] for e in row["per_seed"].values() if "tail_response_frac" in e]
+    return sum(f >= LEAK_FRAC for f in fracs), len(fracs)
+
+
 def table(rows: list[dict]) -> str:
     """The markdown table of :func:`aggregate`'s rows: final values, mean ± 95 % half-width over seeds."""
     ks = [int(k[5:]) for r in rows for k in r["final"] if k.startswith("pass@")]
@@ -451,6 +511,7 @@ def table(rows: list[dict]) -> str:
     columns = [(top, f"{top} %", s) if k == "pass@8" else (k, h, s) for k, h, s in COLUMNS]
     head = ["tail", "horizon", "method", "coef", "eff. coef", "seeds", "steps", "greedy % at start"]
     head += [columns[0][1], "Δ greedy vs none (paired), points"] + [h for _, h, _ in columns[1:]]
+    head.insert(head.index("responses with a tail token %") + 1, "seeds leaked")
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         coef = "–" if r["coefficient"] is None else f"{r['coefficient']:g}"
@@ -468,6 +529,8 @@ def table(rows: list[dict]) -> str:
         cells += [_fmt(r["final"].get(k), s) for k, _, s in columns]
         delta = r.get("delta", {}).get("greedy_accuracy")
         cells.insert(9, "–" if delta is None else ("+" if delta[0] >= 0 else "") + _fmt(delta, 100))
+        n, of = leaked_seeds(r)
+        cells.insert(head.index("seeds leaked"), f"{n}/{of}" if of else "–")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -562,7 +625,8 @@ def _tail_lines(rows: list[dict]) -> dict[str, list[dict]]:
 def against_baseline(rows: list[dict], key: str = "greedy_accuracy", baseline: str = "none") -> list[str]:
     """One sentence per row: its final ``key`` next to the ``baseline`` method's of the same tail and horizon, and the
     paired difference over the seeds both have (mean and 95 % t-interval): "below" / "above" when the interval
-    excludes 0 (the notebook and README state only what these sentences say)."""
+    excludes 0, and how many seeds leaked (:func:`leaked_seeds`) where any did (the notebook and README state only
+    what these sentences say)."""
     base = {(r["tail"], r["horizon"]): r for r in rows if r["method"] == baseline}
     out = []
     for r in rows:
@@ -582,10 +646,12 @@ def against_baseline(rows: list[dict], key: str = "greedy_accuracy", baseline: s
         else:
             verdict = f"not distinguishable from {baseline}"
         coef = "" if r["coefficient"] is None else f" {r['coefficient']:g}"
+        n, of = leaked_seeds(r)
+        leaks = f"; {n} of {of} seeds leaked" if n else ""
         out.append(
             f"{r['method']}{coef} (tail {r['tail']:,}, {r['horizon']}): {key} {_fmt(r['final'][key], 100)} % vs "
             f"{baseline} {_fmt(b['final'][key], 100)} %; paired difference over {len(diffs)} seed(s) "
-            f"{'+' if d >= 0 else ''}{_fmt((d, hw), 100)} points -> {verdict}"
+            f"{'+' if d >= 0 else ''}{_fmt((d, hw), 100)} points -> {verdict}{leaks}"
         )
     return out
 
@@ -601,14 +667,22 @@ def save_figures(figs: dict[str, go.Figure], out: str | Path) -> list[Path]:
     """Each figure as a static PNG (plotly image export: needs kaleido and a Chromium), else as HTML."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths, static = [], True
     for name, fig in figs.items():
-        try:
-            fig.write_image(out / f"{name}.png", width=900, height=500, scale=1)
-            paths.append(out / f"{name}.png")
-        except (ValueError, ImportError, RuntimeError):  # no kaleido / no browser: interactive HTML instead
-            fig.write_html(out / f"{name}.html", include_plotlyjs="cdn")
-            paths.append(out / f"{name}.html")
+        if static:
+            try:
+                fig.write_image(out / f"{name}.png", width=900, height=500, scale=1)
+                paths.append(out / f"{name}.png")
+                continue
+            except (ValueError, ImportError, RuntimeError) as err:  # no kaleido / no browser: interactive HTML
+                static = False
+                warnings.warn(
+                    f"static PNG export failed ({str(err).strip().splitlines()[0]}); writing HTML figures instead. "
+                    "Install the figures extra (pip install 'tre_edu[figures]') and a Chromium for PNGs.",
+                    stacklevel=2,
+                )
+        fig.write_html(out / f"{name}.html", include_plotlyjs="cdn")
+        paths.append(out / f"{name}.html")
     return paths
 
 
