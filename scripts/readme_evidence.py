@@ -69,7 +69,6 @@ a tail token; in this study the runs fall far on either side of that line (leake
    study's paired intervals.
    Tuning: every method had the same budget (the same recipe, 60 steps, the coefficient grid, the same seeds);
    nothing else was tuned."""
-LEAK = study.LEAK_FRAC  # a run leaked when at least this fraction of its sampled responses hold a tail token
 EFF_001 = {0: 0.00198, 2000: 0.00091, 20000: 0.0007}  # TRE-K at the global bonus's effective weight 0.01 per nat
 
 
@@ -78,6 +77,16 @@ def _row(rows: list[dict], tail, horizon, method, coef=None) -> dict:
         if (r["tail"], r["horizon"], r["method"], r["coefficient"]) == (tail, horizon, method, coef):
             return r
     raise KeyError(f"no recorded cell tail {tail}, {horizon}, {method} {coef}")
+
+
+def _lookups(rows: list[dict]):
+    """row(tail, horizon, method, coef), and the global bonus (default 0.01), PPO and TRE-K at the global bonus's
+    effective weight of one (tail, horizon)."""
+    row = lambda *a: _row(rows, *a)  # noqa: E731
+    ent = lambda t, h, c=0.01: row(t, h, "entropy", c)  # noqa: E731
+    none = lambda t, h: row(t, h, "none")  # noqa: E731
+    trek = lambda t, h: row(t, h, "tre-k", EFF_001[t])  # noqa: E731
+    return row, ent, none, trek
 
 
 def _seed_values(r: dict, key: str) -> list[float]:
@@ -90,15 +99,12 @@ def _runs(rows: list[dict], leaked: bool) -> list[tuple[dict, dict]]:
         (r, e)
         for r in rows
         for e in r["per_seed"].values()
-        if "tail_response_frac" in e and (e["tail_response_frac"] >= LEAK) == leaked
+        if "tail_response_frac" in e and (e["tail_response_frac"] >= study.LEAK_FRAC) == leaked
     ]
 
 
-_leaks = study.leaked_seeds
-
-
 def _numbers(rows: list[dict]) -> dict[str, str]:
-    row = lambda *a: _row(rows, *a)  # noqa: E731
+    row, ent, none, trek = _lookups(rows)
 
     def frac(r):
         m, hw = r["final"]["tail_response_frac"]
@@ -112,12 +118,9 @@ def _numbers(rows: list[dict]) -> dict[str, str]:
         return " / ".join(f"{100 * v:.1f}" for v in values)
 
     def leaks(r):
-        n, of = _leaks(r)
+        n, of = study.leaked_seeds(r)
         return f"{n} of {of}"
 
-    ent = lambda t, h, c=0.01: row(t, h, "entropy", c)  # noqa: E731
-    none = lambda t, h: row(t, h, "none")  # noqa: E731
-    trek = lambda t, h: row(t, h, "tre-k", EFF_001[t])  # noqa: E731
     leaked, safe = _runs(rows, True), _runs(rows, False)
     e2kt, e20kc = ent(2000, "think"), ent(20000, "compact")
     gaps = [
@@ -141,11 +144,13 @@ def _numbers(rows: list[dict]) -> dict[str, str]:
         "N20K_T": frac(none(20000, "think")),
         "N20K_C": frac(none(20000, "compact")),
         "N2K_T": frac(none(2000, "think")),
-        "E2KT_SAFE": seeds(f for f in _seed_values(e2kt, "tail_response_frac") if f < LEAK),
+        "E2KT_SAFE": seeds(f for f in _seed_values(e2kt, "tail_response_frac") if f < study.LEAK_FRAC),
         "E2KT_GREEDY": seeds(_seed_values(e2kt, "greedy_accuracy")),
         "N2KT_GREEDY": seeds(_seed_values(none(2000, "think"), "greedy_accuracy")),
         "E20KC_LEAK_GREEDY": seeds(
-            e["greedy_accuracy"] for _, e in sorted(e20kc["per_seed"].items()) if e["tail_response_frac"] >= LEAK
+            e["greedy_accuracy"]
+            for _, e in sorted(e20kc["per_seed"].items())
+            if e["tail_response_frac"] >= study.LEAK_FRAC
         ),
         **{f"DE{k}": delta(ent(t, h)) for k, t, h in _CELLS},
         **{f"DK{k}": delta(trek(t, h)) for k, t, h in _CELLS},
@@ -169,10 +174,9 @@ def _numbers(rows: list[dict]) -> dict[str, str]:
 def _checks(rows: list[dict]) -> list[str]:
     """The template's qualitative statements that the aggregated rows contradict (empty: all hold). "Not
     distinguishable" = the paired 95 % interval of Δ greedy covers 0; "below" = it lies below 0."""
-    row = lambda *a: _row(rows, *a)  # noqa: E731
-    ent = lambda t, h, c=0.01: row(t, h, "entropy", c)  # noqa: E731
-    trek = lambda t, h: row(t, h, "tre-k", EFF_001[t])  # noqa: E731
-    n = lambda t, h: _leaks(ent(t, h))[0]  # noqa: E731
+    row, ent, _, trek = _lookups(rows)
+    n = lambda t, h: study.leaked_seeds(ent(t, h))[0]  # noqa: E731
+    seeds_20kt = study.leaked_seeds(ent(20000, "think"))[1]
 
     def dg(r):  # (low, high) of the paired interval of Δ greedy; a single seed: (mean, mean)
         m, hw = r["delta"]["greedy_accuracy"]
@@ -205,12 +209,12 @@ def _checks(rows: list[dict]) -> list[str]:
         (
             "claims 2 and 3: the global bonus's leaks grow with V and T, and every seed leaked at 20,000, think",
             n(2000, "compact") <= n(2000, "think") <= n(20000, "think") and n(20000, "compact") <= n(20000, "think")
-            and n(2000, "compact") <= n(20000, "compact") and n(20000, "think") == _leaks(ent(20000, "think"))[1],
+            and n(2000, "compact") <= n(20000, "compact") and n(20000, "think") == seeds_20kt,
         ),
         (
             "claim 2: at 2,000, think, the global bonus's seeds that did not leak end above PPO's tail-token share",
             all(e["tail_response_frac"] > row(2000, "think", "none")["per_seed"][s]["tail_response_frac"]
-                for s, e in e2kt["per_seed"].items() if e["tail_response_frac"] < LEAK),
+                for s, e in e2kt["per_seed"].items() if e["tail_response_frac"] < study.LEAK_FRAC),
         ),
         (
             "claim 4: the global bonus at 0.01 is not distinguishable from PPO at V <= 2,033 and compact horizons",
@@ -224,7 +228,7 @@ def _checks(rows: list[dict]) -> list[str]:
         (
             "claim 4: the leaked seed at 20,000, compact kept more than 10 % greedy accuracy",
             all(e["greedy_accuracy"] > 0.1 for e in ent(20000, "compact")["per_seed"].values()
-                if e["tail_response_frac"] >= LEAK),
+                if e["tail_response_frac"] >= study.LEAK_FRAC),
         ),
         (
             "claim 4: TRE-K at the global bonus's effective weight is not distinguishable from PPO in every cell",

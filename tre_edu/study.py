@@ -238,16 +238,19 @@ def warm_fingerprint(warm_dir: str | Path) -> str:
 def _warm_mismatch(warm_dir: Path, recorded: list[tuple[str, dict]], cfg: TrainConfig) -> str | None:
     """Why the warm start in ``warm_dir`` is not the one the ``recorded`` cells (cell id, first line) started from,
     or None. Lines with a ``warm_start`` fingerprint are compared by it; older lines by their step-0 evaluation
-    (the warm start's, the same for every cell that starts there)."""
-    now = warm_fingerprint(warm_dir)
+    (the warm start's, the same for every cell that starts there; evaluated here once, cached for the cells)."""
+    now, ev = warm_fingerprint(warm_dir), None
     for cid, line in recorded:
         then = (line.get("warm_start") or {}).get("sha256")
-        if then is None and line.get("step") == 0:
-            over = {"init_from": str(warm_dir), "sft.enabled": False, "eval.at_start": False}
-            ev = {k.removeprefix("eval/"): v for k, v in _warm_eval(cfg.replace(over)).items()}
+        if then is not None:
+            same = then == now
+        elif line.get("step") == 0:
+            if ev is None:
+                over = {"init_from": str(warm_dir), "sft.enabled": False, "eval.at_start": False}
+                ev = {k.removeprefix("eval/"): v for k, v in _warm_eval(cfg.replace(over)).items()}
             same = all(ev.get(k) == v for k, v in line["eval"].items())
         else:
-            same = then == now
+            continue  # a line without a fingerprint or a step-0 evaluation: nothing to compare
         if not same:
             return (
                 f"warm start {warm_dir.name} is not the one recorded cell {cid} started from (retrained since, e.g. "
@@ -302,7 +305,8 @@ def run_study(
     Every method of a seed must start from the same warm start, or the paired differences mean nothing. Warm starts
     live in the git-ignored ``runs_dir``; one retrained later (a fresh machine) need not match the recorded cells'
     bit for bit, so a cell is run only when its warm start is the one its recorded siblings started from (their
-    ``warm_start.sha256``, or for older lines their step-0 evaluation); otherwise it is reported as failed.
+    ``warm_start.sha256``, or for older lines their step-0 evaluation, which errs on the safe side: evaluated on
+    another CPU even the same weights may score differently); otherwise it is reported as failed.
     """
     spec = load_study(path)
     if not isinstance(workers, int) or workers < 1:
