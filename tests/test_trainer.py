@@ -99,13 +99,13 @@ def _second_gradient(tmp_path, *extra):
     """The actor's gradient at the second optimiser step of a PPO step (Adam's normalised step would hide small
     differences; at the first, log pi = log pi_old, so KL-Cov's |log pi - log pi_old| has no gradient yet)."""
     trainer = _trainer(tmp_path, "ppo.steps=1", "ppo.minibatch_size=8", *extra, task=DenseRewardTask())
-    grads, step = [], trainer._clip_and_step
+    grads, step = [], trainer.optim.step
 
-    def record():
-        grads.append(torch.cat([p.grad.flatten() for p in trainer._actor_params]))
-        return step()
+    def record(*args):
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.optim.params["actor"]]))
+        return step(*args)
 
-    trainer._clip_and_step = record
+    trainer.optim.step = record
     trainer.train_step()
     return grads[1]
 

@@ -21,17 +21,19 @@ from typing import Any, ClassVar
 
 import yaml
 
-from tre_edu.tasks import TASK_NAMES, check_options  # torch-free; tasks never import the config (no circle)
+from tre_edu.tasks import TASK_NAMES, check_options  # torch-free validation; no task module imports the config
 from tre_edu.tasks.base import PROMPT_STYLES
 
 KINDS = ("none", "entropy", "tre-k", "tre-p", "forking", "kl-cov", "clip-cov")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_KINDS = ("k1", "k2", "k3")
+ADVANTAGES = ("gae", "grpo")
 SELECTIONS = ("microbatch", "minibatch")
 DTYPES = ("float32", "bfloat16", "float16")
 CRITICS = ("value-head", "separate")
 
-# Named regulariser settings from the papers (entropy-type coefficients in the paper's units, see effective_coef).
+# Named regulariser settings from the papers (entropy-type coefficients in the paper's units, see
+# tre_edu.regularizers.effective_coef).
 # The global-entropy coefficient was not published: no "entropy" preset.
 PRESETS: dict[str, dict[str, Any]] = {
     "ppo": {"kind": "none"},
@@ -183,7 +185,7 @@ class SFTConfig(_Section):
     steps: int = opt(600, "optimiser steps", ge=0)
     seconds: float | None = opt(None, "optional time budget; stops at whichever comes first", gt=0)
     batch_size: int = opt(128, "examples per step", ge=1)
-    lr: float = opt(2e-3, "learning rate", gt=0)
+    lr: float = opt(2e-3, "learning rate", gt=0, le=1)
     examples: int = opt(20000, "training examples", ge=1)
     eval_every: int = opt(100, "steps between held-out evaluations", ge=1)
 
@@ -199,8 +201,8 @@ class PPOConfig(_Section):
     ppo_epochs: int = opt(1, "passes over the batch", ge=1)
     minibatch_size: int = opt(64, "responses per optimiser step", ge=1)
     micro_batch_size: int = opt(64, "responses per forward / backward (per process)", ge=1)
-    actor_lr: float = opt(1e-6, "actor learning rate", ge=0)
-    critic_lr: float = opt(1e-5, "critic learning rate", ge=0)
+    actor_lr: float = opt(1e-6, "actor learning rate", ge=0, le=1)
+    critic_lr: float = opt(1e-5, "critic learning rate", ge=0, le=1)
     weight_decay: float = opt(0.01, "AdamW weight decay", ge=0)
     warmup_ratio: float = opt(0.0, "actor lr warm-up, fraction of all optimiser steps", ge=0, le=1)
     critic_warmup_ratio: float = opt(0.05, "critic lr warm-up fraction", ge=0, le=1)
@@ -209,13 +211,13 @@ class PPOConfig(_Section):
     clip_high: float = opt(0.2, "ratio clip above 1", gt=0)
     dual_clip: float | None = opt(3.0, "dual-clip c for negative advantages (null: off)", gt=1)
     value_clip: float | None = opt(0.5, "value clip (null: off)", gt=0)
-    value_coef: float = opt(1.0, "weight of the value loss", ge=0)
+    value_coef: float = opt(1.0, "weight of the value loss", ge=0, le=1000)
     gamma: float = opt(1.0, "discount", ge=0, le=1)
     lam: float = opt(1.0, "GAE lambda", ge=0, le=1)
-    advantage: str = opt("gae", "gae (critic) | grpo (reward minus the group mean)", choices=("gae", "grpo"))
+    advantage: str = opt("gae", "gae (critic) | grpo (reward minus the group mean)", choices=ADVANTAGES)
     whiten_advantages: bool = opt(True, "normalise advantages over the batch")
     agg: str = opt("token-mean", "loss aggregation", choices=AGG_MODES)
-    kl_coef: float = opt(0.0, "KL to the initial policy (off in the paper)", ge=0)
+    kl_coef: float = opt(0.0, "KL to the initial policy (off in the paper)", ge=0, le=1000)
     kl_kind: str = opt("k3", "KL estimator", choices=KL_KINDS)
     kl_in_reward: bool = opt(False, "fold the KL into the per-token reward instead of the loss")
     temperature: float = opt(1.0, "rollout temperature", gt=0)
@@ -242,7 +244,8 @@ class RegularizerConfig(_Section):
 
     section: ClassVar[str] = "regularizer"
     kind: str = opt("none", "method", flag="--kind", choices=KINDS)
-    coef: float = opt(0.0, "weight alpha of the entropy-type term, paper units (TRE: 0.001)", flag="--coef", ge=0)
+    coef: float = opt(0.0, "weight alpha of the entropy-type term, paper units (TRE: 0.001)", flag="--coef", ge=0,
+                      le=1000)  # fmt: skip
     k: int = opt(2, "TRE-K trust-region size K (1: min-entropy, unscaled)", flag="--k", ge=1)
     p: float = opt(0.99, "TRE-P nucleus mass p", flag="--p", gt=0, le=1)
     rescale: bool = opt(True, "multiply H_TR by log V / log |A_TR| (official code: on)")
@@ -250,7 +253,7 @@ class RegularizerConfig(_Section):
     forking_ratio: float = opt(0.2, "forking: fraction of tokens that keep their policy gradient", gt=0, le=1)
     selection: str = opt("microbatch", "forking / KL-Cov / Clip-Cov rank the tokens of a", choices=SELECTIONS)
     cov_ratio: float = opt(0.002, "KL-Cov: fraction of tokens penalised (0.002: TRE runs)", gt=0, le=1)
-    kl_cov_coef: float = opt(1.0, "KL-Cov: penalty weight", ge=0)
+    kl_cov_coef: float = opt(1.0, "KL-Cov: penalty weight", ge=0, le=1000)
     clip_cov_ratio: float = opt(0.0002, "Clip-Cov: fraction of tokens detached", gt=0, le=1)
     clip_cov_lb: float = opt(1.0, "Clip-Cov: lower end of the Cov band")
     clip_cov_ub: float = opt(5.0, "Clip-Cov: upper end of the Cov band")
@@ -258,19 +261,6 @@ class RegularizerConfig(_Section):
 
     def _rules(self):
         yield self.clip_cov_lb <= self.clip_cov_ub, "clip_cov_lb", f"<= clip_cov_ub ({self.clip_cov_ub})"
-
-    def effective_coef(self, vocab_size: int, nucleus_size: int | None = None) -> float:
-        """The entropy-type weight in un-rescaled units: coef (entropy; TRE without rescale or K = 1), coef log V /
-        log K (tre-k; 0.001 at V = 151,936, K = 2: 0.017), coef log V / log max(n, 2) (tre-p, nucleus n, default 2);
-        0 for the other kinds."""
-        size = self.k if self.kind == "tre-k" else 2 if nucleus_size is None else nucleus_size
-        for name, value, low in (("vocab_size", vocab_size, 2), ("nucleus_size", size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an int >= {low}; got {value!r}")
-        if self.kind not in ("entropy", "tre-k", "tre-p"):
-            return 0.0
-        rescaled = self.kind != "entropy" and self.rescale and not (self.kind == "tre-k" and self.k < 2)
-        return self.coef * math.log(vocab_size) / math.log(max(size, 2)) if rescaled else self.coef
 
 
 @dataclass

@@ -18,10 +18,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tre_edu import entropy as ent
-from tre_edu.regularizers import Regularizer
+from tre_edu.entropy import tre_rescale
+from tre_edu.regularizers import ENTROPY_KINDS
 
 # The regularisers' config kinds (``regularizer.kind``); plots label "entropy" as "global entropy".
-METHODS = ("entropy", "tre-k", "tre-p")
+METHODS = ENTROPY_KINDS  # the methods these toy computations compare
 OPTIMIZERS = ("sgd", "adam")
 
 #: The width of Qwen2.5's LM head (its output vocabulary), the paper's models.
@@ -143,8 +144,8 @@ def sign_threshold(logits: Tensor) -> float:
 
 
 def rescale_factor(vocab_size: int, region_size: int) -> float:
-    """``log V / log |A_TR|`` (``|A_TR|`` clamped to >= 2), from :meth:`Regularizer.effective_coef` at coef 1."""
-    return Regularizer(kind="tre-p", coef=1.0).effective_coef(vocab_size, region_size)
+    """``log V / log |A_TR|`` (``|A_TR|`` clamped to >= 2): :func:`tre_edu.entropy.tre_rescale`."""
+    return float(tre_rescale(vocab_size, nucleus_size=region_size))
 
 
 @dataclass
@@ -259,13 +260,3 @@ def clean_response_probability(eps, horizon) -> np.ndarray:
     float64 with the shape of ``np.atleast_1d(horizon)``.
     """
     return np.exp(_log_clean(eps, horizon))
-
-
-def tail_hit_probability(eps, horizon) -> np.ndarray:
-    """``1 - prod_t (1 - eps_t) = -expm1(sum log1p(-eps_t))``, accurate even when the result is ~1e-9."""
-    return -np.expm1(_log_clean(eps, horizon))
-
-
-def per_step_tail_risk(logits: Tensor, k: int = 5) -> float:
-    """``eps``: the probability that one sampled token (temperature 1) lies outside the top-``k`` tokens."""
-    return float(ent.tail_mass(_check_logits(logits).detach(), k))

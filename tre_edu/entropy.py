@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["global_entropy", "trust_region_entropy", "min_entropy", "topk_mass", "tail_mass", "nucleus_size"]
-__all__ += ["nucleus_tail_mass", "token_logprobs", "tail_metrics"]
+__all__ += ["token_logprobs", "tail_metrics", "tail_metric_keys", "tre_rescale"]
 
 # Elements per chunk of rows (>= 1 row). One CPU thread: small, cache-resident chunks; several threads or a GPU:
 # fewer, larger ops (per-op barriers / kernel launches dominate).
@@ -335,6 +335,29 @@ def _nucleus(
     return idx, keep, probs, out
 
 
+def tre_rescale(
+    vocab_size: int,
+    *,
+    top_k: int | None = None,
+    nucleus_size: int | Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> float | Tensor:
+    """TRE's rescale factor ``log V / log max(|A_TR|, 2)`` (PAPER.md), the one place it is computed.
+
+    TRE-K: ``top_k`` = K, and K = 1 (min-entropy) is never rescaled (1.0). TRE-P: ``nucleus_size`` = |A_TR|, an int
+    (a float result) or an integer tensor of per-position sizes (a tensor of ``dtype``)."""
+    V = _check_int(vocab_size, "vocab_size", 2)
+    if (top_k is None) == (nucleus_size is None):
+        raise ValueError("give exactly one of top_k (an integer >= 1) or nucleus_size (an integer >= 1 or a tensor)")
+    log_v = math.log(V)
+    if top_k is not None:
+        K = _check_int(top_k, "top_k", 1)
+        return 1.0 if K == 1 else log_v / math.log(K)
+    if isinstance(nucleus_size, Tensor):
+        return log_v / torch.log(nucleus_size.clamp(min=2).to(dtype))
+    return log_v / math.log(max(_check_int(nucleus_size, "nucleus_size", 1), 2))
+
+
 def trust_region_entropy(
     logits: Tensor,
     *,
@@ -356,7 +379,7 @@ def trust_region_entropy(
     if (top_k is None) == (top_p is None):
         raise ValueError("give exactly one of top_k (an integer in [1, V]) or top_p (a float in (0, 1])")
     max_candidates = _check_max_candidates(max_candidates)
-    log_v = math.log(V if vocab_size is None else _check_int(vocab_size, "vocab_size", 2))
+    width = V if vocab_size is None else _check_int(vocab_size, "vocab_size", 2)
     shape = logits.shape[:-1]
     if top_k is not None:
         K = _check_int(top_k, "top_k", 1, V)
@@ -372,8 +395,8 @@ def trust_region_entropy(
     # differentiable part: the (N, C) selected logits (gather's backward scatters into a zero (..., V) tensor)
     v = logits.gather(-1, idx.view(*shape, idx.shape[-1])).to(_cdtype(logits)).reshape(idx.shape)
     h = _LocalEntropy.apply(v, keep)
-    if rescale:
-        h = h * (log_v / (math.log(K) if n is None else torch.log(n.clamp(min=2).to(h.dtype))))
+    if rescale and width >= 2:  # V = 1: the only region is {the token}, H_TR = 0
+        h = h * (tre_rescale(width, top_k=K) if n is None else tre_rescale(width, nucleus_size=n, dtype=h.dtype))
     return h.view(shape)
 
 
@@ -416,16 +439,70 @@ def nucleus_size(logits: Tensor, p: float, max_candidates: int | None = None) ->
         return _checked_nucleus(logits, p, max_candidates)[1].sum(-1).view(logits.shape[:-1])
 
 
-def nucleus_tail_mass(logits: Tensor, p: float, max_candidates: int | None = None) -> Tensor:
-    """Mass outside the nucleus of mass p (see :func:`nucleus_size`), no grad."""
-    with torch.no_grad():
-        _, keep, probs, out = _checked_nucleus(logits, p, max_candidates)
-        return (out + (probs * ~keep).sum(-1)).to(_cdtype(logits)).view(logits.shape[:-1])
-
-
 def _checked_nucleus(logits: Tensor, p: float, max_candidates: int | None) -> tuple[Tensor, ...]:
     _check_logits(logits)
     return _nucleus(logits, _check_p(p, "p"), _check_max_candidates(max_candidates))
+
+
+def _metric_name_p(p: float) -> str:
+    pct = p * 100
+    return f"p{int(round(pct))}" if abs(pct - round(pct)) < 1e-9 else f"p{pct:g}"
+
+
+def tail_metric_keys(ks: Sequence[int] = (1, 2, 10), p: float = 0.99) -> list[str]:
+    """The keys of :func:`tail_metrics` (and of the head's metrics), in order."""
+    pn = _metric_name_p(p)
+    keys = ["entropy/global", "entropy/tre_k", "entropy/tre_p"]
+    keys += ["tail/top1_prob" if k == 1 else f"tail/mass_outside_top{k}" for k in ks]
+    return keys + [f"tail/nucleus_size_{pn}", f"tail/mass_outside_nucleus_{pn}"]
+
+
+def _check_tail_args(
+    V: int, ks: Sequence[int], p: float, top_k: int, max_candidates: int | None, vocab_size: int | None
+) -> tuple[list[int], float, int, int | None, int]:
+    ks = [_check_int(k, "ks", 1, V) for k in ks]
+    width = V if vocab_size is None else _check_int(vocab_size, "vocab_size", 2)
+    return ks, _check_p(p, "p"), _check_int(top_k, "top_k", 1, V), _check_max_candidates(max_candidates), width
+
+
+def _tail_rows(
+    z: Tensor,
+    *,
+    ks: Sequence[int],
+    p: float,
+    top_k: int,
+    rescale: bool,
+    max_candidates: int | None,
+    vocab_size: int,
+) -> Tensor:
+    """Per-row tail statistics of the rows ``z`` (r, V) (checked arguments), no grad: a float64 (len(keys), r)
+    tensor in the order of :func:`tail_metric_keys`. One top-C search and one pass over the rows."""
+    V = z.shape[-1]
+    C = min(V, max([*ks, top_k, 256 if max_candidates is None else max_candidates]))
+    Cp = min(V, 256 if max_candidates is None else max_candidates)
+    vals, idx = _flat_topk_idx(z, C)
+    _, S, d, _, T = _row_pass(z, entropy=True, idx=idx, m=vals[:, 0])
+    e = torch.exp(vals.double() - vals[:, :1].double())  # the candidates' e = exp(z - max z), float64
+    T = T.double()  # type: ignore[union-attr]
+    S64 = e.sum(-1) + T
+    # outside[:, k] = mass outside the top-k, summed directly (smallest terms first)
+    outside = (torch.cat([e.flip(-1).cumsum(-1).flip(-1), e[:, :1] * 0], -1) + T.unsqueeze(-1)) / S64[:, None]
+    head = (vals[:, :Cp], idx[:, :Cp], e[:, :Cp], S64, outside[:, Cp])
+    idx_n, keep, probs, out = _nucleus(z, p, max_candidates, head=head)
+    n = keep.sum(-1)
+    stats = [torch.log(S) - d / S]  # type: ignore[operator]
+    if top_k == 1:
+        stats.append(torch.log(S64))  # min-entropy -log max pi
+    else:
+        vk = vals[:, :top_k].double()
+        hk = _LocalEntropy.apply(vk, vk > -math.inf)
+        stats.append(hk * tre_rescale(vocab_size, top_k=top_k) if rescale and vocab_size >= 2 else hk)
+    hp = _LocalEntropy.apply(z.gather(-1, idx_n).double(), keep)
+    rescale_p = rescale and vocab_size >= 2
+    stats.append(hp * tre_rescale(vocab_size, nucleus_size=n, dtype=torch.float64) if rescale_p else hp)
+    stats += [1.0 / S64 if k == 1 else outside[:, k] for k in ks]
+    stats += [n, out + (probs * ~keep).sum(-1)]
+    return torch.stack([x.double() for x in stats])
 
 
 def tail_metrics(
@@ -438,16 +515,15 @@ def tail_metrics(
     rescale: bool = True,
     max_candidates: int | None = 256,
     chunk_rows: int = 64,
+    vocab_size: int | None = None,
 ) -> dict[str, float]:
     """Means over the positions where ``mask`` (logits.shape[:-1], None = all) is nonzero, weighted by it, of
     "entropy/global", "entropy/tre_k" (K = ``top_k``), "entropy/tre_p", "tail/top1_prob" (k = 1 in ``ks``),
     "tail/mass_outside_top{k}", "tail/nucleus_size_p{100p}", "tail/mass_outside_nucleus_p{100p}"; all 0.0 without
-    a valid position. No grad; per chunk of ``chunk_rows`` valid rows one top-C search and one pass over the rows."""
+    a valid position. The TRE rows use :func:`tre_rescale` with V = ``vocab_size`` or the logits' width. No grad;
+    per chunk of ``chunk_rows`` valid rows one top-C search and one pass over the rows."""
     V = _check_logits(logits)
-    p = _check_p(p, "p")
-    top_k = _check_int(top_k, "top_k", 1, V)
-    ks = [_check_int(k, "ks", 1, V) for k in ks]
-    max_candidates = _check_max_candidates(max_candidates)
+    ks, p, top_k, max_candidates, width = _check_tail_args(V, ks, p, top_k, max_candidates, vocab_size)
     chunk_rows = _check_int(chunk_rows, "chunk_rows", 1)
     lead = logits.shape[:-1]
     if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(lead)):
@@ -455,44 +531,16 @@ def tail_metrics(
         raise ValueError(f"mask must be a tensor of shape logits.shape[:-1] = {tuple(lead)}, got {got}")
     w = torch.ones(lead, dtype=torch.float64, device=logits.device) if mask is None else mask
     w = w.to(device=logits.device, dtype=torch.float64).reshape(-1)
-    pct = p * 100
-    pn = f"p{int(round(pct))}" if abs(pct - round(pct)) < 1e-9 else f"p{pct:g}"
-    keys = ["entropy/global", "entropy/tre_k", "entropy/tre_p"]
-    keys += ["tail/top1_prob" if k == 1 else f"tail/mass_outside_top{k}" for k in ks]
-    keys += [f"tail/nucleus_size_{pn}", f"tail/mass_outside_nucleus_{pn}"]
+    keys = tail_metric_keys(ks, p)
     rows = (w != 0).nonzero().squeeze(-1)
     total_w = float(w[rows].sum()) if rows.numel() else 0.0
     if total_w == 0.0:
         return dict.fromkeys(keys, 0.0)
-    C = min(V, max([*ks, top_k, 256 if max_candidates is None else max_candidates]))
-    Cp = min(V, 256 if max_candidates is None else max_candidates)
-    log_v = math.log(V)
     sums = torch.zeros(len(keys), dtype=torch.float64, device=logits.device)
+    opts = dict(ks=ks, p=p, top_k=top_k, rescale=rescale, max_candidates=max_candidates, vocab_size=width)
     with torch.no_grad():
         flat = logits.detach().reshape(-1, V)  # a view unless the logits are strided
         for i in range(0, rows.numel(), chunk_rows):
             r = rows[i : i + chunk_rows]
-            z = flat.index_select(0, r)  # one chunk of valid rows, in its own dtype
-            vals, idx = _flat_topk_idx(z, C)
-            _, S, d, _, T = _row_pass(z, entropy=True, idx=idx, m=vals[:, 0])
-            e = torch.exp(vals.double() - vals[:, :1].double())  # the candidates' e = exp(z - max z), float64
-            T = T.double()  # type: ignore[union-attr]
-            S64 = e.sum(-1) + T
-            # outside[:, k] = mass outside the top-k, summed directly (smallest terms first)
-            outside = (torch.cat([e.flip(-1).cumsum(-1).flip(-1), e[:, :1] * 0], -1) + T.unsqueeze(-1)) / S64[:, None]
-            head = (vals[:, :Cp], idx[:, :Cp], e[:, :Cp], S64, outside[:, Cp])
-            idx_n, keep, probs, out = _nucleus(z, p, max_candidates, head=head)
-            n = keep.sum(-1)
-            stats = [torch.log(S) - d / S]  # type: ignore[operator]
-            if top_k == 1:
-                stats.append(torch.log(S64))  # min-entropy -log max pi
-            else:
-                vk = vals[:, :top_k].double()
-                hk = _LocalEntropy.apply(vk, vk > -math.inf)
-                stats.append(hk * (log_v / math.log(top_k)) if rescale else hk)
-            hp = _LocalEntropy.apply(z.gather(-1, idx_n).double(), keep)
-            stats.append(hp * (log_v / torch.log(n.clamp(min=2).double())) if rescale else hp)
-            stats += [1.0 / S64 if k == 1 else outside[:, k] for k in ks]
-            stats += [n, out + (probs * ~keep).sum(-1)]
-            sums += torch.stack([x.double() for x in stats]) @ w[r]
+            sums += _tail_rows(flat.index_select(0, r), **opts) @ w[r]  # one chunk of valid rows, in its dtype
     return {key: float(val) / total_w for key, val in zip(keys, sums, strict=True)}

@@ -8,12 +8,14 @@ Up to three generation passes over the same examples, through the sampler of the
   (pass@1 of a sampled answer), ``sampled_reward``;
 - exploration (``eval.pass_k`` = n > 0 samples per example at ``eval.temperature``, top_p 1, the rollout
   distribution): ``pass@k`` for k = 1, 2, 4, ..., n with the unbiased estimator of Chen et al. (2021)
-  ``pass@k = mean_i [1 - C(n - c_i, k) / C(n, k)]`` (c_i correct samples of example i), and for Countdown
-  ``distinct_correct``, the mean number of distinct correct equations per solved example.
+  ``pass@k = mean_i [1 - C(n - c_i, k) / C(n, k)]`` (c_i correct samples of example i), and the task's own metrics of
+  those samples (:meth:`~tre_edu.tasks.base.Task.sample_metrics`; Countdown: ``distinct_correct``, the mean number of
+  distinct correct equations per solved example).
 
-Tail metrics (``eval.tail_metrics``) are measured on the exploration samples (on the sampled pass when
-``pass_k`` = 0): ``tail_response_frac`` = fraction of all those responses with at least one tail token (only for a
-tokenizer with known tail ids: the tiny model's ``<tail_*>`` entries); at every sampled position of one response per
+Tail metrics (``eval.tail_metrics``) are measured where the rollouts come from, at ``eval.temperature`` and top_p 1
+(a top_p 0.7 sample would cut the very tail they measure): on the exploration samples, or with ``pass_k`` = 0 on one
+extra sample per example. ``tail_response_frac`` = fraction of those responses with at least one tail token (only
+with a known tail, ``tail_start``: the tiny model's ``<tail_*>`` ids); at every sampled position of one response per
 example, from the model's temperature-1 distribution, ``mass_outside_top10``, ``mass_outside_nucleus`` (p = 0.99),
 ``entropy_global`` (H = -sum pi log pi) and ``entropy_tre`` (TRE-K, K = 2, rescaled by log V / log 2).
 
@@ -29,12 +31,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tre_edu.entropy import tail_metrics
-from tre_edu.models.tiny import TAIL_FORMAT
-from tre_edu.policy import response_logits
+from tre_edu.head import StatsRequest
+from tre_edu.policy import response_stats
 from tre_edu.rollout import SamplingConfig, decode_responses, generate
-from tre_edu.tasks.countdown import extract_answer
 
+_TAIL_REQUEST = StatsRequest(metrics=True, metrics_top_k=2, metrics_p=0.99)
 # tre_edu.entropy.tail_metrics key -> evaluation key
 _TAIL_KEYS = {
     "tail/mass_outside_top10": "mass_outside_top10",
@@ -53,20 +54,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def tail_start(tokenizer: Any) -> int | None:
-    """First id of the tiny tokenizer's tail (every id from it on is a tail token); None for other tokenizers."""
-    first = tokenizer.convert_tokens_to_ids(TAIL_FORMAT.format(0))
-    if not isinstance(first, int) or first == tokenizer.unk_token_id:
-        return None
-    return first
-
-
-def _sample(model, tokenizer, prompts, sampling, batch_size, generator, progress, desc, tail=0):
+def _sample(model, tokenizer, prompts, sampling, batch_size, generator, progress, desc, tail=0, first=None):
     """Generate for every prompt; returns (texts, tail flag per response or None, tail metrics). The tail
     metrics (``tail`` = s > 0) come from a teacher-forced forward over every s-th response (s = n for n samples per
     prompt: one per prompt, the cost of one sample): the model's temperature-1 distribution at each of its sampled
-    positions, averaged over tokens."""
-    first = tail_start(tokenizer)
+    positions, averaged over tokens. ``first``: the first tail-token id (None: no tail-token counts)."""
     texts: list[str] = []
     has_tail: list[bool] = []
     sums: dict[str, float] = {}
@@ -90,9 +82,9 @@ def _sample(model, tokenizer, prompts, sampling, batch_size, generator, progress
         rows = [i for i in range(len(ids)) if (s + i) % tail == 0] if tail else []
         if rows:
             ro_ids, ro_attn, ro_mask = ro.input_ids[rows], ro.attention_mask[rows], ro.response_mask[rows]
-            logits, _ = response_logits(model, ro_ids, ro_attn, ro.response_len)
+            stats = response_stats(model, ro_ids, ro_attn, ro.response_len, _TAIL_REQUEST, mask=ro_mask)
             n = int(ro_mask.sum())
-            for k, v in tail_metrics(logits, ro_mask).items():
+            for k, v in stats.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             tokens += n
     metrics = {_TAIL_KEYS[k]: v / tokens for k, v in sums.items() if k in _TAIL_KEYS} if tokens else {}
@@ -112,6 +104,7 @@ def evaluate(
     greedy: bool | None = None,
     sampled: bool | None = None,
     progress: bool = False,
+    tail_start: int | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``examples`` (see the module docstring for the passes and the keys).
 
@@ -126,6 +119,8 @@ def evaluate(
         seed: seeds the sampled and exploration passes (same seed, same samples).
         greedy, sampled: run those passes (None: ``eval_cfg.greedy`` / ``eval_cfg.sampled``).
         progress: a progress bar per pass.
+        tail_start: the first id of the tokenizer's vocabulary tail (every id from it on is a tail token; the tiny
+            model's :func:`~tre_edu.models.tiny.tail_start`), for ``tail_response_frac``; None: not counted.
 
     Returns:
         ``{"greedy_accuracy", "greedy_reward", "sampled_accuracy", "sampled_reward", "pass@1", ..., "pass@n",
@@ -171,20 +166,29 @@ def evaluate(
                 top_p=eval_cfg.top_p,
             )
             g = torch.Generator().manual_seed(seed)
-            tail_here = want_tail and n_pass == 0
-            texts, has_tail, metrics = _sample(
-                model, tokenizer, prompts, cfg, bs, g, progress, "eval sampled", tail=int(tail_here)
-            )
+            texts, _, _ = _sample(model, tokenizer, prompts, cfg, bs, g, progress, "eval sampled")
             score("sampled", texts, examples)
-            if tail_here:
-                tail(has_tail, metrics)
+        if want_tail and n_pass == 0:  # one sample per example where the rollouts come from (top_p 1)
+            cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=eval_cfg.temperature)
+            g = torch.Generator().manual_seed(seed + 2)
+            _, has_tail, metrics = _sample(model, tokenizer, prompts, cfg, bs, g, progress, "eval tail", 1, tail_start)
+            tail(has_tail, metrics)
         if n_pass > 0:
             cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=eval_cfg.temperature)
             g = torch.Generator().manual_seed(seed + 1)
             reps = [p for p in prompts for _ in range(n_pass)]
             rep_ex = [e for e in examples for _ in range(n_pass)]
             texts, has_tail, metrics = _sample(
-                model, tokenizer, reps, cfg, bs, g, progress, f"eval pass@{n_pass}", tail=n_pass if want_tail else 0
+                model,
+                tokenizer,
+                reps,
+                cfg,
+                bs,
+                g,
+                progress,
+                f"eval pass@{n_pass}",
+                n_pass if want_tail else 0,
+                tail_start,
             )
             rewards = [float(r) for r in task.reward(texts, rep_ex)]
             if want_tail:
@@ -193,23 +197,8 @@ def evaluate(
                 correct = [sum(r >= threshold for r in rewards[i : i + n_pass]) for i in range(0, len(rewards), n_pass)]
                 for k in sorted({2**i for i in range(n_pass.bit_length()) if 2**i <= n_pass} | {n_pass}):
                     out[f"pass@{k}"] = sum(pass_at_k(n_pass, c, k) for c in correct) / len(correct)
-                if getattr(task, "name", None) == "countdown":
-                    out["distinct_correct"] = _distinct_correct(texts, rewards, n_pass, threshold)
+                out.update(task.sample_metrics(texts, rewards, n_pass))
     return out
 
 
-def _distinct_correct(texts: list[str], rewards: list[float], n: int, threshold: float) -> float:
-    """Mean over solved examples of the number of distinct correct answers (spaces ignored) among its n."""
-    counts = []
-    for i in range(0, len(texts), n):
-        answers = {
-            (extract_answer(t) or "").replace(" ", "")
-            for t, r in zip(texts[i : i + n], rewards[i : i + n])
-            if r >= threshold
-        }
-        if answers:
-            counts.append(len(answers))
-    return sum(counts) / len(counts) if counts else 0.0
-
-
-__all__ = ["evaluate", "pass_at_k", "tail_start"]
+__all__ = ["evaluate", "pass_at_k"]

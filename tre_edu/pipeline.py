@@ -9,6 +9,7 @@ trainer, the warm start and the evaluation receive objects.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -21,19 +22,22 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
-from tre_edu import checkpoint
-from tre_edu.config import TrainConfig
+from tre_edu import checkpoint, preflight
+from tre_edu.config import RewardModelConfig, TrainConfig
 from tre_edu.evaluation import evaluate
 from tre_edu.models import hub, tiny
 from tre_edu.policy import ActorCritic
 from tre_edu.regularizers import Regularizer
+from tre_edu.reward_model import build_tiny_reward_model, fit, pair_accuracy
 from tre_edu.sft import warm_start
 from tre_edu.tasks import Task, get_task
-from tre_edu.trainer import PPOTrainer, summarize
+from tre_edu.tasks.hh import HHTask, corpus
+from tre_edu.trainer import JSONLLogger, PPOTrainer, TensorBoardLogger, summarize
 from tre_edu.vllm_rollout import VLLMRollout
 
 # what a run writes into its output_dir (``overwrite`` removes exactly these)
-RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "checkpoints", "final", "warm_start", "tensorboard")
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "config_history.yaml", "checkpoints", "final",
+             "warm_start", "tensorboard")  # fmt: skip
 
 
 @dataclass
@@ -75,9 +79,10 @@ def build_actor(cfg: TrainConfig, source: str | None = None) -> tuple[Any, Any]:
 
 
 def build_policy(cfg: TrainConfig, actor: Any) -> ActorCritic:
-    """The actor plus a value head, or the paper's separate critic initialised from the same weights."""
-    critic = copy.deepcopy(actor) if cfg.model.critic == "separate" else None
-    policy = ActorCritic(actor, critic=critic, value_head=True)
+    """The actor plus a value head, or the paper's separate critic initialised from the same weights; the actor alone
+    for ``ppo.advantage: grpo`` (no critic)."""
+    critic = copy.deepcopy(actor) if cfg.model.critic == "separate" and cfg.ppo.advantage == "gae" else None
+    policy = ActorCritic(actor, critic=critic, value_head=cfg.ppo.advantage == "gae")
     if cfg.model.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     return policy
@@ -118,19 +123,33 @@ def build_components(cfg: TrainConfig, task: Task | None = None, actor: tuple[An
         task=task,
         train_examples=task.load("train", n=cfg.task.train_size, seed=cfg.seed),
         eval_examples=task.load("test", n=cfg.task.eval_size, seed=cfg.seed),
-        regularizer=Regularizer(cfg.regularizer, clip_low=p.clip_low, clip_high=p.clip_high),
+        regularizer=Regularizer(
+            cfg.regularizer,
+            clip_low=p.clip_low,
+            clip_high=p.clip_high,
+            vocab_size=model.get_output_embeddings().weight.shape[0],
+        ),
         sampler=build_sampler(cfg, tokenizer, model),
     )
 
 
-def build_trainer(cfg: TrainConfig, *, task: Task | None = None, actor=None, **trainer_kwargs) -> PPOTrainer:
+def build_trainer(
+    cfg: TrainConfig, *, task: Task | None = None, actor=None, log_jsonl: bool = True, callbacks=None, **trainer_kwargs
+) -> PPOTrainer:
     """Builds the components and returns a ready :class:`~tre_edu.trainer.PPOTrainer`; seeds (and sets threads) first
-    when it builds the model itself (``actor`` None), so a given ``actor`` (a warm start of this job) is seeded once."""
+    when it builds the model itself (``actor`` None), so a given ``actor`` (a warm start of this job) is seeded once.
+    The main process logs every step to ``output_dir/metrics.jsonl`` (``log_jsonl``) and, with ``cfg.tensorboard``,
+    to TensorBoard, besides the given ``callbacks``."""
     if actor is None:
         setup_runtime(cfg)
     c = build_components(cfg, task, actor)
+    callbacks = list(callbacks or [])
+    if PartialState().is_main_process:
+        callbacks += [JSONLLogger(Path(cfg.output_dir) / "metrics.jsonl")] if log_jsonl else []
+        callbacks += [TensorBoardLogger(Path(cfg.output_dir) / "tensorboard")] if cfg.tensorboard else []
     return PPOTrainer(cfg, c.policy, c.tokenizer, c.task, c.train_examples, c.eval_examples, c.regularizer,
-                      sampler=c.sampler, **trainer_kwargs)  # fmt: skip
+                      sampler=c.sampler, callbacks=callbacks, tail_start=tiny.tail_start(c.tokenizer),
+                      **trainer_kwargs)  # fmt: skip
 
 
 def _warm_start(cfg: TrainConfig, task: Task, output_dir: Path, progress: bool, callback) -> tuple[Any, Any, dict]:
@@ -154,11 +173,12 @@ def _warm_start(cfg: TrainConfig, task: Task, output_dir: Path, progress: bool, 
         progress=progress,
         callback=callback,
     )
-    actor.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
     final = history[-1] if history else {}
     summary = {"output_dir": str(output_dir), "seconds": round(time.perf_counter() - t0, 1), "final": final}
-    (output_dir / "sft_history.json").write_text(json.dumps({"summary": summary, "history": history}, indent=1))
+    with checkpoint.atomic_folder(output_dir, "warm start") as tmp:  # complete (marked) or absent, never half
+        actor.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "sft_history.json").write_text(json.dumps({"summary": summary, "history": history}, indent=1))
     return tokenizer, actor, {"summary": summary, "history": history}
 
 
@@ -176,9 +196,10 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     (remove what a run wrote there: :data:`RUN_FILES`)."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run in output_dir, or replace it")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+    held = sorted(p.name for p in out.iterdir() if p.name != checkpoint.LOCK_FILE) if out.is_dir() else []
+    if held and not (resume or overwrite):
         raise ValueError(
-            f"output_dir {out} is not empty (it holds {', '.join(sorted(p.name for p in out.iterdir())[:4])}); "
+            f"output_dir {out} is not empty (it holds {', '.join(held[:4])}); "
             "pass --resume to continue that run or --overwrite to replace it, or choose another --output-dir"
         )
     if overwrite:
@@ -192,27 +213,47 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def run_training(
-    cfg: TrainConfig, resume: bool = False, overwrite: bool = False, callbacks=None, progress: bool = True
+    cfg: TrainConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks=None,
+    progress: bool = True,
+    allow_config_change: bool = False,
 ) -> dict[str, Any]:
     """The main job: a warm start (when ``sft.enabled`` and no ``init_from``), then PPO; returns a summary.
 
     ``resume`` continues from the newest complete checkpoint in ``output_dir`` (or from the start when there is
-    none); a non-empty ``output_dir`` needs ``resume`` or ``overwrite``.
+    none) with the settings it was trained with, other ones only with ``allow_config_change``
+    (:func:`~tre_edu.preflight.check_resume`); a non-empty ``output_dir`` needs ``resume`` or ``overwrite``. The
+    ``output_dir`` is locked for the run (a second run into it is refused, naming this one's pid), and what the
+    config, task and model can tell is checked before any work (:mod:`tre_edu.preflight`).
     """
+    lock = checkpoint.DirectoryLock(cfg.output_dir, "output_dir")
+    with lock if PartialState().is_main_process else contextlib.nullcontext():
+        return _run_training(cfg, resume, overwrite, callbacks, progress, allow_config_change)
+
+
+def _run_training(cfg: TrainConfig, resume, overwrite, callbacks, progress, allow_config_change) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     prepare_output_dir(out, resume, overwrite)
     t0 = time.perf_counter()
     task, actor, sft_summary = build_task(cfg), None, None
     warm_dir = out / "warm_start"
-    if cfg.sft.enabled and cfg.init_from is None:  # seeded once here; build_trainer then reuses the actor
+    changes = preflight.check_resume(cfg, out, allow_config_change) if resume else []
+    warm = cfg.sft.enabled and cfg.init_from is None
+    checked = preflight.check_run(cfg, task, warm_start=warm and not checkpoint.warm_start_complete(warm_dir))
+    if warm:  # seeded once here; build_trainer then reuses the actor
         setup_runtime(cfg)
-        if (warm_dir / "config.json").is_file():
+        if checkpoint.warm_start_complete(warm_dir):  # one cut short (no marker) is done again, never trusted
             actor = build_actor(cfg, str(warm_dir))
         else:
             tokenizer, model, res = _warm_start(cfg, task, warm_dir, progress, None)
             actor, sft_summary = (tokenizer, model), res["summary"]
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    checkpoint.write_config(out, cfg.to_yaml(), f"resumed with other settings: {'; '.join(changes)}" * bool(changes))
     trainer = build_trainer(cfg, task=task, actor=actor, callbacks=callbacks, progress=progress)
+    if not checked:  # a hub model: checked now that it is loaded, before the first step
+        examples = trainer.train_examples + trainer.eval_examples
+        preflight.check_built(cfg, task, trainer.tokenizer, trainer.actor, examples)
     has_checkpoint = bool(checkpoint.complete_checkpoints(out))
     if resume and not has_checkpoint:
         checkpoint.truncate_jsonl(trainer.metrics_file, -1)  # nothing to continue from: start the log afresh
@@ -253,3 +294,25 @@ def run_eval(cfg: TrainConfig, model_dir: str | Path, n: int | None = None) -> d
     res = evaluate(model, tokenizer, task, examples, cfg.eval, style=cfg.task.style,
                    max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed)  # fmt: skip
     return {"model_dir": str(model_dir), "n": len(examples), "data_source": data_source(examples), **res}
+
+
+def train_reward_model(cfg: RewardModelConfig, offline_ok: bool = True) -> dict[str, Any]:
+    """``tre-edu train-rm``: train ``cfg.model`` on the ``cfg.source`` pairs of the HH task
+    (:func:`tre_edu.reward_model.fit`) and report the pair accuracy (r_chosen > r_rejected)."""
+    task = HHTask(source=cfg.source)
+    train = task.load("train", n=cfg.n_train, seed=cfg.seed, offline_ok=offline_ok)
+    test = task.load("test", n=cfg.n_test, seed=cfg.seed, offline_ok=offline_ok)
+    model = None
+    if cfg.model == "tiny":  # the vocabulary covers the test pairs' words too
+        model = build_tiny_reward_model(corpus(train + test), max_length=min(cfg.max_length, 1024), seed=cfg.seed)
+    rm = fit(train, cfg, model)
+    return {
+        "source": train[0]["source"],
+        "dataset": train[0]["dataset"],
+        "n_train": len(train),
+        "n_test": len(test),
+        "train_accuracy": pair_accuracy(rm, train),
+        "test_accuracy": pair_accuracy(rm, test),
+        "final_loss": rm.history[-1]["loss"] if rm.history else float("nan"),
+        "output_dir": cfg.output_dir,
+    }

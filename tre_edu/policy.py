@@ -14,6 +14,14 @@ Position ids always come from the attention mask (:func:`position_ids_from_mask`
 training, so left padding never changes a log-prob: the old log-probs of the rollout and the new ones of the
 update agree to float32 precision when the weights are the same.
 
+The LM head. By default :class:`ActorCritic` installs tre_edu's memory-lean head (:mod:`tre_edu.head`) in the
+actor: a :class:`~tre_edu.head.LeanHead` takes the place of ``actor.get_output_embeddings()`` (the same weight /
+bias Parameters, so tied embeddings, state dicts and ``generate`` are unchanged) and, during a training forward,
+returns the per-token statistics asked for by a :class:`~tre_edu.head.StatsRequest` instead of the ``(B, R, V)``
+logits. The statistics are computed inside the LM's own forward (one ``actor(...)`` call), where FSDP has the head's
+weight whole. ``lean_head=False`` (config ``ppo.lean_head``) keeps the materialised logits; both paths give the
+same numbers. :func:`response_stats` does the same for any causal LM (the KL reference, evaluation).
+
 Two critic set-ups:
 
 - ``ActorCritic(actor)``: a linear value head on the actor's last hidden state (shared trunk; cheap).
@@ -24,21 +32,32 @@ Two critic set-ups:
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
 from tre_edu.entropy import token_logprobs
+from tre_edu.head import (
+    LeanHead,
+    StatsRequest,
+    TokenStats,
+    find_lean_head,
+    install_lean_head,
+    statistics_from_logits,
+)
 
 __all__ = [
     "ActorCritic",
     "PolicyOutput",
+    "StatsRequest",
+    "TokenStats",
     "lm_forward_kwargs",
     "output_cache",
     "position_ids_from_mask",
     "response_logits",
     "response_logprobs",
+    "response_stats",
 ]
 
 
@@ -160,19 +179,90 @@ def response_logprobs(
     return logits, token_logprobs(logits, input_ids[:, -response_len:])
 
 
+def _stats_forward(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_len: int,
+    request: StatsRequest | None,
+    *,
+    temperature: float,
+    mask: Tensor | None,
+    lean: bool | None,
+    hidden: bool = False,
+    return_logits: bool = False,
+) -> tuple[TokenStats, Any, Tensor | None]:
+    """(statistics, model output, logits or None): ONE ``model(...)`` call, through the lean head if installed
+    (and ``lean`` is not False, and the logits are not asked for), else on the materialised logits."""
+    _check_inputs(input_ids, attention_mask, response_len)
+    R = response_len
+    targets = input_ids[:, -R:]
+    if mask is not None and tuple(mask.shape) != tuple(targets.shape):
+        raise ValueError(f"mask must have shape (B, R) = {tuple(targets.shape)}, got {tuple(mask.shape)}")
+    head = None if lean is False or return_logits else find_lean_head(model)
+    if lean is True and head is None and not return_logits:
+        raise ValueError("lean=True needs a LeanHead in the model (tre_edu.head.install_lean_head(model))")
+    if head is None:
+        logits, out = response_logits(
+            model, input_ids, attention_mask, response_len, temperature=temperature, hidden=hidden
+        )
+        stats = statistics_from_logits(logits, targets, request, weights=mask)
+        return stats, out, (logits if return_logits else None)
+    with head.computing(targets, request, temperature=temperature, weights=mask) as call:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            output_hidden_states=hidden,
+            **lm_forward_kwargs(model, logits_to_keep=R + 1),
+        )
+    return LeanHead.unpack(out.logits, call), out, None
+
+
+def response_stats(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_len: int,
+    request: StatsRequest | None = None,
+    *,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    lean: bool | None = None,
+) -> TokenStats:
+    """Per-token statistics (:class:`~tre_edu.head.TokenStats`, ``(B, R)`` tensors) of the response of any causal
+    LM: log-probs always, plus what ``request`` asks for (entropy, TRE, tail metrics weighted by ``mask`` (B, R)).
+
+    One forward over ``[prompt | response]`` as :func:`response_logits`. ``lean``: None = through the model's
+    :class:`~tre_edu.head.LeanHead` if one is installed (:func:`tre_edu.head.install_lean_head`), else on the
+    materialised logits; False = always materialise; True = require the head."""
+    stats, _, _ = _stats_forward(
+        model, input_ids, attention_mask, response_len, request, temperature=temperature, mask=mask, lean=lean
+    )
+    return stats
+
+
 @dataclass
 class PolicyOutput:
-    """What :meth:`ActorCritic.forward` returns; ``R`` = response length.
+    """What :meth:`ActorCritic.forward` returns; ``R`` = response length; all ``(B, R)`` float32.
 
-    logits: ``(B, R, V)`` logits that predict the last ``R`` tokens (dtype of the model).
-    logprobs: ``(B, R)`` float32 ``log softmax(logits)[taken token]`` (differentiable).
-    values: ``(B, R)`` float32 ``V(s_t)``, the value of the state before response token ``t``; ``None``
-        when not asked for (or without a critic).
+    logprobs: ``log softmax(z / T)[taken token]`` (differentiable).
+    values: ``V(s_t)``, the value of the state before response token ``t``; ``None`` when not asked for (or
+        without a critic).
+    entropy, tre: the global / trust-region entropy per token when the request asked for them (differentiable).
+    metrics: the tail metrics (no grad; masked means, keys of :func:`tre_edu.entropy.tail_metrics`) when asked
+        for; ``metrics_weight`` = the sum of the mask behind them.
+    logits: ``(B, R, V)`` / T, only with ``return_logits=True`` (the materialised path), else None.
     """
 
-    logits: Tensor
     logprobs: Tensor
     values: Tensor | None = None
+    entropy: Tensor | None = None
+    tre: Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    metrics_weight: float = 0.0
+    logits: Tensor | None = None
 
 
 class ActorCritic(nn.Module):
@@ -185,11 +275,18 @@ class ActorCritic(nn.Module):
             its trunk (``critic.base_model``) is kept and a ``Linear(hidden, 1)`` head is put on top.
         value_head: with ``critic=None``, whether to build the shared value head (``False``: actor only,
             e.g. for GRPO-style advantages; ``values`` are then ``None``).
+        lean_head: install the memory-lean head in the actor (:func:`tre_edu.head.install_lean_head`; only where
+            it is exact: a plain linear output layer) and use it in :meth:`forward`. ``use_lean_head`` says
+            whether it is in use; setting it to False switches to the materialised logits.
     """
 
-    def __init__(self, actor: nn.Module, critic: nn.Module | None = None, value_head: bool = True):
+    def __init__(
+        self, actor: nn.Module, critic: nn.Module | None = None, value_head: bool = True, lean_head: bool = True
+    ):
         super().__init__()
         self.actor = actor
+        # before any FSDP / DDP wrapping: the LeanHead holds the output layer's own Parameters
+        self.use_lean_head = bool(lean_head) and install_lean_head(actor) is not None
         self.critic: nn.Module | None = None
         self.value_head: nn.Linear | None = None
         if critic is not None:
@@ -266,32 +363,55 @@ class ActorCritic(nn.Module):
         attention_mask: Tensor,
         response_len: int,
         *,
+        request: StatsRequest | None = None,
+        mask: Tensor | None = None,
         compute_values: bool = True,
         temperature: float = 1.0,
+        return_logits: bool = False,
     ) -> PolicyOutput:
-        """Logits, log-probs and values of the last ``response_len`` tokens.
+        """Log-probs, the requested statistics and values of the last ``response_len`` tokens, in ONE
+        ``self.actor(...)`` call (plus the separate critic's, if any).
 
         Args:
             input_ids: ``(B, L)`` long, ``[left-padded prompt | right-padded response]``.
             attention_mask: ``(B, L)`` 1 for real tokens (prompt and valid response tokens), 0 for pads.
             response_len: ``R``, the number of response columns at the end of ``input_ids`` (``1 <= R < L``).
+            request: the per-token statistics besides log-probs (:class:`~tre_edu.head.StatsRequest`; None:
+                log-probs only).
+            mask: ``(B, R)`` weights of the tail metrics (the response mask); None = every position.
             compute_values: also compute ``values`` (needs a value head).
             temperature: the sampling temperature T of the rollout; the policy is ``softmax(z / T)``.
+            return_logits: also return the ``(B, R, V)`` logits (forces the materialised path).
 
         Returns:
-            :class:`PolicyOutput` with logits ``(B, R, V)`` (already divided by T), logprobs ``(B, R)`` and
-            values ``(B, R)`` or ``None``. Positions where the response is padding hold finite junk; mask them.
+            :class:`PolicyOutput`. Positions where the response is padding hold finite junk; mask them.
         """
         shared_values = compute_values and self.value_head is not None and self.critic is None
-        logits, out = response_logits(
-            self.actor, input_ids, attention_mask, response_len, temperature=temperature, hidden=shared_values
+        stats, out, logits = _stats_forward(
+            self.actor,
+            input_ids,
+            attention_mask,
+            response_len,
+            request,
+            temperature=temperature,
+            mask=mask,
+            lean=self.use_lean_head,
+            hidden=shared_values,
+            return_logits=return_logits,
         )
         R = response_len
-        logprobs = token_logprobs(logits, input_ids[:, -R:])
         values = None
         if compute_values and self.value_head is not None:
             if self.critic is None:
                 values = self._values_from_hidden(out.hidden_states[-1][:, -(R + 1) :])
             else:
                 values = self._critic_values(input_ids, attention_mask, position_ids_from_mask(attention_mask), R)
-        return PolicyOutput(logits=logits, logprobs=logprobs, values=values)
+        return PolicyOutput(
+            logprobs=stats.logprobs,
+            values=values,
+            entropy=stats.entropy,
+            tre=stats.tre,
+            metrics=stats.metrics,
+            metrics_weight=stats.metrics_weight,
+            logits=logits,
+        )

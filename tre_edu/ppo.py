@@ -22,25 +22,31 @@ and the loss is ``aggregate(L, mask, agg)``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from tre_edu.config import AGG_MODES, KL_KINDS
+from tre_edu.config import ADVANTAGES, AGG_MODES, KL_KINDS
 
 __all__ = [
+    "ADVANTAGES",
     "AGG_MODES",
     "KL_KINDS",
     "add_kl_to_rewards",
     "aggregate",
+    "compute_advantages",
     "compute_gae",
+    "group_advantages",
     "explained_variance",
     "kl_estimate",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "micro_batches",
     "policy_loss",
+    "ppo_loss",
     "value_loss",
 ]
 
@@ -257,6 +263,46 @@ def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
     return advantages, returns
 
 
+@torch.no_grad()
+def group_advantages(scores: Tensor, mask: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """GRPO's critic-free estimator: each response's score minus the mean score of its group of ``group_size``
+    consecutive responses (the samples of one prompt), on every valid token.
+
+        A_{i,t} = R_i - mean_{j in group(i)} R_j
+
+    ``scores``: ``(B,)``, ``mask``: ``(B, T)``; returns ``(advantages, returns)``, ``(B, T)``, where the returns are 0
+    (there is no critic to regress)."""
+    B, T = mask.shape
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or B % group_size:
+        raise ValueError(f"group_size must be an int >= 1 that divides the batch ({B}); got {group_size!r}")
+    group = scores.view(-1, group_size)
+    adv = (group - group.mean(1, keepdim=True)).view(-1)[:, None].expand(B, T) * mask
+    return adv, torch.zeros_like(adv)
+
+
+@torch.no_grad()
+def compute_advantages(
+    estimator: str,
+    *,
+    scores: Tensor,
+    rewards: Tensor,
+    values: Tensor | None,
+    mask: Tensor,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    group_size: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """``(advantages, returns)`` by name (:data:`ADVANTAGES`): ``"gae"`` (:func:`compute_gae` on the per-token
+    ``rewards`` and the critic's ``values``) or ``"grpo"`` (:func:`group_advantages` on the scalar ``scores``)."""
+    if estimator == "gae":
+        if values is None:
+            raise ValueError("advantage estimator 'gae' needs the critic's values; got None")
+        return compute_gae(rewards, values, mask, gamma, lam)
+    if estimator == "grpo":
+        return group_advantages(scores, mask, group_size)
+    raise ValueError(f"advantage must be one of {', '.join(ADVANTAGES)}; got {estimator!r}")
+
+
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k1") -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi (Schulman's k1/k2/k3).
 
@@ -437,3 +483,68 @@ def explained_variance(pred: Tensor, target: Tensor, mask: Tensor) -> float:
         return 0.0
     var_resid = float(masked_var(target - pred, mask, unbiased=False))
     return 1.0 - var_resid / var_target
+
+
+def ppo_loss(
+    *,
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    pg_mask: Tensor,
+    reg_loss: Tensor,
+    settings: Any,
+    values: Tensor | None = None,
+    old_values: Tensor | None = None,
+    returns: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    dual_clip: bool = True,
+    weight: float = 1.0,
+    pg_weight: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The loss of one micro-batch, every term in one expression (all tensors ``(B, T)``):
+
+        L = w_pg * L_clip(log pi, log pi_old, A; mask * pg_mask)                 policy gradient
+          + w * (L_reg + c_V * L_V(V, V_old, G) + c_KL * agg(KL(pi || pi_ref)))  regulariser, critic, KL
+
+    ``reg_loss`` and ``pg_mask`` come from the regulariser (L_reg = -alpha agg(H) for the entropy kinds);
+    ``settings``: the ``ppo`` section (clip_low / clip_high / dual_clip / value_clip / value_coef / kl_coef /
+    kl_kind / agg). ``values`` None: no critic term; ``ref_logprobs`` None: no KL term. ``weight``: this
+    micro-batch's share of its mini-batch (gradient accumulation); ``pg_weight`` (default ``weight``) the same for
+    the policy-gradient tokens when a whole-mini-batch selection thinned them out. Returns the weighted loss to
+    backpropagate and the metrics (``loss/total``: the unweighted sum)."""
+    s = settings
+    clip = {"clip_low": s.clip_low, "clip_high": s.clip_high, "agg": s.agg}
+    l_pg, metrics = policy_loss(logprobs, old_logprobs, advantages, mask * pg_mask.to(mask.dtype), **clip,
+                                dual_clip=s.dual_clip if dual_clip else None)  # fmt: skip
+    l_v = l_kl = torch.zeros((), device=logprobs.device)
+    if values is not None:
+        l_v, v_metrics = value_loss(values, old_values, returns, mask, clip=s.value_clip, agg=s.agg)
+        metrics.update(v_metrics)
+    if ref_logprobs is not None:
+        l_kl = aggregate(kl_estimate(logprobs, ref_logprobs, s.kl_kind), mask, s.agg)
+        metrics["kl/loss"] = float(l_kl.detach())
+    rest = reg_loss + s.value_coef * l_v + s.kl_coef * l_kl
+    metrics["loss/total"] = float((l_pg + rest).detach())
+    return (weight if pg_weight is None else pg_weight) * l_pg + weight * rest, metrics
+
+
+def micro_batches(
+    mask: Tensor, micro_batch_size: int, agg: str, pg_mask: Tensor | None = None
+) -> list[tuple[slice, float, float]]:
+    """Split a mini-batch (``mask`` / ``pg_mask``: its ``(M, T)`` masks) into micro-batches for gradient accumulation:
+    ``(rows, weight, pg_weight)`` each, where ``rows`` is a slice of the mini-batch, ``weight`` the micro-batch's share
+    of the mini-batch's loss (token-mean: its share of the valid tokens; otherwise of the responses) and ``pg_weight``
+    the same over the policy-gradient tokens ``mask * pg_mask`` (a whole-mini-batch selection), so that the
+    accumulated gradient equals one big micro-batch's."""
+    M, token_mean = mask.shape[0], agg == "token-mean"
+    total = float(mask.sum().clamp(min=1.0))
+    pg_tokens = None if pg_mask is None else pg_mask.to(mask.dtype) * mask
+    pg_total = None if pg_tokens is None else float(pg_tokens.sum().clamp(min=1.0))
+    out = []
+    for m in range(0, M, micro_batch_size):
+        part = slice(m, min(m + micro_batch_size, M))
+        weight = float(mask[part].sum()) / total if token_mean else (part.stop - part.start) / M
+        pg_weight = float(pg_tokens[part].sum()) / pg_total if pg_tokens is not None and token_mean else weight
+        out.append((part, weight, pg_weight))
+    return out

@@ -1,32 +1,36 @@
-"""Exploration regularisers and the paper's baselines behind one config.
+"""Exploration regularisers and the paper's baselines behind one config: the only place that asks "which method?".
 
-This is the only place that asks "which method?". A :class:`Regularizer` turns one (micro-)batch into three
-things the trainer combines with the PPO loss::
+A :class:`Regularizer` declares the per-token statistics of the next-token distribution it needs
+(:meth:`~Regularizer.request`: log-probs always; the global entropy for ``entropy`` and ``forking``; the trust-region
+entropy for ``tre-k`` / ``tre-p``), so the policy's head computes exactly those (without the ``(B, T, V)`` logits,
+see :mod:`tre_edu.head`). Given them, it returns the loss term and the policy-gradient mask that
+:func:`tre_edu.ppo.ppo_loss` composes with the PPO loss::
 
-    out = reg(logits, logprobs, old_logprobs, advantages, mask, agg="token-mean")
-    loss = policy_loss(logprobs, old_logprobs, advantages, mask * out.pg_mask, ...)[0] + out.loss
+    out = policy(ids, attn, R, request=reg.request())                     # logprobs, entropy / tre as declared
+    r = reg(out, old_logprobs, advantages, mask, agg="token-mean")         # RegularizerOutput(loss, pg_mask, ...)
 
-Kinds (shapes: logits ``(B, T, V)``, everything else ``(B, T)``; ``mask`` marks valid response tokens):
+Kinds (everything ``(B, T)``; ``mask`` marks valid response tokens), one small function each below:
 
 - ``none``: vanilla PPO. loss 0, pg_mask 1.
 - ``entropy``: global entropy bonus, loss = -coef * agg(H(pi)). Pushes up every tail token (PAPER.md).
-- ``tre-k`` / ``tre-p``: Trust Region Entropy, loss = -coef * agg(H_TRE), the entropy of the
-  distribution renormalised over the top-K tokens / the nucleus of mass p, rescaled by
-  log V / log |A_TR|. Zero gradient outside the trust region.
-- ``forking``: "Beyond the 80/20 rule": the policy gradient only on the ``forking_ratio``
-  highest-entropy tokens (pg_mask), token-mean over them; loss 0.
-- ``kl-cov``: KL-Cov: on the ``cov_ratio`` tokens with the largest Cov(A, log pi) add
-  kl_cov_coef * |log pi - log pi_old| to the per-token loss (on top of the clipped PPO loss, as in the
-  TRE paper's runs).
-- ``clip-cov``: Clip-Cov: detach the policy gradient of a random subset of tokens whose Cov lies in a
-  band (pg_mask 0).
+- ``tre-k`` / ``tre-p``: Trust Region Entropy, loss = -coef * agg(H_TRE), the entropy of the distribution
+  renormalised over the top-K tokens / the nucleus of mass p, rescaled by log V / log |A_TR|. Zero gradient outside
+  the trust region.
+- ``forking``: "Beyond the 80/20 rule": the policy gradient only on the ``forking_ratio`` highest-entropy tokens
+  (pg_mask), token-mean over them; loss 0.
+- ``kl-cov``: KL-Cov: on the ``cov_ratio`` tokens with the largest Cov(A, log pi) add kl_cov_coef * |log pi -
+  log pi_old| to the per-token loss (on top of the clipped PPO loss, as in the TRE paper's runs).
+- ``clip-cov``: Clip-Cov: detach the policy gradient of a random subset of tokens whose Cov lies in a band (pg_mask 0).
 
-The entropy functions live in :mod:`tre_edu.entropy`; this module only selects, weighs and aggregates.
+Token-selecting kinds (forking, KL-Cov, Clip-Cov) rank the tokens of a micro-batch (``selection: microbatch``, the
+paper's code) or of the whole mini-batch (``selection: minibatch``: :meth:`Regularizer.minibatch_selection` runs the
+no-grad pre-pass).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +38,8 @@ import torch
 from torch import Tensor
 
 from tre_edu import entropy as ent
-from tre_edu.config import KINDS, PRESETS, RegularizerConfig
+from tre_edu.config import AGG_MODES, KINDS, PRESETS, RegularizerConfig
+from tre_edu.head import StatsRequest, TokenStats
 from tre_edu.ppo import aggregate, masked_mean, masked_sum
 
 __all__ = [
@@ -42,7 +47,11 @@ __all__ = [
     "PRESETS",
     "Regularizer",
     "RegularizerOutput",
+    "ENTROPY_KINDS",
+    "KIND_SETTINGS",
+    "NEEDS",
     "clip_cov_mask",
+    "effective_coef",
     "forking_mask",
     "select_top_fraction",
     "token_covariance",
@@ -158,19 +167,140 @@ def clip_cov_mask(
 
 
 # ------------------------------------------------------------------------------------------------------------
+# What each kind needs, and its coefficient in common units
+# ------------------------------------------------------------------------------------------------------------
+# the per-token statistics each kind reads besides the log-probs (see tre_edu.head.StatsRequest)
+NEEDS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "entropy": frozenset({"entropy"}),
+    "tre-k": frozenset({"tre"}),
+    "tre-p": frozenset({"tre"}),
+    "forking": frozenset({"entropy"}),
+    "kl-cov": frozenset(),
+    "clip-cov": frozenset(),
+}
+# the RegularizerConfig fields each kind reads (the others are ignored for it)
+KIND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "entropy": ("coef",),
+    "tre-k": ("coef", "k", "rescale"),
+    "tre-p": ("coef", "p", "rescale", "max_candidates"),
+    "forking": ("forking_ratio", "selection"),
+    "kl-cov": ("cov_ratio", "kl_cov_coef", "selection"),
+    "clip-cov": ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "selection", "seed"),
+}
+ENTROPY_KINDS = tuple(k for k in KINDS if "coef" in KIND_SETTINGS[k])  # coef weighs an entropy
+SELECTING_KINDS = tuple(k for k in KINDS if "selection" in KIND_SETTINGS[k])
+
+
+def effective_coef(config: RegularizerConfig, vocab_size: int, nucleus_size: int | None = None) -> float:
+    """The entropy-type weight in un-rescaled units (per nat of entropy): coef for ``entropy`` (and TRE without
+    rescale), coef * :func:`~tre_edu.entropy.tre_rescale` for TRE (tre-k: log V / log K, so 0.001 at V = 151,936,
+    K = 2 weighs 0.017, and K = 1 is unscaled; tre-p: log V / log n for a nucleus of n tokens, default 2); 0 for the
+    other kinds."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ValueError(f"vocab_size must be an int >= 2; got {vocab_size!r}")
+    if config.kind not in ENTROPY_KINDS:
+        return 0.0
+    if config.kind == "entropy" or not config.rescale:
+        return config.coef
+    if config.kind == "tre-k":
+        return config.coef * ent.tre_rescale(vocab_size, top_k=config.k)
+    return config.coef * ent.tre_rescale(vocab_size, nucleus_size=2 if nucleus_size is None else nucleus_size)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The kinds: one function each, (reg, stats, old_logprobs, advantages, mask, agg, selected) -> RegularizerOutput
+# ------------------------------------------------------------------------------------------------------------
+def _none(reg, stats, old_logprobs, advantages, mask, agg, sel) -> RegularizerOutput:
+    ones = torch.ones(mask.shape, dtype=torch.float32, device=stats.logprobs.device)
+    return RegularizerOutput(_zero_loss(stats.logprobs), ones, {"reg/loss": 0.0})
+
+
+def _entropy_bonus(reg, stats, old_logprobs, advantages, mask, agg, sel) -> RegularizerOutput:
+    """entropy / tre-k / tre-p: L_reg = -alpha * agg(H), H the global entropy or H_TRE."""
+    h = stats.entropy if reg.kind == "entropy" else stats.tre
+    loss = -reg.coef * aggregate(h, mask, agg)
+    metrics = {
+        "reg/loss": float(loss.detach()),
+        "reg/entropy" if reg.kind == "entropy" else "reg/tre_entropy": float(masked_mean(h.detach(), mask)),
+    }
+    if reg.kind != "tre-p" and reg.vocab_size is not None:
+        metrics["reg/effective_coef"] = reg.effective_coef(reg.vocab_size)
+    ones = torch.ones(mask.shape, dtype=torch.float32, device=h.device)
+    return RegularizerOutput(loss, ones, metrics)
+
+
+def _forking(reg, stats, old_logprobs, advantages, mask, agg, sel) -> RegularizerOutput:
+    metrics = {"reg/loss": 0.0, "reg/selected_frac": _frac(sel, mask)}
+    if stats.entropy is not None:
+        h = stats.entropy.detach()
+        metrics.update({"reg/entropy": float(masked_mean(h, mask)), "reg/entropy_selected": float(masked_mean(h, sel))})
+    return RegularizerOutput(_zero_loss(stats.logprobs), reg.pg_mask(sel), metrics)
+
+
+def _kl_cov(reg, stats, old_logprobs, advantages, mask, agg, sel) -> RegularizerOutput:
+    """On the selected tokens only, the per-token penalty kl_cov_coef * |log pi - log pi_old|."""
+    logprobs = stats.logprobs
+    abs_kl = (logprobs - old_logprobs.detach()).abs()
+    per_token = torch.where(sel.bool(), reg.kl_cov_coef * abs_kl, torch.zeros_like(abs_kl))
+    loss = aggregate(per_token, mask, agg)
+    metrics = {
+        "reg/loss": float(loss.detach()),
+        "reg/selected_frac": _frac(sel, mask),
+        "reg/cov_mean": float(masked_mean(token_covariance(advantages, logprobs, mask), mask)),
+        "reg/abs_kl_selected": float(masked_mean(abs_kl.detach(), sel)),
+    }
+    return RegularizerOutput(loss, reg.pg_mask(sel), metrics)
+
+
+def _clip_cov(reg, stats, old_logprobs, advantages, mask, agg, sel) -> RegularizerOutput:
+    """pg_mask 0 on the drawn tokens (the same as detaching their gradient); as verl's Clip-Cov loss, no dual clip.
+    Difference kept (documented): the masked tokens also leave the token-mean's denominator, a factor (N - n) / N
+    with n ~ 0.02 % of N."""
+    cov = token_covariance(advantages, stats.logprobs, mask)
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    n_valid = max(int(valid.sum()), 1)
+    in_band = valid & (cov >= reg.clip_cov_lb) & (cov <= reg.clip_cov_ub)
+    metrics = {
+        "reg/loss": 0.0,
+        "reg/selected_frac": float(masked_sum(1.0 - sel, mask)) / n_valid,
+        "reg/cov_mean": float(masked_mean(cov, mask)),
+        "reg/candidate_frac": float(in_band.sum()) / n_valid,
+    }
+    return RegularizerOutput(_zero_loss(stats.logprobs), reg.pg_mask(sel), metrics, dual_clip=False)
+
+
+_KIND_FN = {"none": _none, "entropy": _entropy_bonus, "tre-k": _entropy_bonus, "tre-p": _entropy_bonus,
+            "forking": _forking, "kl-cov": _kl_cov, "clip-cov": _clip_cov}  # fmt: skip
+
+
+def _frac(sel: Tensor, mask: Tensor) -> float:
+    valid = mask if mask.dtype == torch.bool else mask != 0
+    return float(masked_sum(sel, mask)) / max(int(valid.sum()), 1)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # The regulariser
 # ------------------------------------------------------------------------------------------------------------
 class Regularizer:
     """One regulariser / baseline, built from a :class:`~tre_edu.config.RegularizerConfig` (plain settings).
 
     ``Regularizer(cfg.regularizer)``, ``Regularizer(kind="tre-k", coef=0.001)`` or ``Regularizer.preset("kl-cov")``.
-    ``clip_low`` / ``clip_high`` are PPO's ratio clip (Clip-Cov leaves tokens the ratio already clipped alone).
-    The Clip-Cov draw uses a generator seeded by ``config.seed`` (or torch's global RNG when None); its state is
-    part of :meth:`state_dict` so a resumed run draws what an uninterrupted one would.
+    ``clip_low`` / ``clip_high`` are PPO's ratio clip (Clip-Cov leaves tokens the ratio already clipped alone);
+    ``vocab_size`` (the LM head's width) lets the metrics report the effective coefficient. The Clip-Cov draw uses a
+    generator seeded by ``config.seed`` (or torch's global RNG when None); its state is part of :meth:`state_dict`
+    so a resumed run draws what an uninterrupted one would.
     """
 
     def __init__(
-        self, config: RegularizerConfig | None = None, *, clip_low: float = 0.2, clip_high: float = 0.2, **fields
+        self,
+        config: RegularizerConfig | None = None,
+        *,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        vocab_size: int | None = None,
+        **fields,
     ):
         if config is None:
             config = RegularizerConfig(**fields)
@@ -178,7 +308,7 @@ class Regularizer:
             config = dataclasses.replace(config, **fields)
         config.validate()
         self.config = config
-        self.clip_low, self.clip_high = clip_low, clip_high
+        self.clip_low, self.clip_high, self.vocab_size = clip_low, clip_high, vocab_size
         self.generator = None if config.seed is None else torch.Generator().manual_seed(config.seed)
 
     def __getattr__(self, name: str) -> Any:  # the settings read as attributes: reg.kind, reg.k, reg.coef ...
@@ -202,18 +332,53 @@ class Regularizer:
 
     # ---- facts about the setting --------------------------------------------------------------------------
     @property
-    def needs_logits(self) -> bool:
-        """Whether ``__call__`` reads the ``(B, T, V)`` logits (the other kinds accept ``logits=None``)."""
-        return self.kind in ("entropy", "tre-k", "tre-p", "forking")
+    def needs(self) -> frozenset[str]:
+        """The per-token statistics this kind reads besides the log-probs: ``entropy``, ``tre`` or nothing."""
+        return NEEDS[self.kind]
 
     @property
     def selects_tokens(self) -> bool:
         """Whether the method selects tokens (forking, KL-Cov, Clip-Cov): see :meth:`select`."""
-        return self.kind in ("forking", "kl-cov", "clip-cov")
+        return self.kind in SELECTING_KINDS
+
+    def request(self, metrics: bool = False) -> StatsRequest:
+        """What the policy's head must compute for this kind (``metrics``: also the tail metrics, no grad, with
+        this setting's K and p)."""
+        tre = "tre" in self.needs
+        return StatsRequest(
+            entropy="entropy" in self.needs,
+            tre=tre,
+            top_k=self.k if tre and self.kind == "tre-k" else None,
+            top_p=self.p if tre and self.kind == "tre-p" else None,
+            rescale=self.rescale,
+            max_candidates=self.max_candidates,
+            metrics=metrics,
+            metrics_top_k=self.k,
+            metrics_p=self.p,
+        )
+
+    def statistics(self, logits: Tensor | None, logprobs: Tensor) -> TokenStats:
+        """The statistics of :meth:`request` from materialised ``(B, T, V)`` logits (tests, small models, your own
+        loop); ``logprobs`` ``(B, T)`` are taken as given. ``logits`` may be None for kinds that need nothing else."""
+        if logits is None:
+            if self.needs:
+                need = " and ".join(sorted(self.needs))
+                raise ValueError(f"regularizer kind {self.kind!r} needs the per-token {need}: give logits (B, T, V)")
+            return TokenStats(logprobs=logprobs)
+        if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[:2] != logprobs.shape:
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"logits must be (B, T, V) with (B, T) = logprobs' {tuple(logprobs.shape)}; got {shape}")
+        req = self.request()
+        return TokenStats(
+            logprobs=logprobs,
+            entropy=ent.global_entropy(logits) if req.entropy else None,
+            tre=ent.trust_region_entropy(logits, top_k=req.top_k, top_p=req.top_p, rescale=req.rescale,
+                                         max_candidates=req.max_candidates) if req.tre else None,
+        )  # fmt: skip
 
     def effective_coef(self, vocab_size: int, nucleus_size: int | None = None) -> float:
-        """coef in units of an un-rescaled entropy: coef * log V / log K for TRE-K (see RegularizerConfig)."""
-        return self.config.effective_coef(vocab_size, nucleus_size)
+        """coef in units of an un-rescaled entropy (see :func:`effective_coef`)."""
+        return effective_coef(self.config, vocab_size, nucleus_size)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": None if self.generator is None else self.generator.get_state()}
@@ -226,13 +391,11 @@ class Regularizer:
     @torch.no_grad()
     def select(
         self,
-        logits: Tensor | None,
-        logprobs: Tensor,
+        stats: Any,
         old_logprobs: Tensor,
         advantages: Tensor,
         mask: Tensor,
         *,
-        entropy: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """The ``(B, T)`` float token selection of forking / KL-Cov / Clip-Cov over the batch given.
@@ -240,17 +403,12 @@ class Regularizer:
         forking: 1 on the top ``forking_ratio`` tokens by entropy (they keep their policy gradient).
         kl-cov: 1 on the top ``cov_ratio`` tokens by Cov_i = (A_i - mean A)(log pi_i - mean log pi) (penalised).
         clip-cov: 0 on a random ``clip_cov_ratio`` of the tokens with lb <= Cov <= ub that the PPO ratio clip does
-        not already clip (verl's candidates), 1 elsewhere.
-
-        The trainer calls it once per micro-batch (``selection: microbatch``, the paper's code) or once over the
-        whole mini-batch with no-grad log-probs and entropies (``selection: minibatch``) and passes the result
-        to :meth:`__call__` as ``selected``. ``entropy``: precomputed ``(B, T)`` entropies for forking (then
-        ``logits`` may be None).
+        not already clip (verl's candidates), 1 elsewhere. ``stats``: anything with ``logprobs`` (and ``entropy``
+        for forking), e.g. a :class:`~tre_edu.head.TokenStats`.
         """
-        kind = self.kind
+        kind, logprobs = self.kind, stats.logprobs
         if kind == "forking":
-            h = ent.global_entropy(logits.detach()) if entropy is None else entropy
-            return forking_mask(h, mask, self.forking_ratio)
+            return forking_mask(stats.entropy.detach(), mask, self.forking_ratio)
         cov = token_covariance(advantages, logprobs, mask)
         if kind == "kl-cov":
             return select_top_fraction(cov, mask, self.cov_ratio)
@@ -268,11 +426,22 @@ class Regularizer:
         that keep their gradient) and Clip-Cov (0 on the detached ones); all ones for KL-Cov (it adds a term)."""
         return torch.ones_like(selected) if self.kind == "kl-cov" else selected
 
+    @torch.no_grad()
+    def minibatch_selection(
+        self, statistics: Callable[[StatsRequest], Any], old_logprobs: Tensor, advantages: Tensor, mask: Tensor
+    ) -> Tensor | None:
+        """``selection: minibatch``: select over the whole mini-batch before its micro-steps, from a no-grad pre-pass
+        ``statistics(request)`` (the log-probs, and entropies for forking, at the current weights, over all of the
+        mini-batch's rows). None when the method selects nothing or selects per micro-batch (then :meth:`__call__`
+        selects within each micro-batch)."""
+        if not self.selects_tokens or self.selection != "minibatch":
+            return None
+        return self.select(statistics(self.request()), old_logprobs, advantages, mask)
+
     # ---- the batch computation ----------------------------------------------------------------------------
     def __call__(
         self,
-        logits: Tensor | None,
-        logprobs: Tensor,
+        stats: Any,
         old_logprobs: Tensor,
         advantages: Tensor,
         mask: Tensor,
@@ -284,91 +453,32 @@ class Regularizer:
         """Loss term, policy-gradient mask and metrics for one batch.
 
         Args:
-            logits: ``(B, T, V)`` policy logits at the response positions (may be None when
-                :attr:`needs_logits` is False).
-            logprobs: ``(B, T)`` log pi(a_t) of the taken tokens under the current policy (with grad).
-            old_logprobs: ``(B, T)`` rollout-time log-probs. advantages: ``(B, T)``.
-            mask: ``(B, T)`` valid tokens.
+            stats: the per-token statistics (a :class:`~tre_edu.head.TokenStats`, the policy's output or
+                :meth:`statistics`): ``logprobs`` ``(B, T)`` log pi(a_t) under the current policy (with grad), and
+                ``entropy`` / ``tre`` ``(B, T)`` as :attr:`needs` says.
+            old_logprobs: ``(B, T)`` rollout-time log-probs. advantages: ``(B, T)``. mask: ``(B, T)`` valid tokens.
             agg: loss aggregation (see :func:`tre_edu.ppo.aggregate`), the same as the policy loss's.
             selected: a precomputed :meth:`select` result for these rows (whole-mini-batch selection);
                 None selects within this batch.
             generator: CPU generator for the Clip-Cov draw (overrides the seeded one).
         """
-        shapes = {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask}
-        for name, t in shapes.items():
+        inputs = {"logprobs": stats.logprobs, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask}
+        inputs.update({name: getattr(stats, name, None) for name in sorted(self.needs)})
+        for name, t in inputs.items():
+            if t is None:
+                raise ValueError(f"regularizer kind {self.kind!r} needs the per-token {name}; got None")
             if not isinstance(t, Tensor) or t.dim() != 2:
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{name} must be a (B, T) tensor; got {shape}")
-        if len({tuple(t.shape) for t in shapes.values()}) > 1:
-            listed = ", ".join(f"{n} {tuple(t.shape)}" for n, t in shapes.items())
+        if len({tuple(t.shape) for t in inputs.values()}) > 1:
+            listed = ", ".join(f"{n} {tuple(t.shape)}" for n, t in inputs.items())
             raise ValueError(f"regularizer inputs must share the shape (B, T); got {listed}")
-        if logits is None:
-            if self.needs_logits and not (self.kind == "forking" and selected is not None):
-                raise ValueError(f"regularizer kind {self.kind!r} needs logits (B, T, V); got None")
-        elif not isinstance(logits, Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(mask.shape):
-            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(f"logits must be (B, T, V) with (B, T) = mask's {tuple(mask.shape)}; got {shape}")
-
-        anchor = logits if logits is not None else logprobs
-        ones = torch.ones(mask.shape, dtype=torch.float32, device=anchor.device)
-        kind = self.kind
-
-        if kind == "none":
-            return RegularizerOutput(_zero_loss(anchor), ones, {"reg/loss": 0.0})
-
-        if kind in ("entropy", "tre-k", "tre-p"):
-            if kind == "entropy":
-                h = ent.global_entropy(logits)
-            elif kind == "tre-k":
-                h = ent.trust_region_entropy(logits, top_k=self.k, rescale=self.rescale)
-            else:
-                h = ent.trust_region_entropy(
-                    logits, top_p=self.p, rescale=self.rescale, max_candidates=self.max_candidates
-                )
-            loss = -self.coef * aggregate(h, mask, agg)  # L_reg = -alpha * agg(H)
-            metrics = {
-                "reg/loss": float(loss.detach()),
-                "reg/entropy" if kind == "entropy" else "reg/tre_entropy": float(masked_mean(h.detach(), mask)),
-            }
-            if kind != "tre-p":
-                metrics["reg/effective_coef"] = self.effective_coef(int(logits.shape[-1]))
-            return RegularizerOutput(loss, ones, metrics)
-
-        valid = mask if mask.dtype == torch.bool else mask != 0
-        n_valid = max(int(valid.sum()), 1)
-        if selected is None:
-            selected = self.select(logits, logprobs, old_logprobs, advantages, mask, generator=generator)
-        sel = selected.to(device=anchor.device, dtype=torch.float32)
-        metrics = {"reg/loss": 0.0, "reg/selected_frac": float(masked_sum(sel, mask)) / n_valid}
-
-        if kind == "forking":
-            if logits is not None:
-                with torch.no_grad():
-                    h = ent.global_entropy(logits.detach())
-                metrics.update(
-                    {"reg/entropy": float(masked_mean(h, mask)), "reg/entropy_selected": float(masked_mean(h, sel))}
-                )
-            return RegularizerOutput(_zero_loss(anchor), self.pg_mask(sel), metrics)
-
-        cov = token_covariance(advantages, logprobs, mask)
-        metrics["reg/cov_mean"] = float(masked_mean(cov, mask))
-        if kind == "kl-cov":
-            abs_kl = (logprobs - old_logprobs.detach()).abs()
-            # per-token penalty kl_cov_coef * |log pi - log pi_old| on the selected tokens only
-            per_token = torch.where(sel.bool(), self.kl_cov_coef * abs_kl, torch.zeros_like(abs_kl))
-            loss = aggregate(per_token, mask, agg)
-            metrics.update(
-                {"reg/loss": float(loss.detach()), "reg/abs_kl_selected": float(masked_mean(abs_kl.detach(), sel))}
-            )
-            return RegularizerOutput(loss, self.pg_mask(sel), metrics)
-
-        # clip-cov: pg_mask 0 on the drawn tokens, which is the same as detaching their gradient. As verl's
-        # clip-cov loss: no dual clip. Difference kept (documented): the masked tokens also leave the token-mean's
-        # denominator, a factor (N - n) / N with n ~ 0.02 % of N.
-        in_band = valid & (cov >= self.clip_cov_lb) & (cov <= self.clip_cov_ub)
-        metrics["reg/selected_frac"] = float(masked_sum(1.0 - sel, mask)) / n_valid
-        metrics["reg/candidate_frac"] = float(in_band.sum()) / n_valid
-        return RegularizerOutput(_zero_loss(anchor), self.pg_mask(sel), metrics, dual_clip=False)
+        if agg not in AGG_MODES:
+            raise ValueError(f"agg must be one of {', '.join(AGG_MODES)}; got {agg!r}")
+        if self.selects_tokens and selected is None:
+            selected = self.select(stats, old_logprobs, advantages, mask, generator=generator)
+        sel = None if selected is None else selected.to(device=stats.logprobs.device, dtype=torch.float32)
+        return _KIND_FN[self.kind](self, stats, old_logprobs, advantages, mask, agg, sel)
 
 
 def _zero_loss(anchor: Tensor) -> Tensor:

@@ -36,8 +36,6 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from tre_edu.config import RewardModelConfig
-
 Prompt = str | list[dict[str, str]]
 HOW_TO_TRAIN = "make it with `tre-edu train-rm --source ultrafeedback --model MODEL --output-dir {path}`"
 
@@ -208,8 +206,9 @@ def build_tiny_reward_model(
     return RewardModel(model, tokenizer, max_length=max_length)
 
 
-def reward_trainer(rm: RewardModel, pairs: Sequence[dict[str, Any]], cfg: RewardModelConfig, output_dir: str) -> Any:
-    """TRL's ``RewardTrainer`` over ``pairs`` (tokenised by :meth:`RewardModel.encode`) with ``cfg``'s settings."""
+def reward_trainer(rm: RewardModel, pairs: Sequence[dict[str, Any]], cfg: Any, output_dir: str) -> Any:
+    """TRL's ``RewardTrainer`` over ``pairs`` (tokenised by :meth:`RewardModel.encode`) with ``cfg``'s settings (a
+    :class:`~tre_edu.config.RewardModelConfig`, or any object with its fields)."""
     try:
         from trl import RewardConfig, RewardTrainer  # optional heavy dependency (pip install tre_edu[rm])
     except ImportError as err:
@@ -243,11 +242,11 @@ def reward_trainer(rm: RewardModel, pairs: Sequence[dict[str, Any]], cfg: Reward
     return RewardTrainer(model=rm.model, args=args, train_dataset=data, processing_class=rm.tokenizer)
 
 
-def fit(pairs: Sequence[dict[str, Any]], cfg: RewardModelConfig, model: RewardModel | None = None) -> RewardModel:
+def fit(pairs: Sequence[dict[str, Any]], cfg: Any, model: RewardModel | None = None) -> RewardModel:
     """Train ``model`` (default: ``cfg.model``; ``"tiny"``: :func:`build_tiny_reward_model` over the pairs' words) on
     ``pairs`` ``{prompt, chosen, rejected}`` with TRL's ``RewardTrainer``; saved to ``cfg.output_dir`` when set.
     ``.history``: ``{"step", "epoch", "loss", "accuracy"}`` per step."""
-    cfg.validate()  # ValueError naming reward_model.<field>
+    cfg.validate()  # a RewardModelConfig: ValueError naming reward_model.<field>
     pairs = _check_pairs(pairs)
     if model is None and cfg.model == "tiny":
         texts = [format_text(None, p["prompt"], p["chosen"]) + " " + p["rejected"] for p in pairs]

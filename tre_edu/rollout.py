@@ -13,7 +13,8 @@ One loop, written out (no ``model.generate``), so every detail PPO depends on is
 - the stored ``logprobs`` are ``log softmax(z / T)[token]``: the policy at the sampling temperature T (no top-k /
   top-p filtering, as the paper's code), the same quantity the training forward computes
   (:func:`tre_edu.policy.response_logprobs` with the same T); filtering only shapes *sampling*;
-- logits with NaN or +inf stop sampling with a ValueError (a broken model never reads as a wrong answer).
+- logits with NaN or +inf, or a row that is ``-inf`` for every token, stop sampling with a ValueError (a broken
+  model never reads as a wrong answer).
 """
 
 from __future__ import annotations
@@ -179,6 +180,20 @@ def sample_tokens(logits: Tensor, cfg: SamplingConfig, generator: torch.Generato
     return torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
+def _check_logits(z: Tensor, t: int) -> None:
+    """ValueError for next-token logits ``(B, V)`` that define no distribution: a NaN or +inf anywhere, or a row
+    that is ``-inf`` everywhere (every token impossible: sampling and argmax would return an arbitrary id)."""
+    if bool((torch.isnan(z) | torch.isposinf(z)).any()):
+        raise ValueError(f"the model produced NaN or +inf logits at response step {t}; cannot sample")
+    dead = torch.isneginf(z).all(dim=-1)
+    if bool(dead.any()):
+        rows = dead.nonzero().flatten().tolist()
+        raise ValueError(
+            f"the model's logits are -inf for every token in row(s) {rows[:5]} at response step {t} (no token is "
+            "possible); cannot sample"
+        )
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -196,8 +211,10 @@ def generate(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    chunk_size: int = 0,
 ) -> Rollout:
-    """Sample a response for every prompt.
+    """Sample a response for every prompt (``chunk_size`` > 0: that many rows at a time, to bound the KV cache; the
+    chunks are padded to a common prompt / response length and concatenated).
 
     Args:
         actor: a Hugging Face causal LM (put in eval mode while sampling; its training flag is restored
@@ -215,6 +232,10 @@ def generate(
     """
     if not isinstance(cfg, SamplingConfig):
         raise ValueError(f"cfg must be a SamplingConfig; got {type(cfg).__name__}")
+    if 0 < chunk_size < len(prompts):
+        kw = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator, progress=progress)
+        parts = [generate(actor, prompts[s : s + chunk_size], cfg, **kw) for s in range(0, len(prompts), chunk_size)]
+        return concat_rollouts(parts, pad_token_id)
     eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     if any(isinstance(e, bool) or not isinstance(e, int) for e in eos_ids) or (
         eos_token_id is not None and not eos_ids
@@ -262,8 +283,7 @@ def generate(
                     **lm_forward_kwargs(actor, logits_to_keep=1),
                 )
             z = out.logits[:, -1].float()  # (B, V) logits of the next token at temperature 1
-            if bool((torch.isnan(z) | torch.isposinf(z)).any()):
-                raise ValueError(f"the model produced NaN or +inf logits at response step {t}; cannot sample")
+            _check_logits(z, t)
             token = sample_tokens(z, cfg, generator)
             # log pi(a|s) = z[a]/T - logsumexp(z/T): the sampling policy before top-k / top-p filtering
             zt = z / temperature

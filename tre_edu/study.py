@@ -17,8 +17,11 @@ units; ignored by methods without an entropy term), ``tail`` (``model.tail_token
 overrides), ``seed``, and any dotted config field (``ppo.actor_lr: [1e-4, 3e-4]``).
 
 Runs that share their warm-start settings (``model``, ``sft``, ``task`` sections and the seed) share one warm start.
-Resumption: a finished cell is a file ``<cell>.jsonl`` in the results folder and is skipped; a cell stopped midway
-left ``<cell>.jsonl.part`` and is rerun from the start. Each evaluation of a cell is one JSON line: the cell's axes,
+Resumption: a finished cell is a complete file ``<cell>.jsonl`` in the results folder (:func:`read_cell`) and is
+skipped; a cell stopped midway left ``<cell>.jsonl.part`` and is rerun from the start; a cell file that is not complete
+(empty, a line cut short, a line that is no record, records missing) is set aside as ``<cell>.jsonl.bad`` (never
+deleted) and the cell is run again. One ``study run`` at a time holds the results folder (a lock; a second one is
+refused, naming the first one's pid). Each evaluation of a cell is one JSON line: the cell's axes,
 method, coefficient and effective coefficient, seed, step, the eval metrics, training-batch metrics of that step,
 the resolved config and the code version.
 
@@ -48,6 +51,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from tre_edu import checkpoint
 from tre_edu.config import KINDS, PRESETS, TrainConfig, load_config
 from tre_edu.env import repo_root
 from tre_edu.pipeline import run_eval, run_training, run_warm_start
@@ -183,7 +187,7 @@ class _Recorder(Callback):
 
     def on_train_begin(self, trainer):
         self.meta["vocab_size"] = V = len(trainer.tokenizer)
-        self.meta["effective_coef"] = trainer.config.regularizer.effective_coef(V)
+        self.meta["effective_coef"] = trainer.regularizer.effective_coef(V)
         if self.start_eval is not None:
             self.on_evaluate(trainer, 0, self.start_eval)
 
@@ -314,18 +318,34 @@ def run_study(
     root = repo_root(Path(path).resolve().parent)
     results = Path(results_dir or root / "data" / "results" / spec["name"])
     runs = Path(runs_dir or root / "runs" / "studies" / spec["name"])
-    results.mkdir(parents=True, exist_ok=True)
+    with checkpoint.lock_directory(results, "the study's results folder"):
+        return _run_study(spec, workers, results, runs, root, progress, only)
+
+
+def _run_study(spec, workers, results: Path, runs: Path, root: Path, progress: bool, only) -> dict[str, Any]:
     version = code_version(root)
-    todo, skipped, warm, recorded = [], [], {}, {}
+    todo, skipped, warm, recorded, set_aside = [], [], {}, {}, {}
+    finished: dict[str, list[dict]] = {}
     for cell in spec["cells"]:  # the finished cells of every warm start, to check that a resumed one is the same
         f = results / f"{cell_id(cell)}.jsonl"
-        if f.is_file() and (first := f.read_text().split("\n", 1)[0].strip()):
-            recorded.setdefault(warm_key(cell_config(spec, cell)), []).append((cell_id(cell), json.loads(first)))
+        if f.is_file():
+            try:
+                finished[cell_id(cell)] = read_cell(f)
+            except ValueError as err:  # not complete: the cell is not done (set aside below when selected)
+                set_aside[cell_id(cell)] = str(err)
+                continue
+            recorded.setdefault(warm_key(cell_config(spec, cell)), []).append(
+                (cell_id(cell), finished[cell_id(cell)][0])
+            )
     for cell in _select(spec["cells"], only):
         cid = cell_id(cell)
-        if (results / f"{cid}.jsonl").is_file():
+        if cid in finished:
             skipped.append(cid)
             continue
+        if cid in set_aside:
+            kept = _set_aside(results / f"{cid}.jsonl")
+            set_aside[cid] = f"{set_aside[cid]}; kept as {kept.name}, the cell runs again"
+            warnings.warn(f"study cell {set_aside[cid]}", stacklevel=2)
         cfg = cell_config(spec, cell)
         key = warm_key(cfg)
         warm_dir = runs / "warm" / key
@@ -396,15 +416,83 @@ def run_study(
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-    return {"done": done, "skipped": skipped, "failed": failed}
+    out: dict[str, Any] = {"done": done, "skipped": skipped, "failed": failed}
+    if set_aside := {c: why for c, why in set_aside.items() if "runs again" in why}:
+        out["set_aside"] = set_aside
+    return out
+
+
+def _set_aside(f: Path) -> Path:
+    """Rename the incomplete cell file ``f`` to ``f.bad`` (``.bad.1``, ... when taken); returns the new path."""
+    target, i = f.with_name(f.name + ".bad"), 0
+    while target.exists():
+        i += 1
+        target = f.with_name(f"{f.name}.bad.{i}")
+    os.replace(f, target)
+    return target
 
 
 # ---- the report -----------------------------------------------------------------------------------------------
-def load_results(path: str | Path) -> list[dict]:
-    """Every evaluation line of the finished cells in ``path`` (``.part`` files of unfinished cells are ignored)."""
+# the keys of an evaluation line that the report reads (written by _Recorder)
+RECORD_KEYS = ("cell", "axes", "method", "kind", "coefficient", "effective_coef", "seed", "tail", "horizon", "step",
+               "eval")  # fmt: skip
+
+
+def read_cell(f: str | Path) -> list[dict]:
+    """The evaluation lines of one finished cell file, in step order. ValueError naming the file and the line when
+    the record is not complete: an empty file, a line cut short (no newline at the end: the write was interrupted),
+    a line that is not JSON or not a record of this cell (:data:`RECORD_KEYS`), steps repeated or out of order, or
+    a last line before the cell's final step (``config.ppo.steps``)."""
+    f = Path(f)
+    data = f.read_bytes()
+    if not data.strip():
+        raise ValueError(f"{f}: empty ({len(data)} bytes): the cell's record is incomplete")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"{f}, line {line}: not UTF-8 ({err.reason})") from None
+    rows = text.split("\n")
+    if rows[-1].strip():
+        raise ValueError(f"{f}, line {len(rows)}: cut short (no newline at its end: the write was interrupted)")
+    lines: list[dict] = []
+    for no, row in enumerate(rows, 1):
+        if not row.strip():
+            continue
+        try:
+            line = json.loads(row)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{f}, line {no}: not valid JSON ({err.msg}, column {err.colno})") from None
+        if not isinstance(line, dict):
+            raise ValueError(f"{f}, line {no}: not a record (a JSON {type(line).__name__}, not an object)")
+        if missing := [k for k in RECORD_KEYS if k not in line]:
+            raise ValueError(f"{f}, line {no}: an incomplete record (without {', '.join(missing)})")
+        if not isinstance(line["eval"], dict) or not isinstance(line["axes"], dict) or type(line["step"]) is not int:
+            raise ValueError(f"{f}, line {no}: a malformed record (eval / axes must be objects, step an integer)")
+        if line["cell"] != f.stem:
+            raise ValueError(f"{f}, line {no}: a record of cell {line['cell']!r}, not of {f.stem!r}")
+        lines.append(line)
+    steps = [line["step"] for line in lines]
+    if steps != sorted(set(steps)):
+        raise ValueError(f"{f}: steps repeated or out of order ({steps})")
+    want = ((lines[-1].get("config") or {}).get("ppo") or {}).get("steps")
+    if isinstance(want, int) and steps[-1] != want:
+        raise ValueError(f"{f}: the last record is step {steps[-1]} of {want}: records are missing")
+    return lines
+
+
+def load_results(path: str | Path, problems: dict[str, str] | None = None) -> list[dict]:
+    """Every evaluation line of the finished cells in ``path`` (``.part`` files of unfinished cells and ``.bad``
+    files set aside are ignored). A cell file that is not complete (:func:`read_cell`) is skipped with a warning
+    naming it, and its reason is added to ``problems`` (file name -> reason) when given."""
     lines = []
     for f in sorted(Path(path).glob("*.jsonl")):
-        lines += [json.loads(s) for s in f.read_text().splitlines() if s.strip()]
+        try:
+            lines += read_cell(f)
+        except ValueError as err:
+            warnings.warn(f"skipped: {err}", stacklevel=2)
+            if problems is not None:
+                problems[f.name] = str(err)
     return lines
 
 
@@ -693,12 +781,21 @@ def save_figures(figs: dict[str, go.Figure], out: str | Path) -> list[Path]:
 def report(path: str | Path, figures_dir: str | Path | None = None) -> str:
     """The markdown report of the results in ``path``: the table (mean ± 95 % t-interval over seeds) and, with
     ``figures_dir``, the figures written there (PNG, or HTML where static export is unavailable)."""
-    lines = load_results(path)
+    problems: dict[str, str] = {}
+    lines = load_results(path, problems)
     if not lines:
-        raise ValueError(f"no finished cells in {path} (no *.jsonl files with evaluation lines)")
+        raise ValueError(
+            f"no finished cells in {path} (no complete *.jsonl files with evaluation lines"
+            + (f"; skipped: {'; '.join(problems.values())})" if problems else ")")
+        )
     rows = aggregate(lines)
-    versions = sorted({line["code_version"] for line in lines})
+    versions = sorted({str(line.get("code_version", "unknown")) for line in lines})
     text = table(rows) + f"\n\n{len({line['cell'] for line in lines})} cells; code version {', '.join(versions)}."
+    if problems:
+        text += (
+            f"\n\nSkipped {len(problems)} incomplete cell file(s) (`tre-edu study run` runs them again): "
+            + "; ".join(problems.values())
+        )
     if figures_dir is not None:
         files = save_figures(figures(rows), figures_dir)
         text += "\n\nFigures: " + ", ".join(str(p) for p in files)
@@ -713,6 +810,7 @@ __all__ = [
     "figures",
     "load_results",
     "load_study",
+    "read_cell",
     "report",
     "run_study",
     "save_figures",

@@ -19,6 +19,8 @@ tiny model still reaches ~20% greedy accuracy on 3-number puzzles after ~150 war
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -113,3 +115,11 @@ def build_tiny_model(tokenizer, n_embd: int = 128, n_layer: int = 4, n_head: int
 def count_parameters(model, trainable_only: bool = False) -> int:
     """Number of (unique) parameters; tied embeddings count once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def tail_start(tokenizer: Any) -> int | None:
+    """First id of the tiny tokenizer's tail (every id from it on is a tail token); None for other tokenizers."""
+    first = tokenizer.convert_tokens_to_ids(TAIL_FORMAT.format(0))
+    if not isinstance(first, int) or first == tokenizer.unk_token_id:
+        return None
+    return first

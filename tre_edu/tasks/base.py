@@ -28,6 +28,7 @@ class Task(ABC):
     - ``score(response, example)``: a float reward; never raises on malformed model output.
     - ``success_threshold``: success = score >= it (``None``: no notion of success, e.g. HH's reward-model scores).
     - ``last_reward_stats``: counters of the last :meth:`reward` call for the trainer's metrics.
+    - ``sample_metrics(texts, rewards, n)``: task-specific metrics of n samples per example (evaluation's pass@k).
     """
 
     name: str = "task"
@@ -59,6 +60,10 @@ class Task(ABC):
         """Score a batch (tasks that grade in batches override this)."""
         check_batch(responses, examples)
         return [float(self.score(r, e)) for r, e in zip(responses, examples)]
+
+    def sample_metrics(self, texts: list[str], rewards: list[float], n: int) -> dict[str, float]:
+        """Task-specific metrics of ``n`` consecutive samples per example (none by default)."""
+        return {}
 
     @staticmethod
     def check_style(style: str) -> str:

@@ -360,6 +360,18 @@ class CountdownTask(Task):
             return COMPACT_PROMPT.format(nums=" ".join(map(str, nums)), target=target)
         return PROMPT.format(nums=nums, target=target)
 
+    def sample_metrics(self, texts: list[str], rewards: list[float], n: int) -> dict[str, float]:
+        """``distinct_correct``: the mean, over examples with a correct sample, of the number of distinct correct
+        equations (spaces ignored) among its ``n`` samples."""
+        threshold = self.success_threshold
+        counts = []
+        for i in range(0, len(texts), n):
+            pairs = zip(texts[i : i + n], rewards[i : i + n], strict=True)
+            answers = {(extract_answer(t) or "").replace(" ", "") for t, r in pairs if r >= threshold}
+            if answers:
+                counts.append(len(answers))
+        return {"distinct_correct": sum(counts) / len(counts) if counts else 0.0}
+
     def score(self, response: str, example: dict[str, Any]) -> float:
         return score(response, example.get("numbers"), example.get("target")) if isinstance(example, dict) else 0.0
 

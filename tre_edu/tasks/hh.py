@@ -11,7 +11,7 @@ Two data sources (``source=``); every example and :meth:`HHTask.describe` say wh
 Example: ``{"prompt": messages ending with a user turn, "prompt_text": str, "chosen": str, "rejected": str,
 "source": hub id or "bundled", "dataset": "ultrafeedback" | "hh-rlhf"}``; offline, small bundled samples.
 Reward: a scalar reward model r(prompt, response) (:class:`tre_edu.reward_model.RewardModel`, or any object with
-``score(prompts, responses) -> list[float]``), scored in batches; :func:`train_reward_model` makes one.
+``score(prompts, responses) -> list[float]``), scored in batches; :func:`tre_edu.pipeline.train_reward_model` makes one.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from typing import Any
 
 import datasets
 
-from tre_edu.config import RewardModelConfig
-from tre_edu.reward_model import RewardModel, build_tiny_reward_model, fit, pair_accuracy, valid_text
+from tre_edu.reward_model import RewardModel, valid_text
 from tre_edu.tasks.base import Task, check_batch, check_options, load_or_fallback, read_jsonl, subsample
 
 SOURCES = {"ultrafeedback": "trl-lib/ultrafeedback_binarized", "hh-rlhf": "Anthropic/hh-rlhf"}
@@ -290,37 +289,9 @@ class HHTask(Task):
         return f"HH, source={self.source} ({hub}{split}){used}; reward = reward model ({rm})"
 
 
-def _texts(examples: list[dict[str, Any]]) -> list[str]:  # vocabulary corpus of a tiny reward model
+def corpus(examples: list[dict[str, Any]]) -> list[str]:
+    """The text of every pair (prompt, chosen, rejected): the vocabulary corpus of a tiny reward model."""
     return [f"{prompt_as_text(e['prompt'])} {e['chosen']} {e['rejected']}" for e in examples]
-
-
-def tiny_reward_model(source: str | None = None, *, max_length: int = 256, seed: int = 0) -> RewardModel:
-    """An untrained CPU reward model (:func:`~tre_edu.reward_model.build_tiny_reward_model`) whose vocabulary is
-    the words of the bundled samples (one source or both), for tests and notebooks."""
-    examples = [e for s in ([source] if source else SOURCES) for e in bundled_examples(s)]
-    return build_tiny_reward_model(_texts(examples), max_length=max_length, seed=seed)
-
-
-def train_reward_model(cfg: RewardModelConfig, offline_ok: bool = True) -> dict[str, Any]:
-    """``tre-edu train-rm``: train ``cfg.model`` on the ``cfg.source`` pairs (:func:`tre_edu.reward_model.fit`) and
-    report the pair accuracy (r_chosen > r_rejected)."""
-    task = HHTask(source=cfg.source)
-    train = task.load("train", n=cfg.n_train, seed=cfg.seed, offline_ok=offline_ok)
-    test = task.load("test", n=cfg.n_test, seed=cfg.seed, offline_ok=offline_ok)
-    model = None
-    if cfg.model == "tiny":  # the vocabulary covers the test pairs' words too
-        model = build_tiny_reward_model(_texts(train + test), max_length=min(cfg.max_length, 1024), seed=cfg.seed)
-    rm = fit(train, cfg, model)
-    return {
-        "source": train[0]["source"],
-        "dataset": train[0]["dataset"],
-        "n_train": len(train),
-        "n_test": len(test),
-        "train_accuracy": pair_accuracy(rm, train),
-        "test_accuracy": pair_accuracy(rm, test),
-        "final_loss": rm.history[-1]["loss"] if rm.history else float("nan"),
-        "output_dir": cfg.output_dir,
-    }
 
 
 def score(response: str, reward_model: Any = None, **example: Any) -> float:
@@ -337,12 +308,11 @@ __all__ = [
     "SOURCES",
     "HHTask",
     "bundled_examples",
+    "corpus",
     "load",
     "make_task",
     "prompt_as_text",
     "score",
     "split_transcript",
-    "tiny_reward_model",
-    "train_reward_model",
     "transcript_to_messages",
 ]

@@ -9,6 +9,12 @@ plain numbers (``1/2 == \\frac12 == 0.5``); (3) only for a :func:`well_formed` a
 such as ``7 + ???`` as ``7``): ``math_verify.parse`` + ``verify`` in worker processes (:class:`GraderPool`), bounded
 by ``timeout_s`` per answer in every thread and ``batch_timeout_s`` per batch; the timeouts are counted in
 ``MathTask.last_reward_stats``. :func:`score` never raises: malformed, hostile or huge output scores ``0.0``.
+
+Edge cases, decided: the answer is the last *outermost* box, and a box that wraps nothing but another box is
+unwrapped (``\\boxed{\\boxed{5}}`` is ``5``, scores 1 against ``5``; ``\\boxed{5 \\boxed{6}}`` is neither 5 nor 6).
+An answer that denotes no number, ``nan`` or a division by zero (``\\frac{1}{0}``, ``1/0``, ``1 \\div 0``), scores 0
+even against the identical text, and so does every answer against such a reference (:func:`denotes_no_value`);
+``\\infty`` and text answers (``\\text{undefined}``) are ordinary answers.
 """
 
 from __future__ import annotations
@@ -68,27 +74,53 @@ def _matching_brace(text: str, open_idx: int) -> int:
     return -1
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (nested braces), ``\\boxed 5`` (up to ``$`` or whitespace) or
-    ``\\fbox{...}``; ``None`` when there is none, it is never closed or longer than :data:`MAX_ANSWER_CHARS`."""
-    if not isinstance(text, str):
-        return None
-    text = text[-MAX_RESPONSE_CHARS:]
-    start = max(text.rfind(cmd) for cmd in _BOX_COMMANDS)
-    if start < 0:
-        return None
+def _box_at(text: str, start: int) -> tuple[str | None, int] | None:
+    """The box command at ``start``: ``(content, end)``; content None when its ``{`` is never closed (end =
+    ``len(text)``); None when the command is not followed by ``{`` or by a space and a bare token."""
     rest_idx = start + len(next(c for c in _BOX_COMMANDS if text.startswith(c, start)))
     j = rest_idx
     while j < len(text) and text[j] in " \t":  # "\boxed {5}" and "\boxed 5" both allowed
         j += 1
     if j < len(text) and text[j] == "{":
         end = _matching_brace(text, j)
-        content = text[j + 1 : end] if end >= 0 else None
-    elif j > rest_idx:
-        m = re.match(r"[^\s$]+", text[j : j + MAX_ANSWER_CHARS + 1])
-        content = m.group(0) if m else None
-    else:
+        return (text[j + 1 : end], end + 1) if end >= 0 else (None, len(text))
+    if j > rest_idx and (m := re.match(r"[^\s$]+", text[j : j + MAX_ANSWER_CHARS + 1])):
+        return m.group(0), j + m.end()
+    return None
+
+
+_BOX = re.compile("|".join(re.escape(c) for c in _BOX_COMMANDS))
+
+
+def _next_box(text: str, pos: int) -> int:
+    m = _BOX.search(text, pos)
+    return m.start() if m else -1
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last outermost ``\\boxed{...}`` (nested braces), ``\\boxed 5`` (up to ``$`` or whitespace) or
+    ``\\fbox{...}``; ``None`` when there is none, it is never closed, empty or longer than :data:`MAX_ANSWER_CHARS`.
+
+    Boxes inside a box belong to it: the outermost box is the answer, and a box that wraps nothing but another box
+    is unwrapped (``\\boxed{\\boxed{5}}`` is ``5``; ``\\boxed{5 \\boxed{6}}`` is ``5 \\boxed{6}``, which matches no
+    reference)."""
+    if not isinstance(text, str):
         return None
+    text = text[-MAX_RESPONSE_CHARS:]
+    content, pos = None, 0
+    while (start := _next_box(text, pos)) >= 0:
+        box = _box_at(text, start)
+        if box is None:  # "\boxed" not followed by an argument: not a box
+            pos = start + 1
+            continue
+        content, pos = box
+    while content is not None and len(content) <= MAX_ANSWER_CHARS:  # \boxed{\boxed{5}} -> 5
+        inner = content.strip()
+        start = _next_box(inner, 0)
+        box = _box_at(inner, start) if start == 0 else None
+        if box is None or box[0] is None or box[1] != len(inner):
+            break
+        content = box[0]
     return None if content is None or len(content) > MAX_ANSWER_CHARS else content.strip()
 
 
@@ -396,12 +428,25 @@ def symbolic_check(
 # ---- equivalence and the reward ----
 
 
+# A value that is no number: NaN, or a division by zero (\frac{1}{0}, 1/0, 1 \div 0), after normalize_answer.
+_NO_VALUE = re.compile(
+    r"(?<![a-zA-Z\\])nan(?![a-zA-Z])|\\frac\{[^{}]*\}\{[+-]?0+(?:\.0*)?\}|(?:/|\\div)[+-]?0+(?:\.0*)?(?![\d.])",
+    re.IGNORECASE,
+)
+
+
+def denotes_no_value(answer: str) -> bool:
+    """Whether a normalised answer holds a value that is no number (``nan``, ``\\frac{1}{0}``, ``1/0``): such an answer
+    is never correct, not even against the same text (a reference like that is a broken reference)."""
+    return bool(_NO_VALUE.search(answer))
+
+
 def _cheap_verdict(answer: Any, reference: Any, use_math_verify: bool) -> bool | tuple[str, str]:
     """True / False when the string and rational rules decide; else the ``(answer, reference)`` for math-verify."""
     if not isinstance(answer, str) or not isinstance(reference, str):
         return False
     a, r = normalize_answer(answer), normalize_answer(reference)
-    if not a or not r:
+    if not a or not r or denotes_no_value(a) or denotes_no_value(r):
         return False
     if a == r:
         return True
@@ -562,6 +607,7 @@ __all__ = [
     "last_boxed",
     "load",
     "make_task",
+    "denotes_no_value",
     "normalize_answer",
     "score",
     "symbolic_check",

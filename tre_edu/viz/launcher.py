@@ -11,14 +11,15 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from tre_edu.config import KINDS
 from tre_edu.models.tiny import alphabet
 from tre_edu.pipeline import run_training, run_warm_start
-from tre_edu.regularizers import Regularizer
+from tre_edu.regularizers import ENTROPY_KINDS, KIND_SETTINGS, Regularizer
 from tre_edu.viz.dashboard import LiveDashboard
-from tre_edu.viz.records import ENTROPY_KINDS, finite
+from tre_edu.viz.records import finite
 
 # The methods of the paper's comparison (clip-cov is a sibling of KL-Cov, available in the library).
-METHODS = ("none", "entropy", "tre-k", "tre-p", "forking", "kl-cov")
+METHODS = tuple(k for k in KINDS if k != "clip-cov")
 
 _NOTES = {
     "forking": "Forking tokens: the policy-gradient loss only on the 20% highest-entropy tokens.",
@@ -95,13 +96,13 @@ class RunLauncher:
         """The ``regularizer.*`` overrides of the current widget values."""
         kind = self.method.value
         out: dict[str, Any] = {"regularizer.kind": kind}
-        if kind in ENTROPY_KINDS:
-            out["regularizer.coef"] = float(self.coef.value)
-        if kind == "tre-k":
-            out["regularizer.k"] = int(self.k_slider.value)
-        if kind == "tre-p":
-            out["regularizer.p"] = float(self.p_slider.value)
+        for name, widget in self._setting_widgets().items():
+            if name in KIND_SETTINGS[kind]:
+                out[f"regularizer.{name}"] = widget.value
         return out
+
+    def _setting_widgets(self) -> dict[str, Any]:
+        return {"coef": self.coef, "k": self.k_slider, "p": self.p_slider}
 
     def label(self) -> str:
         """A run name from the settings, e.g. ``"tre-k α=1.0e-03 K=2 tail=2000"``."""
@@ -112,9 +113,8 @@ class RunLauncher:
 
     def _on_change(self, _change=None) -> None:
         kind, k, tail = self.method.value, int(self.k_slider.value), int(self.tail_slider.value)
-        self.coef.disabled = kind not in ENTROPY_KINDS
-        self.k_slider.disabled = kind != "tre-k"
-        self.p_slider.disabled = kind != "tre-p"
+        for name, widget in self._setting_widgets().items():
+            widget.disabled = name not in KIND_SETTINGS[kind]
         text = ""
         V = len(alphabet()) + tail if self.base_config.model.name == "tiny" else None
         if V:

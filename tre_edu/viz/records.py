@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from tre_edu.dynamics import METHODS as ENTROPY_KINDS  # the kinds whose coefficient weighs an entropy
 from tre_edu.env import repo_root
+from tre_edu.regularizers import ENTROPY_KINDS  # the kinds whose coefficient weighs an entropy
 
 # Config fields that tell runs apart in labels (when they differ between the runs being compared).
 _LABEL_FIELDS = (

@@ -1,0 +1,298 @@
+"""Everything FSDP-specific in one place: the accelerator, whole parameters for sampling, sharded checkpoints.
+
+tre_edu shards with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``) through Accelerate
+(``fsdp_version: 2`` in ``configs/accelerate/fsdp_8gpu.yaml``). FSDP2 shards each parameter in place as a
+``DTensor``: the module tree, its parameter names and the optimiser's parameter groups stay what they were (two
+learning rates, actor / critic clipping), and the forward hooks gather a unit's parameters just before it runs.
+FSDP1 (``FullyShardedDataParallel``, flat parameters) is not supported: its unwrapped module cannot run a forward
+(the trainer's no-grad passes call it), and FSDP2 is what both PyTorch and Accelerate develop.
+
+The pieces:
+
+- :func:`make_accelerator`: ``Accelerator(...)``, plus the one thing Accelerate 1.x does not do: on CPU processes
+  (``use_cpu``, gloo) it silently ignores the FSDP plugin and runs DDP. Here the plugin is honoured, so
+  ``accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml --num_processes 2`` with ``device=cpu`` really
+  shards (that is how ``tests/test_fsdp.py`` runs the shipped config on a laptop).
+- :func:`prepare`: ``accelerator.prepare(policy, *optimizers)``; under FSDP each decoder layer of the actor (and of
+  a separate critic) becomes its own FSDP unit (``model._no_split_modules``, whatever the model family), the rest
+  (embeddings, LM head or the memory-lean head that takes its place, final norm, value head) is the root unit.
+- :func:`full_parameters`: a context in which every parameter is whole (sampling, evaluation, weight sync to a
+  sampler); outside it they are sharded again. :func:`full_state_dict`: the whole weights on rank 0, for
+  ``save_pretrained`` (an FSDP2 module's ``state_dict`` is always sharded, even inside :func:`full_parameters`).
+- :func:`save_weights` / :func:`load_weights`: the model and optimiser state of a checkpoint. Under FSDP each rank
+  writes only its shards (``torch.distributed.checkpoint``, folder ``shards/``); with several processes each rank
+  also keeps its own RNG states (``rank_<r>.pt``), so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SHARDS_DIR",
+    "fsdp_version",
+    "full_parameters",
+    "full_state_dict",
+    "load_weights",
+    "make_accelerator",
+    "mean_over_processes",
+    "prepare",
+    "save_weights",
+]
+
+SHARDS_DIR = "shards"  # inside a checkpoint folder: the DCP shards of model + optimisers (FSDP only)
+RANK_FILE = "rank_{}.pt"  # inside a checkpoint folder: one rank's own RNG states (several processes)
+
+
+# ---- set-up ------------------------------------------------------------------------------------------------------
+def make_accelerator(mixed_precision: str = "no", cpu: bool = False, **kwargs: Any):
+    """``Accelerator(mixed_precision, cpu)`` that also shards on CPU processes when FSDP is asked for.
+
+    ``accelerate launch`` with an FSDP config sets ``ACCELERATE_USE_FSDP`` and the ``FSDP_*`` variables; Accelerate
+    turns them into an FSDP run only on accelerator devices, and CPU processes fall back to DDP (``MULTI_CPU``)
+    without a word. Here a CPU run keeps the plugin: the state is switched to FSDP before anything is prepared,
+    and every later step (prepare, backward, gradient clipping, reductions) is Accelerate's own FSDP2 code path.
+    FSDP1 on CPU is refused (see the module docstring).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
+    state = accelerator.state
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if wants_fsdp and state.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()
+        if plugin.fsdp_version != 2:
+            raise ValueError(
+                f"FSDP on CPU processes needs fsdp_version: 2 in the accelerate config (got {plugin.fsdp_version}); "
+                "tre_edu supports FSDP2 only"
+            )
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        for shared in (AcceleratorState._shared_state, PartialState._shared_state):
+            shared["distributed_type"] = DistributedType.FSDP
+        state.fsdp_plugin = plugin
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ValueError(
+            "tre_edu supports FSDP2 only: set fsdp_version: 2 in the accelerate config "
+            "(configs/accelerate/fsdp_8gpu.yaml is the tested one)"
+        )
+    return accelerator
+
+
+def prepare(accelerator, policy: nn.Module, *optimizers: torch.optim.Optimizer) -> tuple:
+    """``accelerator.prepare(policy, *optimizers)``. Under FSDP the auto-wrap policy of the config
+    (``TRANSFORMER_BASED_WRAP`` without a class name) finds the decoder-layer classes of the actor and of a separate
+    critic through ``policy._no_split_modules``; the returned optimisers hold the sharded parameters."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and getattr(policy, "_no_split_modules", None) is None:
+        names: list[str] = []
+        for sub in policy.children():
+            for module in sub.modules():
+                for name in getattr(module, "_no_split_modules", None) or []:
+                    if name not in names:
+                        names.append(name)
+        policy._no_split_modules = names
+    out = accelerator.prepare(policy, *optimizers)
+    return tuple(out) if isinstance(out, tuple | list) else (out,)  # FSDP2's prepare returns a list
+
+
+def mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the processes (every process must pass the same keys); one process: unchanged."""
+    if accelerator.num_processes == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    t = accelerator.reduce(t, reduction="mean")
+    return {k: float(v) for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def fsdp_version(model: nn.Module) -> int:
+    """2 when ``model`` is sharded by FSDP2 (``fully_shard``), 1 for FSDP1 (``FullyShardedDataParallel``), else 0."""
+    if not torch.distributed.is_available():
+        return 0
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if isinstance(model, FSDPModule):
+        return 2
+    if isinstance(model, FullyShardedDataParallel):
+        return 1
+    return 0
+
+
+def _fsdp2_modules(model: nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+# ---- whole parameters --------------------------------------------------------------------------------------------
+@contextmanager
+def full_parameters(model: nn.Module) -> Iterator[None]:
+    """Inside: every parameter of ``model`` is a whole, ordinary tensor, so any of its submodules can be called on
+    its own (the KV-cached sampler calls the actor token by token) or saved. All ranks must enter together.
+
+    FSDP2: every unit is gathered once on entry and kept gathered (no re-gather per token and layer); on exit the
+    units are resharded and their ``reshard_after_forward`` settings restored. Without FSDP: nothing to do.
+    Read-only: changes to the parameters made inside are not written back to the shards.
+    """
+    version = fsdp_version(model)
+    if version == 0:
+        yield
+        return
+    if version == 1:
+        raise ValueError("tre_edu supports FSDP2 only (fsdp_version: 2 in the accelerate config)")
+    modules = _fsdp2_modules(model)
+    # The root must be initialised first: FSDP2 treats the first unit that runs a forward as the root, and the
+    # sampler calls the actor, not the root (e.g. evaluation before the first training step).
+    model._get_fsdp_state()._lazy_init()
+    saved = []
+    for m in modules:
+        groups = m._get_fsdp_state()._fsdp_param_groups
+        saved.append((m, m._get_fsdp_state()._auto_reshard_after_forward, [g.post_forward_mesh_info for g in groups]))
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, auto, infos in saved:
+            state = m._get_fsdp_state()
+            state._auto_reshard_after_forward = auto
+            for g, info in zip(state._fsdp_param_groups, infos):
+                g.post_forward_mesh_info = info
+            m.reshard()
+
+
+def full_state_dict(model: nn.Module, submodule: str = "") -> dict[str, torch.Tensor] | None:
+    """FSDP2: the whole weights of ``model`` (or of its child ``submodule``, e.g. ``"actor"``, with that prefix
+    removed from the names) gathered on CPU on rank 0 (other ranks get ``{}``); every rank must call it. Without
+    FSDP: None (the module's own ``state_dict`` is whole). For ``save_pretrained(path, state_dict=...)``."""
+    if fsdp_version(model) != 2:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not submodule:
+        return full
+    prefix = submodule + "."
+    return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------------
+def _staging(path: Path) -> Path:
+    return path.with_name(f".{path.name}.shards.tmp")
+
+
+def _inner(opt: Any) -> torch.optim.Optimizer:
+    return getattr(opt, "optimizer", opt)  # Accelerate's AcceleratedOptimizer wraps the torch optimiser
+
+
+def save_weights(
+    accelerator, path: str | Path, policy: nn.Module, optimizers: dict[str, Any], rank_state: dict[str, Any]
+) -> dict[str, Any]:
+    """The weights part of a checkpoint about to be written to folder ``path``. Call on every rank.
+
+    Returns what goes into ``trainer_state.pt`` (rank 0 writes it with :func:`tre_edu.checkpoint.save`): without
+    FSDP the model and optimiser state dicts; under FSDP only a note, because every rank has just written its own
+    shards (and its ``rank_state``, e.g. RNG states) to a staging folder beside ``path``, which
+    :func:`finish_save` moves into ``path`` after :func:`tre_edu.checkpoint.save`.
+    """
+    path = Path(path)
+    sharded = fsdp_version(policy) == 2
+    several = accelerator.num_processes > 1
+    if not sharded and not several:
+        unwrapped = accelerator.unwrap_model(policy)
+        return {"policy": unwrapped.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()}}
+    staging = _staging(path)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rank_state, staging / RANK_FILE.format(accelerator.process_index))
+    if not sharded:
+        unwrapped = accelerator.unwrap_model(policy)
+        return {
+            "policy": unwrapped.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "per_rank": True,
+        }
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(policy)}
+    for name, opt in optimizers.items():
+        state[f"optim.{name}"] = get_optimizer_state_dict(policy, _inner(opt))
+    dcp.save(state, checkpoint_id=str(staging / SHARDS_DIR))
+    return {"sharded": SHARDS_DIR, "per_rank": True, "world_size": accelerator.num_processes}
+
+
+def finish_save(accelerator, path: str | Path) -> None:
+    """After rank 0 wrote the checkpoint folder ``path``: move the per-rank files and shards into it. Call on every
+    rank."""
+    path = Path(path)
+    accelerator.wait_for_everyone()
+    staging = _staging(path)
+    if accelerator.is_main_process and staging.is_dir():
+        for item in staging.iterdir():
+            os.replace(item, path / item.name)
+        staging.rmdir()
+    accelerator.wait_for_everyone()
+
+
+def load_weights(
+    accelerator, path: str | Path, state: dict[str, Any], policy: nn.Module, optimizers: dict[str, Any]
+) -> dict[str, Any]:
+    """Restore the model and optimisers from the checkpoint folder ``path`` (its ``trainer_state.pt`` already
+    loaded as ``state``). Call on every rank. Returns this rank's own saved states (``rank_state`` of
+    :func:`save_weights`; ``{}`` when the checkpoint has none)."""
+    path = Path(path)
+    sharded = fsdp_version(policy) == 2
+    if state.get("sharded"):
+        if not sharded:
+            raise ValueError(
+                f"checkpoint {path} holds FSDP shards; resume it under FSDP (accelerate launch with an FSDP config)"
+            )
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        shards = path / state["sharded"]
+        if not (shards / ".metadata").is_file():
+            raise ValueError(f"checkpoint {path} is incomplete: its FSDP shards ({shards}) are missing")
+        target = {"model": get_model_state_dict(policy)}
+        for name, opt in optimizers.items():
+            target[f"optim.{name}"] = get_optimizer_state_dict(policy, _inner(opt))
+        dcp.load(target, checkpoint_id=str(shards))
+        set_model_state_dict(policy, target["model"])
+        for name, opt in optimizers.items():
+            set_optimizer_state_dict(policy, _inner(opt), target[f"optim.{name}"])
+    else:
+        if sharded:
+            raise ValueError(f"checkpoint {path} was saved without FSDP; resume it without FSDP")
+        accelerator.unwrap_model(policy).load_state_dict(state["policy"])
+        for k, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+    if not state.get("per_rank"):
+        return {}
+    file = path / RANK_FILE.format(accelerator.process_index)
+    if not file.is_file():
+        raise ValueError(
+            f"checkpoint {path} has no {file.name}: it was saved by fewer processes than this run's "
+            f"{accelerator.num_processes}"
+        )
+    return torch.load(file, map_location="cpu", weights_only=True)
