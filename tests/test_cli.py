@@ -102,6 +102,8 @@ def test_sft_eval_train_rm_and_study(captured, tmp_path):
     assert captured["sft"][1]["output_dir"] == "runs/w #1"
     assert cli.main(["sft", "--set", "output_dir=runs/x"]) == 0
     assert captured["sft"][1]["output_dir"] == "runs/x/warm_start"
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):  # what save_pretrained writes
+        (tmp_path / name).write_text("{}")
     assert cli.main(["eval", "--model-dir", str(tmp_path), "--n", "3"]) == 0
     assert captured["eval"][1] == {"model_dir": str(tmp_path), "n": 3}
     argv = [

@@ -26,11 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import SMALL
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import SMALL  # noqa: E402
-
 CONFIG = ROOT / "configs" / "countdown_tiny.yaml"
 ACCELERATE_CONFIG = ROOT / "configs" / "accelerate" / "fsdp_8gpu.yaml"
 N_LAYER = 1  # SMALL's model.n_layer
@@ -45,6 +43,7 @@ WORKER = textwrap.dedent(
     from torch.distributed.tensor import DTensor
     from tre_edu import distributed
     from tre_edu.config import load_config
+    from tre_edu.head import find_lean_head
     from tre_edu.pipeline import build_trainer
 
     out, config, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -85,8 +84,8 @@ WORKER = textwrap.dedent(
     calls, gathered = [], []  # per call of the actor: [inside full_parameters?, KV-cached?, every parameter whole?]
     full_parameters = distributed.full_parameters
 
-    def watched(model):
-        inner = full_parameters(model)
+    def watched(*args, **kwargs):
+        inner = full_parameters(*args, **kwargs)
 
         class Watch:
             def __enter__(self):
@@ -106,6 +105,12 @@ WORKER = textwrap.dedent(
         calls.append([bool(gathered), bool(kwargs.get("use_cache")), whole])
 
     fsdp.actor.register_forward_pre_hook(pre_forward, with_kwargs=True)
+    head, head_calls = find_lean_head(fsdp.actor), []  # per call: [statistics (not logits)?, its weight whole?]
+    if head is not None:
+        vocab = head.weight.shape[0]
+        head.register_forward_hook(
+            lambda m, args, out: head_calls.append([out.shape[-1] < vocab, not isinstance(m.weight, DTensor)])
+        )
     before = shard_info(fsdp)
     units = [type(m).__name__ for m in fsdp.unwrapped.modules() if isinstance(m, FSDPModule)]
     history = fsdp.train()
@@ -116,6 +121,8 @@ WORKER = textwrap.dedent(
         "before": before,
         "after": shard_info(fsdp),
         "calls": calls,
+        "head": head is not None,
+        "head_calls": head_calls,
         "history": history,
         "eval_steps": [e["step"] for e in fsdp.eval_history],
     }
@@ -144,6 +151,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed gloo missing")
 def test_fsdp_two_cpu_processes(tmp_path):
     script = tmp_path / "worker.py"
@@ -185,6 +193,9 @@ def test_fsdp_two_cpu_processes(tmp_path):
         assert inside and all(whole for _, whole in inside), "a call under full_parameters saw sharded parameters"
         assert any(cached for cached, _ in inside) and not any(cached for cached, _ in outside), "sampled on shards"
         assert outside and not any(whole for _, whole in outside), "a training forward saw whole decoder layers"
+        # the memory-lean head (in the LM head's place) computed the training statistics, on its whole weight
+        assert f["head"] and any(stats for stats, _ in f["head_calls"])
+        assert all(whole for _, whole in f["head_calls"]), "the lean head ran on a sharded weight"
         assert f["eval_steps"] == [0, 2]  # evaluation before the first step (no forward yet) and at the end
     assert (
         r0["fsdp"]["before"]["local_numel"] + r1["fsdp"]["before"]["local_numel"]
@@ -230,3 +241,45 @@ def test_fsdp_two_cpu_processes(tmp_path):
     assert saved
     for k, v in saved.items():
         assert torch.equal(v, w["fsdp"]["actor." + k]), k
+
+
+class _RankZeroOfTwo:
+    """An accelerator stand-in for the file logic of a checkpoint: rank 0 of 2 processes, nothing to wait for."""
+
+    num_processes, process_index, is_main_process = 2, 0, True
+
+    def wait_for_everyone(self):
+        pass
+
+    def unwrap_model(self, model):
+        return model
+
+
+def test_checkpoint_killed_before_its_rank_files_moved_in_is_completed_on_load(tmp_path):
+    from tre_edu import checkpoint, distributed
+
+    acc, path = _RankZeroOfTwo(), tmp_path / "checkpoints" / "step_000001"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    own = {"sampling_generator": torch.Generator().manual_seed(7).get_state()}
+    weights = distributed.save_weights(acc, path, model, {"actor": opt}, own)
+    checkpoint.save(path, weights)  # rank 0's folder is complete; the run dies before finish_save
+    assert not (path / "rank_0.pt").exists()
+
+    with torch.no_grad():
+        model.weight.zero_()
+    state = checkpoint.load(path)
+    got = distributed.load_weights(acc, path, state, model, {"actor": opt})
+    assert torch.equal(got["sampling_generator"], own["sampling_generator"])
+    assert (path / "rank_0.pt").is_file() and not distributed._staging(path).exists()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+    # a rank the checkpoint has no file for (saved by fewer processes) continues from rank 0's RNG states
+    (path / "rank_0.pt").unlink()
+    with pytest.warns(UserWarning, match="rank_0.pt"):
+        assert distributed.load_weights(acc, path, state, model, {"actor": opt}) == {}

@@ -19,6 +19,7 @@ from tre_edu.ppo import (
     masked_var,
     masked_whiten,
     policy_loss,
+    terminal_rewards,
     value_loss,
 )
 
@@ -394,3 +395,71 @@ def test_explained_variance_of_round_off_target_is_zero():
     target = torch.tensor([[1e-9, -1e-9, 2e-9]])
     pred = torch.tensor([[0.3, -0.2, 0.5]])
     assert explained_variance(pred, target, torch.ones_like(target)) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# advantage estimators by name, the one micro-batch loss, micro-batch weights
+# ------------------------------------------------------------------------------------------------------------
+def test_group_advantages_and_estimator_by_name():
+    from tre_edu.ppo import compute_advantages, group_advantages
+
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    adv, ret = group_advantages(scores, mask, group_size=2)
+    assert adv.tolist() == [[0.5, 0.5, 0.0], [-0.5, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert (ret == 0).all()
+    same = compute_advantages("grpo", scores=scores, rewards=None, values=None, mask=mask, group_size=2)
+    assert torch.equal(same[0], adv)
+    rewards = terminal_rewards(scores, mask)
+    values = torch.full_like(mask, 0.25)
+    gae = compute_advantages("gae", scores=scores, rewards=rewards, values=values, mask=mask)
+    assert all(torch.equal(a, b) for a, b in zip(gae, compute_gae(rewards, values, mask, 1.0, 1.0)))
+    with pytest.raises(ValueError, match="advantage must be one of gae, grpo"):
+        compute_advantages("vtrace", scores=scores, rewards=rewards, values=values, mask=mask)
+    with pytest.raises(ValueError, match="needs the critic's values"):
+        compute_advantages("gae", scores=scores, rewards=rewards, values=None, mask=mask)
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(scores, mask, group_size=3)
+
+
+def test_ppo_loss_composes_every_term():
+    from types import SimpleNamespace
+
+    from tre_edu.ppo import ppo_loss
+
+    g = torch.Generator().manual_seed(0)
+    lp = torch.randn(3, 4, generator=g).requires_grad_(True)
+    old, adv, ref = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    values = torch.randn(3, 4, generator=g).requires_grad_(True)
+    old_v, ret = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    mask, pg_mask = torch.ones(3, 4), torch.tensor([[1.0, 0.0, 1.0, 1.0]] * 3)
+    s = SimpleNamespace(clip_low=0.2, clip_high=0.2, dual_clip=3.0, value_clip=0.5, value_coef=0.5, kl_coef=0.1,
+                        kl_kind="k3", agg="token-mean")  # fmt: skip
+    reg = -0.01 * lp.mean()
+    loss, m = ppo_loss(logprobs=lp, old_logprobs=old, advantages=adv, mask=mask, pg_mask=pg_mask, reg_loss=reg,
+                       settings=s, values=values, old_values=old_v, returns=ret, ref_logprobs=ref, weight=0.5,
+                       pg_weight=0.25)  # fmt: skip
+    pg, _ = policy_loss(lp, old, adv, mask * pg_mask, dual_clip=3.0)
+    vl, _ = value_loss(values, old_v, ret, mask, clip=0.5)
+    kl = masked_mean(kl_estimate(lp, ref, "k3"), mask)
+    expected = 0.25 * pg + 0.5 * (reg + 0.5 * vl + 0.1 * kl)
+    assert torch.allclose(loss, expected)
+    assert m["loss/total"] == pytest.approx(float(pg + reg + 0.5 * vl + 0.1 * kl), rel=1e-6)
+    assert {"policy/loss", "value/loss", "kl/loss"} <= set(m)
+    # no critic, no reference: those terms are absent; no dual clip when the regulariser says so (Clip-Cov)
+    bare, m2 = ppo_loss(logprobs=lp, old_logprobs=old, advantages=adv, mask=mask, pg_mask=torch.ones(3, 4),
+                        reg_loss=reg, settings=s, dual_clip=False)  # fmt: skip
+    assert torch.allclose(bare, policy_loss(lp, old, adv, mask, dual_clip=None)[0] + reg)
+    assert "value/loss" not in m2 and "kl/loss" not in m2
+
+
+def test_micro_batch_weights_sum_to_one():
+    from tre_edu.ppo import micro_batches
+
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    parts = micro_batches(mask, 2, "token-mean")
+    assert [p[0] for p in parts] == [slice(0, 2), slice(2, 4)]
+    assert [p[1] for p in parts] == pytest.approx([4 / 6, 2 / 6]) and [p[2] for p in parts] == [p[1] for p in parts]
+    assert [p[1] for p in micro_batches(mask, 2, "seq-mean-token-mean")] == [0.5, 0.5]
+    pg = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    assert [p[2] for p in micro_batches(mask, 2, "token-mean", pg)] == pytest.approx([1 / 3, 2 / 3])

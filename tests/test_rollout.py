@@ -11,7 +11,7 @@ from conftest import EOS, PAD, V, tiny_lm
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from tre_edu.policy import ActorCritic
+from tre_edu.policy import ActorCritic, response_logits
 from tre_edu.rollout import (
     Rollout,
     SamplingConfig,
@@ -197,7 +197,9 @@ def test_logprobs_match_training_forward(name, cfg_kw):
     # the sampler's log-probs are those of softmax(z / T), the training forward's at the same T (top-k / top-p
     # only shape the sampling)
     assert (out.logprobs[m] - ro.logprobs[m]).abs().max() < 1e-5
-    top2 = out.logits.topk(2, -1).indices
+    with torch.no_grad():  # the policy's forward keeps statistics, not logits: the one response forward gives them
+        logits, _ = response_logits(model, ro.input_ids, ro.attention_mask, ro.response_len)
+    top2 = logits.topk(2, -1).indices
     recomputed_outside = ~(top2 == ro.response[..., None]).any(-1) & m
     assert torch.equal(recomputed_outside, ro.outside_topk)
 

@@ -116,7 +116,8 @@ def real_batch(smol, tmp_path_factory):
     trainer = pipeline.build_trainer(cfg, actor=smol, progress=False, log_jsonl=False)
     batch = trainer.collect()
     with torch.no_grad():
-        logits = trainer.unwrapped(batch.input_ids, batch.attention_mask, batch.response_len).logits.float()
+        logits = trainer.unwrapped(batch.input_ids, batch.attention_mask, batch.response_len, return_logits=True)
+        logits = logits.logits.float()
     return batch, logits
 
 
@@ -128,7 +129,7 @@ def test_every_method_on_real_logits(real_batch, kind):
     z = logits.clone().requires_grad_(True)
     lp = token_logprobs(z, batch.input_ids[:, -batch.response_len :])
     reg = Regularizer.preset(kind) if kind in PRESETS else Regularizer(kind=kind, coef=0.001)
-    out = reg(z, lp, batch.old_logprobs, batch.advantages, batch.mask)
+    out = reg(reg.statistics(z, lp), batch.old_logprobs, batch.advantages, batch.mask)
     pg, _ = policy_loss(lp, batch.old_logprobs, batch.advantages, batch.mask * out.pg_mask,
                         dual_clip=3.0 if out.dual_clip else None)  # fmt: skip
     valid = batch.mask.bool()

@@ -24,6 +24,7 @@ from tre_edu.integrations.trl import (  # noqa: E402
     TREGRPOTrainer,
     check_trl_compatibility,
     task_reward,
+    training_history,
 )
 from tre_edu.models.tiny import build_tiny_model, build_tokenizer  # noqa: E402
 from tre_edu.tasks import get_task  # noqa: E402
@@ -247,3 +248,39 @@ def test_vision_inputs_are_refused(tok, task, dataset, tmp_path):
     ids, attn, keep = joined(batch(tok))
     with pytest.raises(ValueError, match="pixel_values"):
         tr._get_per_token_logps_and_entropies(tr.model, ids, attn, keep, compute_entropy=True, pixel_values=ids)
+
+
+def test_training_history_groups_generations(tok, task, dataset, tmp_path):
+    tr = trainer_for(tok, task, dataset, tmp_path, tre_kind="tre-k", entropy_coef=0.001, max_steps=4,
+                     steps_per_generation=2)  # fmt: skip
+    tr.train()
+    h = training_history(tr.state.log_history, steps_per_generation=2)
+    assert [r["step"] for r in h] == [1, 2]  # 4 optimiser steps = 2 generations
+    assert all("tail/mass_outside_top10" in r and "reward/mean" in r for r in h)
+    with pytest.raises(ValueError, match="steps_per_generation"):
+        training_history(tr.state.log_history, steps_per_generation=0)
+
+
+def test_readme_snippet_runs(tok, task, dataset, tmp_path, monkeypatch):
+    """The README's five lines, as written, with a saved tiny model as ``model`` and CPU-sized settings added."""
+    import tre_edu.integrations.trl as mod
+
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "TREGRPOTrainer(" in b)
+    real = mod.TREGRPOConfig
+    small = dict(bf16=False, use_cpu=True, report_to=[], save_strategy="no", per_device_train_batch_size=4,
+                 num_generations=4, max_completion_length=8, max_steps=1, disable_tqdm=True)  # fmt: skip
+
+    class Small(real):  # the snippet's settings plus the CPU-sized ones
+        def __init__(self, **kw):
+            super().__init__(**{**kw, **small, "output_dir": str(tmp_path / "o")})
+
+    monkeypatch.setattr(mod, "TREGRPOConfig", Small)
+    path = tmp_path / "tiny"
+    model_for(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    ns = {"model": str(path), "reward": task_reward(task, tok), "dataset": dataset}
+    exec(compile(block, "README-trl", "exec"), ns)
+    tr = ns["trainer"]
+    assert isinstance(tr, TREGRPOTrainer) and tr.args.tre_kind == "tre-k" and tr.args.entropy_coef == 0.001
+    assert tr.state.global_step == 1

@@ -47,12 +47,21 @@ def _trace(dash, run, key):
     raise KeyError(key)
 
 
+def _feed(dash, history, evals=(), run="run"):
+    """A run's records through the callback hooks, as a trainer sends them."""
+    dash.start_run(run)
+    for step, rec in enumerate(history, 1):
+        dash.on_step_end(None, step, rec)
+    for e in evals:
+        dash.on_evaluate(None, e["step"], {k: v for k, v in e.items() if k != "step"})
+
+
 def test_dashboard_from_fake_history():
     dash = LiveDashboard(live=False)
     evals = [{"step": 0, "eval/greedy_accuracy": 0.2}, {"step": 6, "eval/greedy_accuracy": 0.3}]
-    dash.add_history(_fake_history(), evals, run="tre-k")
-    dash.add_history(_fake_history(growth=3.0), run="entropy")
-    assert dash.run_names == ["tre-k", "entropy"]
+    _feed(dash, _fake_history(), evals, run="tre-k")
+    _feed(dash, _fake_history(growth=3.0), run="entropy")
+    assert list(dash.runs) == ["tre-k", "entropy"]
     assert len(dash.figure.data) == 2 * N_SERIES
     rew = _trace(dash, "tre-k", "reward/mean")
     assert list(rew.x) == [1, 2, 3, 4, 5, 6]  # trainer.history has no "step": 1-based positions
@@ -90,7 +99,7 @@ def test_dashboard_on_a_one_step_real_run(tmp_path):
     dash = LiveDashboard(live=False)
     dash.start_run("tiny tre-k")
     run_training(cfg.replace({"regularizer.kind": "tre-k"}), callbacks=[dash], progress=False)
-    assert dash.run_names == ["tiny tre-k"]
+    assert list(dash.runs) == ["tiny tre-k"]
     assert list(_trace(dash, "tiny tre-k", "reward/mean").x) == [1]
     assert list(_trace(dash, "tiny tre-k", "eval/greedy_accuracy").x) == [0, 1]
     tail = _trace(dash, "tiny tre-k", "tail/mass_outside_top10").y
@@ -187,6 +196,6 @@ def test_launcher_builds_and_trains(tmp_path):
     (label,) = launcher.results
     assert label.startswith("tre-k") and "tail=300" in label
     assert launcher.results[label]["summary"]["regularizer"] == "tre-k"
-    assert launcher.dashboard.run_names == [label]
+    assert list(launcher.dashboard.runs) == [label]
     assert 300 in launcher.warm_starts and "done" in launcher.status.value
     assert load_recorded_runs(tmp_path)  # the launcher's runs are recorded runs too

@@ -142,6 +142,11 @@ def is_complete(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+def _open_for_writing(file: Path):
+    """``file`` opened for binary writing (torch's own C++ writer reports a full disk as ``iostream error``)."""
+    return file.open("wb")
+
+
 def save(path: str | Path, state: dict[str, Any], files: dict[str, str] | None = None) -> Path:
     """Write ``state`` (and small text ``files``: name -> content) as a complete checkpoint folder ``path``.
 
@@ -150,7 +155,7 @@ def save(path: str | Path, state: dict[str, Any], files: dict[str, str] | None =
     """
     path = Path(path)
     with atomic_folder(path, "checkpoint", {"step": state.get("step")}) as tmp:
-        with (tmp / STATE_FILE).open("wb") as f:  # a Python file: a full disk raises OSError(ENOSPC), not iostream
+        with _open_for_writing(tmp / STATE_FILE) as f:  # a Python file: a full disk raises OSError(ENOSPC)
             torch.save(state, f)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)

@@ -100,6 +100,10 @@ _REPORT_ROWS = (
 )
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def train_report(summary: dict) -> str:
     """A few lines for a person: held-out accuracies and tail metrics at the start and the end, the training
     batches' tail, and where the metrics, checkpoints and model are, and how to plot them (the full summary is
@@ -111,7 +115,7 @@ def train_report(summary: dict) -> str:
                                                       in ("entropy", "tre-k", "tre-p") else "")  # fmt: skip
     secs = summary.get("seconds_total")
     lines = [f"tre-edu: trained {summary.get('steps', '?')} PPO steps with {method}"
-             + (f" in {secs / 60:.1f} min" if isinstance(secs, int | float) else "")]  # fmt: skip
+             + (f" in {_duration(secs)}" if isinstance(secs, int | float) else "")]  # fmt: skip
     rows = list(_REPORT_ROWS)
     ks = sorted(int(k[len("eval/pass@") :]) for k in {*start, *end} if k.startswith("eval/pass@"))
     if ks:
@@ -296,8 +300,17 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             return args.func(args) or 0  # a command returns None (success) or its exit status
         except (ValueError, OSError) as err:
+            _close_progress_bars()  # the error goes on a line of its own, not after a bar cut short
             print(f"tre-edu: error: {err}".replace("\n", " "), file=sys.stderr)
             return 2
+
+
+def _close_progress_bars() -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -225,6 +225,8 @@ class PPOConfig(_Section):
     top_k: int = opt(0, "rollout top-k sampling (0: off; not TRE's K)", ge=0)
     max_new_tokens: int = opt(64, "response budget", ge=1)
     mixed_precision: str = opt("no", "autocast", choices=("no", "bf16", "fp16"))
+    lean_head: bool = opt(True, "per-token log-probs / entropies / tail metrics from the hidden states in chunks "
+                          "(tre_edu.head), never the (N, V) logits; false: materialise the logits")  # fmt: skip
     rollout_batch_size: int = opt(0, "responses sampled at once (0: all); bounds the KV cache", ge=0)
     rollout_backend: str = opt("hf", "hf | vllm (pip install tre_edu[vllm])", choices=("hf", "vllm"))
     vllm_gpu_memory_utilization: float = opt(0.4, "vLLM's share of GPU memory", gt=0, le=1)

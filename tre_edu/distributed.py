@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,7 +61,7 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool = False, **kwargs: A
     turns them into an FSDP run only on accelerator devices, and CPU processes fall back to DDP (``MULTI_CPU``)
     without a word. Here a CPU run keeps the plugin: the state is switched to FSDP before anything is prepared,
     and every later step (prepare, backward, gradient clipping, reductions) is Accelerate's own FSDP2 code path.
-    FSDP1 on CPU is refused (see the module docstring).
+    An FSDP1 config (``fsdp_version: 1``) is refused with a ValueError, on any device (see the module docstring).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
@@ -138,13 +139,15 @@ def _fsdp2_modules(model: nn.Module) -> list:
 
 # ---- whole parameters --------------------------------------------------------------------------------------------
 @contextmanager
-def full_parameters(model: nn.Module) -> Iterator[None]:
-    """Inside: every parameter of ``model`` is a whole, ordinary tensor, so any of its submodules can be called on
-    its own (the KV-cached sampler calls the actor token by token) or saved. All ranks must enter together.
+def full_parameters(model: nn.Module, submodule: str = "") -> Iterator[None]:
+    """Inside: every parameter of ``model`` (or of its child ``submodule``, e.g. ``"actor"``: a separate critic's
+    layers stay sharded) is a whole, ordinary tensor, so the submodule can be called on its own (the KV-cached
+    sampler calls the actor token by token). All ranks must enter together.
 
-    FSDP2: every unit is gathered once on entry and kept gathered (no re-gather per token and layer); on exit the
-    units are resharded and their ``reshard_after_forward`` settings restored. Without FSDP: nothing to do.
-    Read-only: changes to the parameters made inside are not written back to the shards.
+    FSDP2: the root unit and every unit inside the submodule are gathered once on entry and kept gathered (no
+    re-gather per token and layer); on exit they are resharded and their ``reshard_after_forward`` settings
+    restored. Without FSDP: nothing to do. Read-only: changes made inside are not written back to the shards, and a
+    ``state_dict()`` taken inside is still sharded (use :func:`full_state_dict`).
     """
     version = fsdp_version(model)
     if version == 0:
@@ -152,7 +155,11 @@ def full_parameters(model: nn.Module) -> Iterator[None]:
         return
     if version == 1:
         raise ValueError("tre_edu supports FSDP2 only (fsdp_version: 2 in the accelerate config)")
-    modules = _fsdp2_modules(model)
+    if getattr(model, "_tre_edu_gathered", False):  # nested: the outer context keeps them whole and reshards
+        yield
+        return
+    scope = model.get_submodule(submodule) if submodule else model
+    modules = [model] + [m for m in _fsdp2_modules(scope) if m is not model]
     # The root must be initialised first: FSDP2 treats the first unit that runs a forward as the root, and the
     # sampler calls the actor, not the root (e.g. evaluation before the first training step).
     model._get_fsdp_state()._lazy_init()
@@ -162,10 +169,12 @@ def full_parameters(model: nn.Module) -> Iterator[None]:
         saved.append((m, m._get_fsdp_state()._auto_reshard_after_forward, [g.post_forward_mesh_info for g in groups]))
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
+    model._tre_edu_gathered = True
     try:
         with torch.no_grad():
             yield
     finally:
+        model._tre_edu_gathered = False
         for m, auto, infos in saved:
             state = m._get_fsdp_state()
             state._auto_reshard_after_forward = auto
@@ -204,9 +213,10 @@ def save_weights(
     """The weights part of a checkpoint about to be written to folder ``path``. Call on every rank.
 
     Returns what goes into ``trainer_state.pt`` (rank 0 writes it with :func:`tre_edu.checkpoint.save`): without
-    FSDP the model and optimiser state dicts; under FSDP only a note, because every rank has just written its own
-    shards (and its ``rank_state``, e.g. RNG states) to a staging folder beside ``path``, which
-    :func:`finish_save` moves into ``path`` after :func:`tre_edu.checkpoint.save`.
+    FSDP the model and optimiser state dicts; under FSDP only a note, because every rank has just written its
+    shards to a staging folder beside ``path``. With several processes every rank also stages its ``rank_state``
+    (e.g. RNG states: the ranks draw different numbers). :func:`finish_save` moves the staged files into ``path``
+    after :func:`tre_edu.checkpoint.save`.
     """
     path = Path(path)
     sharded = fsdp_version(policy) == 2
@@ -239,14 +249,16 @@ def save_weights(
 
 def finish_save(accelerator, path: str | Path) -> None:
     """After rank 0 wrote the checkpoint folder ``path``: move the per-rank files and shards into it. Call on every
-    rank."""
+    rank. :func:`load_weights` calls it too: a run killed between the two steps (the staged files were complete
+    before rank 0 wrote the folder) is completed on load; files the folder already has are kept."""
     path = Path(path)
     accelerator.wait_for_everyone()
     staging = _staging(path)
-    if accelerator.is_main_process and staging.is_dir():
+    if accelerator.is_main_process and staging.is_dir() and path.is_dir():
         for item in staging.iterdir():
-            os.replace(item, path / item.name)
-        staging.rmdir()
+            if not (path / item.name).exists():
+                os.replace(item, path / item.name)
+        shutil.rmtree(staging)
     accelerator.wait_for_everyone()
 
 
@@ -258,6 +270,8 @@ def load_weights(
     :func:`save_weights`; ``{}`` when the checkpoint has none)."""
     path = Path(path)
     sharded = fsdp_version(policy) == 2
+    if state.get("per_rank"):
+        finish_save(accelerator, path)
     if state.get("sharded"):
         if not sharded:
             raise ValueError(
@@ -291,8 +305,10 @@ def load_weights(
         return {}
     file = path / RANK_FILE.format(accelerator.process_index)
     if not file.is_file():
-        raise ValueError(
-            f"checkpoint {path} has no {file.name}: it was saved by fewer processes than this run's "
-            f"{accelerator.num_processes}"
+        warnings.warn(
+            f"checkpoint {path} has no {file.name} (saved by fewer processes than this run's "
+            f"{accelerator.num_processes}): this rank continues from rank 0's RNG states",
+            stacklevel=2,
         )
+        return {}
     return torch.load(file, map_location="cpu", weights_only=True)

@@ -5,24 +5,34 @@ choose GPUs, micro-batch sizes, sharding and offload. Per process, P parameters,
     fp32 master weights               4 P / S   (only with fp32 parameters + bf16 / fp16 autocast)
     gradients                         4 P / S   (dtype of the parameters: 2 P / S for bf16 parameters)
     AdamW moments (two)               8 P / S   (dtype of the parameters: 4 P / S for bf16 parameters)
-    logits of one micro-batch         b R V x 4 bytes x 3   (fp32 logits, log-softmax pieces, their gradient)
+    LM head, lean (ppo.lean_head)     c V x (4 x 3 + m)     one chunk of c tokens of fp32 logits and two scratch
+                                                            buffers (+ the chunk in the autocast dtype, m = 2 bytes),
+                                      + V h x 2 bytes       the bf16 copy of the head's weight under autocast,
+                                      + b R C x 12 bytes    TRE's trust regions (C = K, or the 256 TRE-P candidates)
+    logits of one micro-batch         b R V x 4 bytes x 3   (ppo.lean_head false: fp32 logits, log-softmax pieces,
+                                                            their gradient)
     activations, checkpointed         L b T h x 2 bytes x 2 + one layer's (16 b T h x 2 bytes)
     activations, not checkpointed     L x 16 b T h x 2 bytes
     KV cache while sampling (hf)      2 L T d_kv x 2 bytes x rollout rows      (d_kv = h / heads x kv_heads)
 
 with b = ``ppo.micro_batch_size``, R = ``ppo.max_new_tokens``, T = prompt + R, V the vocabulary, L the layers, h
-the width. A separate critic pays the parameter items too (no logits). ``offload=True`` moves master weights,
-gradients and moments to CPU rows ("(CPU)", not in the GPU total); with ``rollout_backend: vllm`` the KV cache row is
-vLLM's pool, ``vllm_gpu_memory_utilization`` x ``gpu_gib``. Example: ``estimate_memory(load_config(
+the width, c = ``tre_edu.head.default_chunk_tokens(V, "cuda")`` (441 at V = 152,064). If the peak exceeds 90 % of
+the GPU, a note names the setting to change (the largest ``ppo.micro_batch_size`` / ``ppo.rollout_batch_size``
+that fits, or offload). A separate critic pays the parameter items too (no logits). ``offload=True`` moves master
+weights, gradients and moments to CPU rows ("(CPU)", not in the GPU total); with ``rollout_backend: vllm`` the KV
+cache row is vLLM's pool, ``vllm_gpu_memory_utilization`` x ``gpu_gib``. Example: ``estimate_memory(load_config(
 ["configs/paper/math.yaml", "configs/paper/models/qwen2.5-7b.yaml"]), processes=8).report()``.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import AutoConfig
+
+from tre_edu.head import StatsRequest, default_chunk_tokens, head_buffer_bytes
 
 # Shapes of the recipes' models (from their public configs), so that a dry run works offline.
 _COLUMNS = ("hidden", "layers", "inter", "heads", "kv_heads", "vocab", "tied")
@@ -125,7 +135,13 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    cfg: Any, processes: int = 1, fsdp: bool | None = None, offload: bool = False, gpu_gib: float = 80.0
+    cfg: Any,
+    processes: int = 1,
+    fsdp: bool | None = None,
+    offload: bool = False,
+    gpu_gib: float = 80.0,
+    *,
+    _advise: bool = True,
 ) -> MemoryEstimate:
     """Per-process memory of PPO training for ``cfg`` on ``processes`` GPUs (formulas: module docstring). ``fsdp``:
     shard parameters, gradients and optimiser state (default ``processes > 1``; False = DDP); ``offload``: FSDP CPU
@@ -156,8 +172,24 @@ def estimate_memory(
     rows[f"gradients ({'fp32' if param_bytes == 4 else 'bf16'})" + cpu] = models * P * param_bytes / shard / GIB
     rows["AdamW moments (x2)" + cpu] = models * P * 2 * param_bytes / shard / GIB
     phase: dict[str, str] = {}
-    key = f"logits of a micro-batch ({b} x {R} x {V})"
-    rows[key], phase[key] = b * R * V * 4 * 3 / GIB, "train"
+    if getattr(p, "lean_head", False):
+        # the head's chunk buffers (tre_edu.head.head_buffer_bytes), never the (b R, V) logits
+        c = min(b * R, default_chunk_tokens(V, "cuda"))
+        key = f"LM head, one chunk ({c} x {V}, ppo.lean_head)"
+        rows[key], phase[key] = (
+            head_buffer_bytes(c, V, StatsRequest(), matmul_bytes=2 if autocast else 4) / GIB,
+            "train",
+        )
+        if autocast and compute_bytes == 2 and param_bytes == 4:
+            key = f"LM head weight in the autocast dtype ({V} x {h})"
+            rows[key], phase[key] = V * h * 2 / GIB, "train"
+        region = {"tre-k": cfg.regularizer.k, "tre-p": cfg.regularizer.max_candidates or 256}.get(cfg.regularizer.kind)
+        if region and region > 1:
+            key = f"TRE trust regions ({b} x {R} x {region})"
+            rows[key], phase[key] = b * R * region * 12 / GIB, "train"
+    else:
+        key = f"logits of a micro-batch ({b} x {R} x {V})"
+        rows[key], phase[key] = b * R * V * 4 * 3 / GIB, "train"
     act_rows = models * b * T * h * 2
     if cfg.model.gradient_checkpointing:
         key, value = "activations (checkpointed)", (act_rows * L * 2 + act_rows * 16) / GIB
@@ -178,4 +210,41 @@ def estimate_memory(
             rows[key], phase[key] = P * param_bytes / GIB, "sample"
     if sharded:
         notes.append("FSDP gathers one wrapped layer at a time while training")
-    return MemoryEstimate(params=P, processes=n, rows=rows, sharded=sharded, notes=notes, phase=phase)
+    est = MemoryEstimate(params=P, processes=n, rows=rows, sharded=sharded, notes=notes, phase=phase)
+    if _advise and not est.fits(gpu_gib):
+        notes.append(_advice(cfg, est, processes, fsdp, offload, gpu_gib))
+    return est
+
+
+def _advice(cfg: Any, est: MemoryEstimate, processes: int, fsdp: bool | None, offload: bool, gpu_gib: float) -> str:
+    """Which setting to change so that the estimate fits 90 % of ``gpu_gib``."""
+    budget = 0.9 * gpu_gib
+    head = f"does not fit {budget:.0f} GiB (90 % of {gpu_gib:g} GiB):"
+
+    def fits_with(**ppo: Any) -> bool:
+        c = copy.deepcopy(cfg)
+        for k, v in ppo.items():
+            setattr(c.ppo, k, v)
+        return estimate_memory(c, processes, fsdp, offload, gpu_gib, _advise=False).fits(gpu_gib)
+
+    p = cfg.ppo
+    tips = []
+    if est._gpu("train") >= est._gpu("sample"):
+        if not getattr(p, "lean_head", False) and fits_with(lean_head=True):
+            return f"{head} set ppo.lean_head: true (no (N, V) logits)"
+        mb = p.micro_batch_size
+        while mb > 1 and not fits_with(micro_batch_size=mb):
+            mb //= 2
+        if mb < p.micro_batch_size and fits_with(micro_batch_size=mb):
+            return f"{head} set ppo.micro_batch_size <= {mb} (a divisor of ppo.minibatch_size)"
+        tips.append("ppo.micro_batch_size: 1 is not enough")
+    else:
+        rb = p.rollout_batch_size or p.prompts_per_step * p.samples_per_prompt // processes
+        while rb > 1 and not fits_with(rollout_batch_size=rb):
+            rb //= 2
+        if fits_with(rollout_batch_size=rb):
+            return f"{head} set ppo.rollout_batch_size <= {rb}"
+        tips.append("sampling does not fit even one row at a time")
+    if not offload:
+        tips.append("try offload (FSDP CPU offload of the optimiser state) or more processes")
+    return f"{head} {'; '.join(tips)}"

@@ -13,13 +13,15 @@ import torch
 from torch import nn
 from transformers import get_constant_schedule_with_warmup
 
+from tre_edu import distributed
+
 
 class PPOOptimizers:
     """AdamW + constant-with-warm-up schedule for each non-empty parameter group (``"actor"``, ``"critic"``).
 
     ``settings``: the ``ppo`` section (actor_lr, critic_lr, warmup_ratio, critic_warmup_ratio, weight_decay,
-    grad_clip); ``total_steps``: optimiser steps of the whole run (the warm-up fractions refer to it). After
-    ``accelerator.prepare``, put the prepared optimisers back into :attr:`optimizers` (same order)."""
+    grad_clip); ``total_steps``: optimiser steps of the whole run (the warm-up fractions refer to it).
+    :meth:`prepare` wraps the policy and these optimisers for several processes."""
 
     def __init__(self, actor: list[nn.Parameter], critic: list[nn.Parameter], settings: Any, total_steps: int):
         s = settings
@@ -32,6 +34,14 @@ class PPOOptimizers:
                 opt = torch.optim.AdamW(self.params[name], lr=lr, weight_decay=s.weight_decay)
                 self.schedulers[name] = get_constant_schedule_with_warmup(opt, int(warmup * total_steps))
                 self.optimizers[name] = opt
+
+    def prepare(self, accelerator: Any, policy: nn.Module) -> nn.Module:
+        """:func:`tre_edu.distributed.prepare` the policy with these optimisers; afterwards they and :attr:`params`
+        refer to the prepared parameters (FSDP2 replaces them by their shards). Returns the prepared policy."""
+        prepared, *opts = distributed.prepare(accelerator, policy, *self.optimizers.values())
+        self.optimizers = dict(zip(self.optimizers, opts, strict=True))
+        self.params = dict(zip(("actor", "critic"), accelerator.unwrap_model(prepared).parameter_groups(), strict=True))
+        return prepared
 
     @property
     def actor_lr(self) -> float:

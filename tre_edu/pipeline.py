@@ -144,7 +144,7 @@ def build_trainer(
         setup_runtime(cfg)
     c = build_components(cfg, task, actor)
     callbacks = list(callbacks or [])
-    if PartialState().is_main_process:
+    if PartialState(cpu=cfg.device == "cpu").is_main_process:  # cpu: as the trainer's Accelerator (gloo processes)
         callbacks += [JSONLLogger(Path(cfg.output_dir) / "metrics.jsonl")] if log_jsonl else []
         callbacks += [TensorBoardLogger(Path(cfg.output_dir) / "tensorboard")] if cfg.tensorboard else []
     return PPOTrainer(cfg, c.policy, c.tokenizer, c.task, c.train_examples, c.eval_examples, c.regularizer,
@@ -229,7 +229,7 @@ def run_training(
     config, task and model can tell is checked before any work (:mod:`tre_edu.preflight`).
     """
     lock = checkpoint.DirectoryLock(cfg.output_dir, "output_dir")
-    with lock if PartialState().is_main_process else contextlib.nullcontext():
+    with lock if PartialState(cpu=cfg.device == "cpu").is_main_process else contextlib.nullcontext():
         return _run_training(cfg, resume, overwrite, callbacks, progress, allow_config_change)
 
 

@@ -301,10 +301,6 @@ class ActorCritic(nn.Module):
     def separate_critic(self) -> bool:
         return self.critic is not None
 
-    @property
-    def has_values(self) -> bool:
-        return self.value_head is not None
-
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(actor parameters, critic parameters): the critic is the value head plus a separate trunk if any.
 

@@ -55,10 +55,10 @@ from tre_edu import checkpoint
 from tre_edu.config import KINDS, PRESETS, TrainConfig, load_config
 from tre_edu.env import repo_root
 from tre_edu.pipeline import run_eval, run_training, run_warm_start
+from tre_edu.regularizers import ENTROPY_KINDS
 from tre_edu.trainer import Callback
 
 NAMED_AXES = ("method", "coefficient", "tail", "horizon", "seed")
-ENTROPY_METHODS = ("entropy", "tre-k", "tre-p")
 # training-batch metrics copied into each evaluation line
 TRAIN_KEYS = ("reward/mean", "tail/mass_outside_top10", "entropy/global", "response/length_mean", "time/step")
 # report columns: (eval key, header, scale)
@@ -110,7 +110,7 @@ def load_study(path: str | Path) -> dict[str, Any]:
                 raise ValueError(f"{path}: horizon {h!r} is not defined under `horizons:`")
         for values in itertools.product(*axes.values()):
             cell = dict(zip(axes, values))
-            if "coefficient" in cell and _method(cell) not in ENTROPY_METHODS:
+            if "coefficient" in cell and _method(cell) not in ENTROPY_KINDS:
                 del cell["coefficient"]  # no entropy term: the coefficient axis does not apply
             order = [a for a in NAMED_AXES if a in cell] + sorted(a for a in cell if a not in NAMED_AXES)
             cell = {a: cell[a] for a in order}  # one order for every grid: the same cell has the same id

@@ -237,9 +237,7 @@ class PPOTrainer:
         if p.kl_coef > 0:
             self.ref = ActorCritic(copy.deepcopy(policy.actor).eval().requires_grad_(False), value_head=False)
         self.optim = PPOOptimizers(*policy.parameter_groups(), p, self.optimizer_steps_per_ppo_step() * p.steps)
-        self.policy, *opts = distributed.prepare(self.accelerator, policy, *self.optim.optimizers.values())
-        self.optim.optimizers = dict(zip(self.optim.optimizers, opts))
-        self.optim.params = dict(zip(("actor", "critic"), self.unwrapped.parameter_groups()))  # FSDP2: the shards
+        self.policy = self.optim.prepare(self.accelerator, policy)  # DDP / FSDP wrapping
 
         self.sampling_generator = torch.Generator().manual_seed(cfg.seed + 12345)
         self.step, self._synced_step, self.last_batch = 0, -1, {}
@@ -270,7 +268,7 @@ class PPOTrainer:
 
     def _rollout_context(self):
         """Whole parameters for sampling and evaluation (FSDP gathers its shards; a no-op otherwise)."""
-        return distributed.full_parameters(self.policy)
+        return distributed.full_parameters(self.policy, "actor")
 
     def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         return distributed.mean_over_processes(self.accelerator, metrics)

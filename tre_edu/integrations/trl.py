@@ -52,7 +52,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from tre_edu.entropy import global_entropy, tail_metrics, token_logprobs, tre_rescale, trust_region_entropy
 
-__all__ = ["TREGRPOConfig", "TREGRPOTrainer", "check_trl_compatibility", "task_reward", "training_history", "TRE_KINDS"]
+__all__ = ["TREGRPOConfig", "TREGRPOTrainer", "check_trl_compatibility", "task_reward", "training_history"]
+__all__ += ["quiet_progress", "TRE_KINDS"]
 
 TRE_KINDS = ("tre-k", "tre-p", "entropy")
 TESTED_TRL = ">=1.16,<1.17"  # the pyproject extra `trl` pins this range
@@ -253,6 +254,22 @@ class TREGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         for key, (s, c) in zip(keys, total.tolist()):
             self._metrics[mode][key].append(s / c if c > 0 else math.nan)
+
+
+def quiet_progress(trainer: Any, bar: bool = True) -> Any:
+    """Keep a ``transformers`` trainer from printing every log dict (its progress / printer callbacks do, once per
+    step with ``logging_steps=1``); ``bar``: keep a tqdm progress bar without the dicts. Returns the trainer."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class _BarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # the bar advances in on_step_end
+            pass
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if bar:
+        trainer.add_callback(_BarOnly)
+    return trainer
 
 
 def training_history(log_history: list[dict], steps_per_generation: int = 1) -> list[dict]:

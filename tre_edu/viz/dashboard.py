@@ -11,7 +11,7 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from tre_edu.viz.records import finite, normalize_run, series
+from tre_edu.viz.records import finite, series
 from tre_edu.viz.style import TEMPLATE, run_color
 
 
@@ -170,10 +170,6 @@ class LiveDashboard:
 
     # ---- runs ----------------------------------------------------------------------------------------------
     @property
-    def run_names(self) -> list[str]:
-        return list(self._records)
-
-    @property
     def runs(self) -> dict[str, dict[str, list[dict]]]:
         """``name -> {"history": [...], "eval_history": [...]}`` (copies; for :func:`comparison_figure`)."""
         return {
@@ -189,20 +185,6 @@ class LiveDashboard:
             self._add_run_traces(name)
         self._records[name], self._evals[name] = [], []
         self.current = self._pending = name
-        self.refresh()
-
-    def add_history(
-        self, history: Any, eval_history: Sequence[Mapping[str, Any]] | None = None, run: str | None = None
-    ) -> None:
-        """Record a whole history at once (a finished or recorded run: anything :func:`normalize_run` reads)
-        into the run ``run`` (default: the current run, or ``"run"``), then redraw."""
-        name = run or self.current or "run"
-        train, evals = normalize_run(history, name)
-        if name not in self._records:
-            self.start_run(name)
-        self._records[name].extend(train)
-        self._evals[name].extend(evals + [dict(e) for e in eval_history or ()])
-        self.current = name
         self.refresh()
 
     def _record(self, into: dict[str, list[dict]], step: int, metrics: Mapping[str, float]) -> None:
