@@ -1,81 +1,119 @@
-"""Record a few PPO steps of SmolLM2-135M-Instruct (V = 49,152) on Countdown with no bonus, the global entropy bonus
-and TRE-K at the same effective weight, one JSON-lines file per (method, seed) under ``data/smollm2_leak/``.
+"""Record a few PPO steps of SmolLM2-135M-Instruct (V = 49,152) on Countdown with the global entropy bonus, TRE-K at
+the same effective weight and no bonus, one JSON-lines file per (method, seed) under ``data/smollm2_leak/``.
 
-Each file: a header line (``{"kind": "header", ...}``: the config, the coefficients, the machine) and one line per
-PPO step (``{"kind": "step", "step": i, "metrics": {...}, "responses": [...]}``; the metrics are those of
-``trainer.history``: the tail metrics are measured on the sampled responses at the weights the step starts from,
-so step 1 is the pretrained model). A cell is written to a temporary file and renamed into place when it is
-complete; finished cells are skipped, so the script can be stopped and started again.
+Each file: a header line (``{"kind": "header", ...}``: the config, the coefficients, the fixed contexts and their
+tail metrics at the pretrained weights, the machine) and one line per PPO step (``{"kind": "step", "step": i,
+"metrics": {...}, "probe": {...}, "responses": [...]}``). ``metrics`` are the trainer's (``trainer.history``),
+measured on the responses the step sampled at the weights it started from (step 1: the pretrained model);
+``probe`` holds the tail metrics of the weights after the step's update on the fixed contexts (held-out prompts with
+one response each, sampled once from the pretrained weights, the same for every method of a seed), which have no
+sampling noise. :mod:`tre_edu.viz.llm_leak` reads and draws the files. A cell is written to a temporary file and
+renamed into place when it is complete; finished cells are skipped, so the script can be stopped and restarted.
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 nice -n 5 .venv/bin/python scripts/record_smollm2_leak.py
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python scripts/record_smollm2_leak.py
 
-The setting (learning rate, coefficient, batch, response length, steps) is recorded in each header and in
-``data/smollm2_leak/README.md``; the defaults of this script are the setting recorded there.
+The defaults are the recorded setting (data/smollm2_leak/README.md). Notebook 01 imports :func:`run_cell` and
+:class:`Setting` to run the same cells live at smaller sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [ROOT / "configs/paper/countdown.yaml", None, ROOT / "configs/paper/models/smollm2-135m.yaml"]
-METHOD_FILES = {"none": "ppo.yaml", "entropy": "entropy.yaml", "tre-k": "tre-k.yaml"}
-VOCAB = 49_152  # SmolLM2's LM-head width (checked against the loaded model)
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):  # no network: hub calls would hang
     os.environ.setdefault(_var, "1")
 
-
-def method_coef(method: str, global_coef: float, vocab_size: int = VOCAB) -> float:
-    """The coefficient of ``method`` in the paper's units that gives the effective weight ``global_coef``: the global
-    bonus takes it as is; TRE-K (K = 2, rescaled by log V / log 2) takes global_coef * log 2 / log V."""
-    from tre_edu.config import RegularizerConfig
-
-    if method == "none":
-        return 0.0
-    unit = RegularizerConfig(kind=method, coef=1.0, k=2).effective_coef(vocab_size)
-    return global_coef / unit
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "configs" / "paper"
+METHOD_FILES = {"none": "ppo.yaml", "entropy": "entropy.yaml", "tre-k": "tre-k.yaml"}
+VOCAB = 49_152  # SmolLM2's LM-head width (checked against the loaded model)
 
 
-def cell_config(method: str, seed: int, args: argparse.Namespace):
-    """The run's config: the paper's Countdown recipe for SmolLM2 with this script's overrides."""
-    from tre_edu.config import load_config
+@dataclass
+class Setting:
+    """What a cell runs: the paper's Countdown recipe for SmolLM2 (configs/paper/models/smollm2-135m.yaml) with
+    these sizes. ``coef`` is the *effective* weight of the entropy term (global-entropy units): the global bonus
+    takes it as is, TRE-K gets ``coef * log 2 / log V`` in the paper's units (:func:`method_coef`)."""
+
+    coef: float = 0.1
+    lr: float = 3e-5
+    steps: int = 5
+    prompts: int = 2
+    samples: int = 2
+    tokens: int = 48
+    probe_prompts: int = 4
+    advantage: str = "grpo"
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("coef", "lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+        for name in ("steps", "prompts", "samples", "tokens", "probe_prompts", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        if self.advantage not in ("gae", "grpo"):
+            raise ValueError(f"advantage must be one of gae, grpo; got {self.advantage!r}")
+
+
+def method_coef(method: str, effective: float, vocab_size: int = VOCAB) -> float:
+    """The coefficient of ``method`` in the paper's units whose effective weight is ``effective``
+    (:meth:`tre_edu.regularizers.Regularizer.effective_coef`): the global bonus takes it as is, TRE-K (K = 2,
+    rescaled by log V / log 2) takes effective * log 2 / log V; no bonus: 0."""
+    from tre_edu.regularizers import Regularizer
 
     if method not in METHOD_FILES:
-        raise SystemExit(f"--methods: allowed values are {', '.join(METHOD_FILES)}; got {method!r}")
-    files = [str(CONFIGS[0]), str(ROOT / "configs/paper/methods" / METHOD_FILES[method]), str(CONFIGS[2])]
-    batch = args.prompts * args.samples
+        raise ValueError(f"method must be one of {', '.join(METHOD_FILES)}; got {method!r}")
+    if method == "none":
+        return 0.0
+    return effective / Regularizer(kind=method, coef=1.0, k=2).effective_coef(vocab_size)
+
+
+def cell_config(method: str, seed: int, setting: Setting, output_dir: str | Path):
+    """The run's config: configs/paper/{countdown, methods/<method>, models/smollm2-135m}.yaml with the setting."""
+    from tre_edu.config import load_config
+
+    files = [PAPER / "countdown.yaml", PAPER / "methods" / METHOD_FILES[method], PAPER / "models/smollm2-135m.yaml"]
+    s, batch = setting, setting.prompts * setting.samples
     overrides = {
         "seed": seed,
-        "threads": args.threads,
-        "regularizer.coef": method_coef(method, args.coef),
-        "ppo.steps": args.steps,
-        "ppo.actor_lr": args.lr,
-        "ppo.critic_lr": args.lr,
+        "threads": s.threads,
+        "regularizer.coef": method_coef(method, s.coef),
+        "ppo.steps": s.steps,
+        "ppo.actor_lr": s.lr,
+        "ppo.critic_lr": s.lr,
         "ppo.critic_warmup_ratio": 0.0,
-        "ppo.prompts_per_step": args.prompts,
-        "ppo.samples_per_prompt": args.samples,
-        "ppo.minibatch_size": batch,
+        "ppo.prompts_per_step": s.prompts,
+        "ppo.samples_per_prompt": s.samples,
+        "ppo.minibatch_size": batch,  # one optimiser step per PPO step
         "ppo.micro_batch_size": batch,
         "ppo.rollout_batch_size": batch,
-        "ppo.max_new_tokens": args.tokens,
-        "ppo.advantage": args.advantage,
-        "ppo.whiten_advantages": args.advantage == "gae",
-        "model.critic": args.critic,
-        "output_dir": str(Path(args.out) / ".runs" / f"{method}_s{seed}"),
+        "ppo.max_new_tokens": s.tokens,
+        "ppo.advantage": s.advantage,
+        "ppo.whiten_advantages": s.advantage == "gae",
+        "model.critic": "value-head",  # grpo needs no critic; gae: a value head on the actor (no second model)
+        "output_dir": str(output_dir),
     }
-    return load_config(files, overrides)
+    return load_config([str(f) for f in files], overrides)
 
 
 def probe_contexts(trainer, cfg, n: int, tokens: int, seed: int):
-    """``n`` held-out prompts with one response each, sampled once from the pretrained weights at temperature 1
-    (the same for every method of a seed): the fixed contexts the tail is measured on after every update."""
+    """``n`` held-out prompts with one response each, sampled once from the current (pretrained) weights at
+    temperature 1 with a fixed generator: the contexts the tail is measured on after every update. Returns
+    (the rollout, the decoded responses, where the prompts came from)."""
     import torch
 
     from tre_edu.pipeline import build_task
@@ -88,7 +126,7 @@ def probe_contexts(trainer, cfg, n: int, tokens: int, seed: int):
     eos = eos_token_ids(tok, trainer.actor)
     ro = generate(trainer.actor, ids, SamplingConfig(max_new_tokens=tokens), eos_token_id=eos,
                   pad_token_id=tok.pad_token_id, generator=gen)  # fmt: skip
-    return ro, decode_responses(tok, ro)
+    return ro, decode_responses(tok, ro), examples[0].get("source") if examples else None
 
 
 def probe_metrics(actor, ro) -> dict[str, float]:
@@ -103,83 +141,101 @@ def probe_metrics(actor, ro) -> dict[str, float]:
     return tail_metrics(logits, ro.response_mask.float(), p=0.99, top_k=2)
 
 
-def run_cell(method: str, seed: int, args: argparse.Namespace) -> list[dict]:
-    from tre_edu.pipeline import build_trainer
+def run_cell(
+    method: str,
+    seed: int,
+    setting: Setting,
+    output_dir: str | Path,
+    on_step: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Build the trainer from the pretrained weights, measure the fixed contexts, then ``setting.steps`` PPO steps;
+    returns the cell's records (header first). ``on_step(records so far)`` is called after the header and after
+    every step (a notebook redraws there). ``output_dir``: the trainer's run folder (nothing is saved there unless
+    the trainer checkpoints; the caller deletes it)."""
+    import warnings
 
-    cfg = cell_config(method, seed, args)
+    import tre_edu
+    from tre_edu.pipeline import build_trainer
+    from tre_edu.regularizers import Regularizer
+
+    cfg = cell_config(method, seed, setting, output_dir)
     t0 = time.perf_counter()
-    trainer = build_trainer(cfg, log_jsonl=False, progress=False)
+    with warnings.catch_warnings():  # offline, Countdown falls back to generated puzzles: said once in the header
+        warnings.filterwarnings("ignore", message="could not load", category=UserWarning)
+        trainer = build_trainer(cfg, log_jsonl=False, progress=False)
+        probe, probe_texts, source = probe_contexts(trainer, cfg, setting.probe_prompts, setting.tokens, seed)
     vocab = trainer.actor.get_output_embeddings().weight.shape[0]
     if vocab != VOCAB:
         raise RuntimeError(f"expected SmolLM2's V = {VOCAB}; the loaded model has {vocab}")
-    probe, probe_texts = probe_contexts(trainer, cfg, args.probe_prompts, args.tokens, seed)
-    probe0 = probe_metrics(trainer.actor, probe)
-    lines = [
+    records = [
         {
             "kind": "header",
             "method": method,
             "seed": seed,
             "coef": cfg.regularizer.coef,
-            "effective_coef": cfg.regularizer.effective_coef(vocab),
+            "effective_coef": Regularizer(cfg.regularizer).effective_coef(vocab),
             "vocab_size": vocab,
+            "setting": dataclasses.asdict(setting),
+            "data_source": source,  # offline: generated puzzles, the paper's prompt
+            "probe_responses": probe_texts,
+            "probe": probe_metrics(trainer.actor, probe),
             "load_seconds": round(time.perf_counter() - t0, 1),
             "config": cfg.to_dict(),
-            "argv": sys.argv[1:],
-            "probe_responses": probe_texts,
+            "tre_edu": str(Path(tre_edu.__file__).parent),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg": os.getloadavg()},
-            "probe": probe0,
         }
     ]
-    for _ in range(args.steps):
+    if on_step:
+        on_step(records)
+    for _ in range(setting.steps):
         metrics = trainer.train_step()
-        resp = trainer.last_batch.get("responses", [])
-        probe_m = probe_metrics(trainer.actor, probe)
-        lines.append(
-            {"kind": "step", "step": trainer.step, "metrics": metrics, "probe": probe_m, "responses": list(resp)}
-        )
-        m = metrics
-        print(
-            f"  {method} s{seed} step {trainer.step}: probe after the update: outside top-10 "
-            f"{probe_m['tail/mass_outside_top10']:.3f}, outside nucleus {probe_m['tail/mass_outside_nucleus_p99']:.3f}, "
-            f"H {probe_m['entropy/global']:.2f}, H_TRE-K {probe_m['entropy/tre_k']:.2f} | rollout: "
-            f"outside top-10 {m['tail/mass_outside_top10']:.3f}, "
-            f"outside nucleus {m['tail/mass_outside_nucleus_p99']:.3f}, sampled outside top-2 "
-            f"{m['tail/sampled_outside_top2']:.3f}, H {m['entropy/global']:.2f}, H_TRE-K {m['entropy/tre_k']:.2f}, "
-            f"reward {m['reward/mean']:.2f}, {m['time/step']:.0f} s",
-            flush=True,
-        )
-        print("    " + repr(resp[0][:160]) if resp else "", flush=True)
-    return lines
+        responses = list(trainer.last_batch.get("responses", []))
+        step = {"kind": "step", "step": trainer.step, "metrics": metrics, "responses": responses}
+        step["probe"] = probe_metrics(trainer.actor, probe)
+        records.append(step)
+        if on_step:
+            on_step(records)
+    return records
 
 
-def write_atomic(path: Path, lines: list[dict]) -> None:
+def describe_step(method: str, seed: int, record: dict) -> str:
+    """One line per step for a log: the fixed-context tail after the update, the rollout's, a sample."""
+    p, m = record["probe"], record["metrics"]
+    return (
+        f"  {method} s{seed} step {record['step']}: after the update, outside top-10 "
+        f"{p['tail/mass_outside_top10']:.3f}, outside nucleus {p['tail/mass_outside_nucleus_p99']:.3f}, "
+        f"H {p['entropy/global']:.2f}, H_TRE-K {p['entropy/tre_k']:.2f} | its rollout: sampled outside top-2 "
+        f"{m['tail/sampled_outside_top2']:.3f}, reward {m['reward/mean']:.2f}, {m['time/step']:.0f} s\n"
+        f"    {(record['responses'] or [''])[0][:160]!r}"
+    )
+
+
+def write_atomic(path: Path, records: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(line, default=float) + "\n" for line in lines), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(r, default=float) + "\n" for r in records), encoding="utf-8")
     os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=["none", "entropy", "tre-k"], help="none, entropy, tre-k")
+    d = Setting()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", nargs="+", default=["entropy", "tre-k", "none"], choices=list(METHOD_FILES))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--coef", type=float, default=0.1, help="effective weight of the entropy term (global units)")
-    ap.add_argument("--lr", type=float, default=1e-5, help="actor (and critic) learning rate")
-    ap.add_argument("--steps", type=int, default=6, help="PPO steps per cell")
-    ap.add_argument("--prompts", type=int, default=2, help="prompts per step")
-    ap.add_argument("--samples", type=int, default=2, help="samples per prompt")
-    ap.add_argument("--tokens", type=int, default=48, help="response budget (max_new_tokens)")
-    ap.add_argument("--advantage", default="grpo", choices=("gae", "grpo"))
-    ap.add_argument("--critic", default="value-head", choices=("value-head", "separate"))
-    ap.add_argument("--probe-prompts", type=int, default=4, help="held-out prompts of the fixed probe contexts")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "data/smollm2_leak"))
+    ap.add_argument("--coef", type=float, default=d.coef, help="effective weight of the entropy term (global units)")
+    ap.add_argument("--lr", type=float, default=d.lr, help="actor learning rate (AdamW)")
+    ap.add_argument("--steps", type=int, default=d.steps, help="PPO steps per cell")
+    ap.add_argument("--prompts", type=int, default=d.prompts, help="prompts per step")
+    ap.add_argument("--samples", type=int, default=d.samples, help="samples per prompt")
+    ap.add_argument("--tokens", type=int, default=d.tokens, help="response budget (max_new_tokens)")
+    ap.add_argument("--probe-prompts", type=int, default=d.probe_prompts, help="held-out prompts of the fixed contexts")
+    ap.add_argument("--advantage", default=d.advantage, choices=("gae", "grpo"))
+    ap.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
+    ap.add_argument("--out", default=str(ROOT / "data" / "smollm2_leak"), help="folder of the cells")
     args = ap.parse_args(argv)
-    for name in ("coef", "lr"):
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
-            ap.error(f"--{name} must be a finite number >= 0")
-    for name in ("steps", "prompts", "samples", "tokens", "threads", "probe_prompts"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name} must be an integer >= 1")
+    try:
+        setting = Setting(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Setting)})
+    except ValueError as err:
+        ap.error(f"--{str(err).replace('_', '-')}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
@@ -190,7 +246,18 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             t0 = time.perf_counter()
             print(f"{path.name}: running", flush=True)
-            write_atomic(path, run_cell(method, seed, args))
+            n_logged = 1
+
+            def log(records: list[dict], method=method, seed=seed) -> None:
+                nonlocal n_logged
+                for r in records[n_logged:]:
+                    print(describe_step(method, seed, r), flush=True)
+                n_logged = len(records)
+
+            records = run_cell(method, seed, setting, out / ".runs" / f"{method}_s{seed}", on_step=log)
+            records[0]["argv"] = sys.argv[1:]
+            write_atomic(path, records)
+            shutil.rmtree(out / ".runs", ignore_errors=True)
             print(f"{path.name}: written ({time.perf_counter() - t0:.0f} s)", flush=True)
     return 0
 

@@ -89,7 +89,7 @@ def warm_eval(cfg, warm_dir: Path, n_eval: int, pass_k: int) -> dict:
 
         model = AutoModelForCausalLM.from_pretrained(warm_dir)
         res = evaluate_model(model, AutoTokenizer.from_pretrained(warm_dir), cfg, n_eval, pass_k)
-        tmp = f.with_suffix(".tmp")
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")  # two processes of one seed may evaluate at once
         tmp.write_text(json.dumps(res))
         tmp.replace(f)
     return json.loads(f.read_text())
@@ -109,6 +109,10 @@ def run_cell(method: str, seed: int, args: argparse.Namespace) -> None:
     out = args.out / f"method-{method}_seed-{seed}.jsonl"
     if out.is_file():
         print(f"skip {out.name} (recorded)", flush=True)
+        return
+    part = out.with_name(out.name + ".part")
+    if part.is_file() and time.time() - part.stat().st_mtime < 900:
+        print(f"skip {out.name} (another process is writing {part.name})", flush=True)
         return
     torch.set_num_threads(1)
     cfg, warm_dir = warm_start(seed, args.runs)
@@ -162,7 +166,6 @@ def run_cell(method: str, seed: int, args: argparse.Namespace) -> None:
         "warm_start": {"sha256": warm_fingerprint(warm_dir), "eval": start_eval},
         "eval_size": args.eval_size, "pass_k": args.pass_k,
     }  # fmt: skip
-    part = out.with_name(out.name + ".part")
     part.unlink(missing_ok=True)
     with part.open("w") as f:
         f.write(json.dumps({"kind": "header", **meta}) + "\n")

@@ -56,12 +56,42 @@ def test_sharding_divides_the_parameter_rows():
     assert sum(eight.rows[k] for k in state) == pytest.approx(2 * P * 18 / 8 / 1024**3)
     assert ddp.rows["AdamW moments (x2)"] == one.rows["AdamW moments (x2)"]
     assert one.total_gib > 200  # 7B needs FSDP
-    # with the paper's actor micro-batch of 4 responses of 8,192 tokens the fp32 logits alone are ~56 GiB: it fits
-    # 80 GB GPUs only with smaller micro-batches (the estimate says so before anything is rented)
-    assert eight.rows["logits of a micro-batch (4 x 8192 x 152064)"] > 50
-    small = estimate_memory(_cfg(model="qwen2.5-7b", overrides=["ppo.micro_batch_size=1"]), processes=8)
-    assert small.total_gib < 80
     assert "FSDP full shard over 8" in eight.report() and "no sharding" in ddp.report()
+
+
+def test_lean_head_counts_a_chunk_not_the_logits():
+    lean = estimate_memory(_cfg(model="qwen2.5-7b", overrides=["regularizer.kind=tre-p"]), processes=8)
+    fat = estimate_memory(_cfg(model="qwen2.5-7b", overrides=["ppo.lean_head=false"]), processes=8)
+    # with the paper's actor micro-batch of 4 responses of 8,192 tokens the fp32 logits alone are ~56 GiB
+    assert fat.rows["logits of a micro-batch (4 x 8192 x 152064)"] > 50
+    assert not any(k.startswith("logits") for k in lean.rows)
+    chunk = lean.rows["LM head, one chunk (441 x 152064, ppo.lean_head)"]
+    assert chunk == pytest.approx(441 * 152064 * (2 + 12) / 1024**3)  # bf16 + 3 fp32 buffers
+    assert lean.rows["LM head weight in the autocast dtype (152064 x 3584)"] == pytest.approx(
+        152064 * 3584 * 2 / 1024**3
+    )
+    assert lean.rows["TRE trust regions (4 x 8192 x 256)"] == pytest.approx(4 * 8192 * 256 * 12 / 1024**3)
+    assert lean.total_gib < fat.total_gib - 40
+    # without the lean head the training phase does not fit, and the note says which setting to change
+    (note,) = [n for n in fat.notes if "does not fit" in n]
+    assert "set ppo.lean_head=true" in note
+
+
+@pytest.mark.parametrize("task", ["math", "countdown", "hh"])
+@pytest.mark.parametrize("model", ["qwen2.5-1.5b", "qwen2.5-7b"])
+@pytest.mark.parametrize("method", ["tre-k", "tre-p"])
+def test_paper_recipes_fit_80gb_or_name_the_setting(task, model, method):
+    cfg = load_config([f"{PAPER}/{task}.yaml", f"{PAPER}/methods/{method}.yaml", f"{PAPER}/models/{model}.yaml"])
+    est = estimate_memory(cfg, processes=8)
+    if est.fits(80):
+        assert not any("does not fit" in n for n in est.notes)
+        return
+    (note,) = [n for n in est.notes if "does not fit" in n]
+    overrides = note.split(": set ")[1].split(" (")[0].split()  # key=value overrides, usable on the command line
+    fixed = load_config(
+        [f"{PAPER}/{task}.yaml", f"{PAPER}/methods/{method}.yaml", f"{PAPER}/models/{model}.yaml"], overrides
+    )
+    assert estimate_memory(fixed, processes=8).fits(80)
 
 
 def test_offload_moves_state_to_cpu():
@@ -90,7 +120,7 @@ def test_rollout_batch_size_bounds_the_kv_cache():
 
 
 def test_logits_row_is_b_r_v_fp32_three_copies():
-    est = estimate_memory(_cfg(overrides=["ppo.micro_batch_size=2"]))
+    est = estimate_memory(_cfg(overrides=["ppo.micro_batch_size=2", "ppo.lean_head=false"]))
     key = "logits of a micro-batch (2 x 8192 x 151936)"
     assert est.rows[key] == pytest.approx(2 * 8192 * 151936 * 4 * 3 / 1024**3)
 

@@ -221,7 +221,7 @@ PREFLIGHT = {
     "lr 1e300": (["--ppo.actor_lr", "1e300"], "ppo.actor_lr must be a finite number >= 0 and <= 1"),
     "critic lr": (["--ppo.critic_lr", "10"], "ppo.critic_lr"),
     "coef 1e308": (["--coef", "1e308"], "regularizer.coef must be a finite number >= 0 and <= 1000"),
-    "n_positions 4": (["--model.n_positions", "4"], "does not fit model.n_positions = 4 positions"),
+    "n_positions 4": (["--model.n_positions", "4"], "model.n_positions = 4 positions cannot hold the longest prompt"),
     "max_new_tokens": (["--ppo.max_new_tokens", "100000"], "ppo.max_new_tokens = 100,000 does not fit"),
     "k > V": (["--kind", "tre-k", "--k", "1000000"], "regularizer.k (--k) must be <= the vocabulary size"),
 }
@@ -235,7 +235,7 @@ def test_values_that_cannot_run_are_refused_before_any_work(tmp_path, capsys, ca
     out = tmp_path / "run"
     assert train(out, *flags) == 2
     one_error_line(capsys, needle)
-    assert not (out / "warm_start").exists() and not (out / "metrics.jsonl").exists()
+    assert not out.exists()  # nothing ran, nothing was written (not even an empty folder)
 
 
 def test_a_cuda_device_that_does_not_exist_is_refused(tmp_path, capsys):
@@ -329,3 +329,17 @@ def test_train_prints_one_offline_line_and_a_short_summary(tmp_path):
     assert f"tre-edu plot {out}" in text and len(text.splitlines()) < 25
     assert json.loads((out / "summary.json").read_text())["steps"] == 2  # the JSON stays in the folder
     assert cli.main(["plot", str(out)]) == 0 and (out / "figures.html").stat().st_size > 1000
+
+
+def test_resume_compares_with_an_older_record_fairly():
+    """A setting added to the library since the run was recorded counts as its default; a removed one is ignored."""
+    cfg = load_config(FAST[1::2])
+    old = cfg.to_dict()
+    del old["ppo"]["temperature"]  # recorded before the setting existed: the default (1.0) is what ran
+    old["ppo"]["a_removed_setting"] = 3
+    assert preflight.config_changes(old, cfg) == []
+    old["task"]["options"]["think"] = True
+    assert preflight.config_changes(old, cfg) == [("task.options.think", True, None)]
+    assert preflight.config_changes(old, cfg.replace({"ppo.steps": 99, "threads": 2})) == [
+        ("task.options.think", True, None)
+    ]

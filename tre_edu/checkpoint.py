@@ -285,16 +285,19 @@ class DirectoryLock:
     ``folder/.tre-edu.lock``, which holds the holder's pid. Acquiring a lock that another process holds raises
     :class:`DirectoryInUse` naming the folder (as ``what``, e.g. ``output_dir``) and that pid; use as a context
     manager. The kernel drops the lock when the holding process ends, even on ``kill -9``; a released lock removes
-    its file. Without ``fcntl`` (Windows) it does nothing."""
+    its file (and the folder, when the lock created it and it is still empty). Without ``fcntl`` (Windows) it does
+    nothing."""
 
     def __init__(self, folder: str | Path, what: str = "folder"):
         self.folder, self.what = Path(folder), what
         self.path = self.folder / LOCK_FILE
         self._fd: int | None = None
+        self._created = False
 
     def acquire(self) -> DirectoryLock:
         if fcntl is None or self._fd is not None:
             return self
+        self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -326,6 +329,9 @@ class DirectoryLock:
             self.path.unlink()
         os.close(self._fd)  # closing the descriptor drops the flock
         self._fd = None
+        if self._created:  # a job refused before it wrote anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
 
     @property
     def held(self) -> bool:

@@ -217,34 +217,38 @@ def estimate_memory(
 
 
 def _advice(cfg: Any, est: MemoryEstimate, processes: int, fsdp: bool | None, offload: bool, gpu_gib: float) -> str:
-    """Which setting to change so that the estimate fits 90 % of ``gpu_gib``."""
+    """The settings to change (as ``key=value`` overrides) so that the estimate fits 90 % of ``gpu_gib``: the lean
+    head, then the largest fitting ``ppo.micro_batch_size`` (training) / ``ppo.rollout_batch_size`` (sampling)."""
     budget = 0.9 * gpu_gib
-    head = f"does not fit {budget:.0f} GiB (90 % of {gpu_gib:g} GiB):"
+    c = copy.deepcopy(cfg)
+    tips: list[str] = []
 
-    def fits_with(**ppo: Any) -> bool:
-        c = copy.deepcopy(cfg)
-        for k, v in ppo.items():
-            setattr(c.ppo, k, v)
-        return estimate_memory(c, processes, fsdp, offload, gpu_gib, _advise=False).fits(gpu_gib)
+    def again() -> MemoryEstimate:
+        return estimate_memory(c, processes, fsdp, offload, gpu_gib, _advise=False)
 
-    p = cfg.ppo
-    tips = []
-    if est._gpu("train") >= est._gpu("sample"):
-        if not getattr(p, "lean_head", False) and fits_with(lean_head=True):
-            return f"{head} set ppo.lean_head: true (no (N, V) logits)"
-        mb = p.micro_batch_size
-        while mb > 1 and not fits_with(micro_batch_size=mb):
-            mb //= 2
-        if mb < p.micro_batch_size and fits_with(micro_batch_size=mb):
-            return f"{head} set ppo.micro_batch_size <= {mb} (a divisor of ppo.minibatch_size)"
-        tips.append("ppo.micro_batch_size: 1 is not enough")
-    else:
-        rb = p.rollout_batch_size or p.prompts_per_step * p.samples_per_prompt // processes
-        while rb > 1 and not fits_with(rollout_batch_size=rb):
-            rb //= 2
-        if fits_with(rollout_batch_size=rb):
-            return f"{head} set ppo.rollout_batch_size <= {rb}"
-        tips.append("sampling does not fit even one row at a time")
-    if not offload:
-        tips.append("try offload (FSDP CPU offload of the optimiser state) or more processes")
-    return f"{head} {'; '.join(tips)}"
+    def over(e: MemoryEstimate, phase: str) -> bool:
+        return e._gpu(None) + e._gpu(phase) > budget
+
+    e = est
+    if over(e, "train") and not getattr(c.ppo, "lean_head", True):
+        c.ppo.lean_head = True
+        tips.append("ppo.lean_head=true")
+        e = again()
+    mb = c.ppo.micro_batch_size
+    while over(e, "train") and c.ppo.micro_batch_size > 1:
+        c.ppo.micro_batch_size //= 2  # halving keeps a divisor of ppo.minibatch_size (a power of two times it)
+        e = again()
+    if c.ppo.micro_batch_size != mb:
+        tips.append(f"ppo.micro_batch_size={c.ppo.micro_batch_size}")
+    rb = c.ppo.rollout_batch_size or c.ppo.prompts_per_step * c.ppo.samples_per_prompt // processes
+    while over(e, "sample") and rb > 1:
+        rb //= 2
+        c.ppo.rollout_batch_size = rb
+        e = again()
+    if c.ppo.rollout_batch_size != cfg.ppo.rollout_batch_size:
+        tips.append(f"ppo.rollout_batch_size={rb}")
+    head = f"does not fit {budget:.0f} GiB (90 % of {gpu_gib:g} GiB)"
+    if not e.fits(gpu_gib):
+        more = "more processes" if offload else "offload (FSDP CPU offload of the optimiser state) or more processes"
+        return f"{head}: even with {', '.join(tips) or 'these settings'} ({e.total_gib:.1f} GiB); try {more}"
+    return f"{head}: set {' '.join(tips)} ({e.total_gib:.1f} GiB)"

@@ -82,7 +82,7 @@ def build_policy(cfg: TrainConfig, actor: Any) -> ActorCritic:
     """The actor plus a value head, or the paper's separate critic initialised from the same weights; the actor alone
     for ``ppo.advantage: grpo`` (no critic)."""
     critic = copy.deepcopy(actor) if cfg.model.critic == "separate" and cfg.ppo.advantage == "gae" else None
-    policy = ActorCritic(actor, critic=critic, value_head=cfg.ppo.advantage == "gae")
+    policy = ActorCritic(actor, critic=critic, value_head=cfg.ppo.advantage == "gae", lean_head=cfg.ppo.lean_head)
     if cfg.model.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     return policy
@@ -291,6 +291,7 @@ def run_eval(cfg: TrainConfig, model_dir: str | Path, n: int | None = None) -> d
     task = build_task(cfg)
     tokenizer, model = build_actor(cfg, str(model_dir))
     examples = task.load("test", n=n or cfg.task.eval_size, seed=cfg.seed)
+    preflight.check_built(cfg, task, tokenizer, model, examples, source=str(model_dir))
     res = evaluate(model, tokenizer, task, examples, cfg.eval, style=cfg.task.style,
                    max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed)  # fmt: skip
     return {"model_dir": str(model_dir), "n": len(examples), "data_source": data_source(examples), **res}

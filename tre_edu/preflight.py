@@ -39,8 +39,16 @@ RESUMABLE_CHANGES = (
     "eval.batch_size",
 )
 # Settings that shape the weights a checkpoint holds: no resume can change them.
-SHAPE = ("model.name", "model.tail_tokens", "model.n_embd", "model.n_layer", "model.n_head", "model.n_positions",
-         "model.critic")  # fmt: skip
+SHAPE = (
+    "model.name",
+    "model.tail_tokens",
+    "model.n_embd",
+    "model.n_layer",
+    "model.n_head",
+    "model.n_positions",
+    "model.critic",
+    "ppo.advantage",  # grpo has no value head
+)
 ALLOW_FLAG = "--allow-config-change"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
@@ -62,12 +70,14 @@ def check_device(device: str) -> None:
         raise ConfigError(f"device {device}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
 
 
-def _positions(model_config: Any) -> int | None:
-    """The number of positions of a Hugging Face model config (GPT-2 ``n_positions``, else
-    ``max_position_embeddings``), None when it declares none."""
+def _positions(model_config: Any, tiny: bool = False) -> int | None:
+    """The positions a Hugging Face model cannot go beyond: a learned position table (GPT-2's ``n_positions``; an
+    index past it is an IndexError). A rotary model (``rope_*``) only degrades past ``max_position_embeddings``: None
+    (not refused), except for the ``tiny`` model, whose ``model.n_positions`` is the user's own setting."""
+    rotary = any(getattr(model_config, a, None) is not None for a in ("rope_theta", "rope_parameters", "rope_scaling"))
     for name in ("n_positions", "max_position_embeddings"):
         value = getattr(model_config, name, None)
-        if isinstance(value, int) and value > 0:
+        if isinstance(value, int) and value > 0 and (tiny or not rotary):
             return value
     return None
 
@@ -98,21 +108,26 @@ def check_model(
         )
     if positions is None:
         return
-    where = "model.n_positions" if model_name is None else f"the model {model_name} (max_position_embeddings)"
-    fix = "raise model.n_positions (--model.n_positions)" if model_name is None else "use shorter prompts"
+    where = "model.n_positions" if model_name is None else f"the position table of {model_name}"
+    fix = "raise model.n_positions (--model.n_positions)" if model_name is None else "use a model with more positions"
     style, R = cfg.task.style, cfg.ppo.max_new_tokens
     if examples:
         P = _lengths(tokenizer, [task.prompt(e, tokenizer, style) for e in examples])
+        if P >= positions:
+            raise ConfigError(
+                f"{where} = {positions:,} positions cannot hold the longest prompt ({P} tokens) and a response; "
+                f"{fix} to >= {P + R:,} (prompt + ppo.max_new_tokens = {R:,})"
+            )
         if P + R > positions:
             raise ConfigError(
                 f"ppo.max_new_tokens = {R:,} does not fit {where} = {positions:,} positions: the longest prompt has "
                 f"{P} tokens, so prompt + response need up to {P + R:,}; lower ppo.max_new_tokens (--ppo.max_new_tokens"
                 f" <= {max(positions - P, 0)}) or {fix}"
             )
-    if sft_examples and hasattr(task, "reference_response"):
-        pairs = [(task.prompt(e, tokenizer, style), task.reference_response(e, None)) for e in sft_examples]
-        ids = tokenizer([p + s for p, s in pairs], add_special_tokens=False)["input_ids"]
-        L = max(len(x) for x in ids) + 1  # + EOS
+    if sft_examples and hasattr(task, "reference_response"):  # encoded as the warm start does (sft.py)
+        prompts = tokenizer([task.prompt(e, tokenizer, style) for e in sft_examples], add_special_tokens=False)
+        answers = tokenizer([task.reference_response(e, None) for e in sft_examples], add_special_tokens=False)
+        L = max(len(p) + len(a) for p, a in zip(prompts["input_ids"], answers["input_ids"])) + 1  # + EOS
         if L > positions:
             raise ConfigError(
                 f"{where} = {positions:,} positions is too small for the warm start: its longest prompt + reference "
@@ -136,13 +151,11 @@ def _model_facts(cfg: TrainConfig) -> tuple[Any, int | None, str | None] | None:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        positions = _positions(AutoConfig.from_pretrained(str(folder)))
+        config = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError):
         return None  # the loader names the problem when it builds the model
-    if cfg.init_from is None and m.name != "tiny":
-        return tokenizer, positions, source
-    # a folder written by this library from the tiny model: its positions are the config's setting when equal
-    return tokenizer, positions, None if positions == m.n_positions else source
+    tiny = m.name == "tiny" and _positions(config, tiny=True) == m.n_positions  # a saved tiny model (warm start)
+    return tokenizer, _positions(config, tiny), None if tiny else source
 
 
 def check_run(cfg: TrainConfig, task: Any, *, warm_start: bool) -> bool:
@@ -154,18 +167,24 @@ def check_run(cfg: TrainConfig, task: Any, *, warm_start: bool) -> bool:
     if facts is None:
         return False
     tokenizer, positions, name = facts
-    examples = task.load("train", n=cfg.task.train_size, seed=cfg.seed)
-    examples += task.load("test", n=cfg.task.eval_size, seed=cfg.seed)
-    sft = task.load("train", n=cfg.sft.examples, seed=cfg.seed) if warm_start else None
+    train, n_sft = task.load("train", n=cfg.task.train_size, seed=cfg.seed), cfg.sft.examples
+    examples = train + task.load("test", n=cfg.task.eval_size, seed=cfg.seed)
+    sft = None
+    if warm_start:  # the warm start's examples; when they are the same rows as PPO's, loaded once
+        same = n_sft == cfg.task.train_size or (cfg.task.train_size is None and n_sft >= len(train))
+        sft = train if same else task.load("train", n=n_sft, seed=cfg.seed)
     check_model(cfg, task, tokenizer, positions, examples=examples, sft_examples=sft, model_name=name)
     return True
 
 
-def check_built(cfg: TrainConfig, task: Any, tokenizer: Any, model: Any, examples: list[dict]) -> None:
-    """:func:`check_model` on a loaded model and its tokenizer (``examples``: the prompts it will be given)."""
-    positions = _positions(getattr(model, "config", None))
-    tiny = cfg.model.name == "tiny" and positions == cfg.model.n_positions
-    name = None if tiny else str(cfg.init_from or cfg.model.name)
+def check_built(
+    cfg: TrainConfig, task: Any, tokenizer: Any, model: Any, examples: list[dict], source: str | None = None
+) -> None:
+    """:func:`check_model` on a loaded model and its tokenizer (``examples``: the prompts it will be given;
+    ``source``: where the model came from, when not ``cfg``'s model, e.g. ``tre-edu eval --model-dir``)."""
+    config = getattr(model, "config", None)
+    tiny = source is None and cfg.model.name == "tiny" and _positions(config, tiny=True) == cfg.model.n_positions
+    positions, name = _positions(config, tiny), None if tiny else str(source or cfg.init_from or cfg.model.name)
     check_model(cfg, task, tokenizer, positions, examples=examples, model_name=name)
 
 
@@ -177,7 +196,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
         if isinstance(v, dict) and k != "options":
             out.update(_flat(v, key + "."))
         elif isinstance(v, dict):  # task.options: one entry per option
-            out.update({f"{key}.{o}": x for o, x in v.items()} or {key: {}})
+            out.update({f"{key}.{o}": x for o, x in v.items()})
         else:
             out[key] = v
     return out
@@ -200,9 +219,13 @@ def recorded_config(output_dir: str | Path) -> tuple[dict, Path] | None:
 
 
 def config_changes(old: dict, new: TrainConfig) -> list[tuple[str, Any, Any]]:
-    """(setting, old value, new value) of every training setting that differs (not :data:`RESUMABLE_CHANGES`)."""
-    a, b = _flat(old), _flat(new.to_dict())
-    keys = sorted(set(a) | set(b), key=lambda k: list(b).index(k) if k in b else len(b))
+    """(setting, old value, new value) of every training setting that differs (not :data:`RESUMABLE_CHANGES`). A
+    setting the old record lacks (added to the library since) counts as its default; one the library no longer has
+    is not compared."""
+    defaults, b = _flat(TrainConfig().to_dict()), _flat(new.to_dict())
+    a = {k: old_value for k, old_value in _flat(old).items() if k in b or k.startswith("task.options.")}
+    a = {**{k: v for k, v in defaults.items() if not k.startswith("task.options.")}, **a}
+    keys = [*b, *(k for k in a if k not in b)]
     return [(k, a.get(k), b.get(k)) for k in keys if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k)]
 
 

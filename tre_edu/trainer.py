@@ -235,7 +235,8 @@ class PPOTrainer:
         policy = policy.to(self.device)
         self.ref = None  # the reference policy of the KL term: a frozen copy of the initial actor
         if p.kl_coef > 0:
-            self.ref = ActorCritic(copy.deepcopy(policy.actor).eval().requires_grad_(False), value_head=False)
+            ref = copy.deepcopy(policy.actor).eval().requires_grad_(False)
+            self.ref = ActorCritic(ref, value_head=False, lean_head=p.lean_head)
         self.optim = PPOOptimizers(*policy.parameter_groups(), p, self.optimizer_steps_per_ppo_step() * p.steps)
         self.policy = self.optim.prepare(self.accelerator, policy)  # DDP / FSDP wrapping
 

@@ -226,8 +226,8 @@ def gradient_figure(
         )
     fig.update_xaxes(dtick=1, **LOG)
     fig.update_xaxes(title_text="rank", row=2, col=1)
-    fig.update_yaxes(range=[math.log10(lo), math.log10(hi)], row=1, col=1, **LOG)
-    fig.update_yaxes(categoryorder="array", categoryarray=labels[::-1], row=2, col=1)
+    fig.update_yaxes(range=[math.log10(lo), math.log10(hi)], title_text="|dH/dz_a|", row=1, col=1, **LOG)
+    fig.update_yaxes(categoryorder="array", categoryarray=labels[::-1], title_text="method", row=2, col=1)
     return _finish(fig, as_widget, (60, 40), height=height, width=width, legend={"font": {"size": 11}})
 
 

@@ -123,10 +123,14 @@ def leak_figure(
         keys = [(key, "solid")] + ([(SECOND[i], "dot")] if i in SECOND else [])
         for k, dash in keys:
             for m in methods:
-                _method_traces(fig, by_method[m], m, seeds, source, k, dash, row + 1, col + 1, i == 0 and dash == "solid")
+                _method_traces(
+                    fig, by_method[m], m, seeds, source, k, dash, row + 1, col + 1, i == 0 and dash == "solid"
+                )
     for i in range(len(PANELS)):
         row, col = divmod(i, 2)
-        fig.update_xaxes(title_text="PPO updates (0: the pretrained model)", row=row + 1, col=col + 1, rangemode="tozero")
+        fig.update_xaxes(
+            title_text="PPO updates (0: the pretrained model)", row=row + 1, col=col + 1, rangemode="tozero"
+        )
         fig.update_yaxes(title_text="nats" if i == 3 else "fraction", row=row + 1, col=col + 1, rangemode="tozero")
     fig.update_layout(
         template=TEMPLATE,
@@ -144,8 +148,9 @@ def _method_traces(fig, cells, method, seeds, source, key, dash, row, col, legen
     x, mean = _mean(list(curves.values()))
     label = cells[0].label if cells else method_label(method)
     name = label + (f" (mean of {len(cells)} seeds)" if len(seeds) > 1 else "")
+    width = 3 if len(seeds) > 1 else 2
     fig.add_scatter(x=x, y=mean, mode="lines+markers", name=name, legendgroup=method, showlegend=legend,
-                    line={"color": color, "dash": dash, "width": 3 if len(seeds) > 1 else 2}, row=row, col=col)  # fmt: skip
+                    line={"color": color, "dash": dash, "width": width}, row=row, col=col)  # fmt: skip
     if len(seeds) > 1:
         for s in seeds:
             xs, ys = curves.get(s, ([], []))
@@ -163,7 +168,9 @@ def _mean(curves: list[tuple[list[int], list[float]]]) -> tuple[list[int], list[
     return xs, [float(np.mean([m[x] for m in maps])) for x in xs]
 
 
-def leak_table(cells: Sequence[LeakCell] | Mapping[Any, LeakCell], methods: Sequence[str] = ("none", "entropy", "tre-k")):
+def leak_table(
+    cells: Sequence[LeakCell] | Mapping[Any, LeakCell], methods: Sequence[str] = ("none", "entropy", "tre-k")
+):
     """Rows (method, seeds, then per metric of :data:`PANELS`: start, end, change) as a list of dicts: the mean
     over seeds of each fixed-context metric at update 0 and after the last update, and of the rollout metric at the
     first and the last step."""
