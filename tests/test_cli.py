@@ -208,3 +208,34 @@ def test_study_run_exits_1_when_a_job_failed(captured, monkeypatch, capsys):
     assert "1 study job(s) failed: method-none_seed-2" in capsys.readouterr().err
     monkeypatch.setattr(study, "run_study", lambda *a, **k: {**out, "failed": {}})
     assert cli.main(["study", "run", "configs/studies/quick.yaml"]) == 0
+
+
+def test_warnings_print_as_one_line_and_the_offline_fallback_once(capsys):
+    """`tre-edu train` printed the offline fallback as UserWarnings followed by a library source line, which reads
+    like a crash (issue 24): now one line per dataset, and any other warning one line."""
+    show = cli._one_line_warnings()
+    for split, n in (("train", 256), ("test", 8), ("train", 64)):
+        msg = (
+            f"could not load MATH data 'x/y' split '{split}' (RuntimeError: HF_DATASETS_OFFLINE is set); offline: "
+            f"falling back to the sample ({n} for split '{split}', level 5), NOT comparable with the paper"
+        )
+        show(UserWarning(msg), UserWarning, "tre_edu/tasks/base.py", 160)
+    show(RuntimeWarning("skipping\nstep_3"), RuntimeWarning, "x.py", 1)
+    assert capsys.readouterr().err.splitlines() == [
+        "tre-edu: offline: MATH data 'x/y' is not available (HF_DATASETS_OFFLINE is set); using the sample "
+        "(level 5), NOT comparable with the paper",
+        "tre-edu: warning: RuntimeWarning: skipping step_3",
+    ]
+
+
+def test_train_report_reads_a_summary():
+    summary = {"output_dir": "runs/x", "regularizer": "tre-k", "coef": 0.001, "steps": 200, "seconds_total": 132.0,
+               "eval_start": {"step": 0, "eval/greedy_accuracy": 0.245, "eval/pass@8": 0.4},
+               "eval_final": {"step": 200, "eval/greedy_accuracy": 0.3, "eval/pass@8": 0.5},
+               "train_last10pct": {"reward/mean": 0.3, "tail/mass_outside_top10": 0.0012},
+               "data_source": "generated"}  # fmt: skip
+    text = cli.train_report(summary)
+    assert text.splitlines()[0] == "tre-edu: trained 200 PPO steps with tre-k (coef 0.001) in 2.2 min"
+    assert "greedy accuracy" in text and "24.5 % -> 30.0 %" in text and "pass@8" in text and "40.0 % -> 50.0 %" in text
+    assert "runs/x/metrics.jsonl" in text and "tre-edu plot runs/x" in text and "not comparable" in text
+    assert cli.train_report({"ok": 1})  # a summary without the usual keys still prints

@@ -211,17 +211,17 @@ def test_gradient_outside_top_k_is_zero(tok, task, dataset, tmp_path, kind):
 
 
 # --- a real run logs every new metric -----------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["tre-k", "tre-p"])
-def test_few_step_run_logs_every_metric(tok, task, dataset, tmp_path, kind):
-    tr = trainer_for(tok, task, dataset, tmp_path, tre_kind=kind, entropy_coef=0.001, max_steps=2)
+@pytest.mark.parametrize(("kind", "lean"), [("tre-k", False), ("tre-p", False), ("tre-k", True)])
+def test_few_step_run_logs_every_metric(tok, task, dataset, tmp_path, kind, lean):
+    tr = trainer_for(tok, task, dataset, tmp_path, tre_kind=kind, entropy_coef=0.001, max_steps=2, tre_lean_head=lean)
     tr.train()
     logs = [h for h in tr.state.log_history if "loss" in h]
     assert len(logs) == 2
     new = ["entropy/global", "entropy/tre_k", "entropy/tre_p", "tail/top1_prob", "tail/mass_outside_top2",
            "tail/mass_outside_top10", "tail/nucleus_size_p99", "tail/mass_outside_nucleus_p99",
-           "tail/sampled_outside_top2", "tail/response_frac"]  # fmt: skip
-    if kind == "tre-p":
-        new.append("tail/sampled_outside_nucleus_p99")
+           "tail/response_frac"]  # fmt: skip
+    if not lean:  # needs the logits: the materialised path only
+        new += ["tail/sampled_outside_top2"] + (["tail/sampled_outside_nucleus_p99"] if kind == "tre-p" else [])
     for h in logs:
         missing = [k for k in new if k not in h]
         assert not missing, f"not logged: {missing}"
@@ -284,3 +284,29 @@ def test_readme_snippet_runs(tok, task, dataset, tmp_path, monkeypatch):
     tr = ns["trainer"]
     assert isinstance(tr, TREGRPOTrainer) and tr.args.tre_kind == "tre-k" and tr.args.entropy_coef == 0.001
     assert tr.state.global_step == 1
+
+
+@pytest.mark.parametrize("kind", ["tre-k", "tre-p", "entropy"])
+def test_lean_head_matches_the_logits_path(tok, task, dataset, tmp_path, kind):
+    """tre_lean_head=True (tre_edu's chunked LM head, no (B, T, V) logits): the same log-probs, bonus entropy,
+    gradients and tail metrics as the materialised path."""
+    outs, grads, metrics = [], [], []
+    for lean in (False, True):
+        tr = trainer_for(tok, task, dataset, tmp_path / str(lean), tre_kind=kind, entropy_coef=0.01,
+                         tre_lean_head=lean)  # fmt: skip
+        ids, attn, keep = joined(batch(tok, seed=3))
+        tr.model.train()
+        lp, ent, _ = tr._get_per_token_logps_and_entropies(tr.model, ids, attn, keep, compute_entropy=True)
+        mask = attn[:, -keep:].float()
+        ((lp * mask).sum() + (ent * mask).sum()).backward()
+        outs.append((lp.detach() * mask, ent.detach() * mask))
+        grads.append({n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None})
+        metrics.append({k: v[-1] for k, v in tr._metrics["train"].items()})
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=2e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=2e-4)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-3, atol=1e-5, msg=n)
+    shared = [k for k in metrics[1] if k in metrics[0]]
+    assert "entropy/tre_k" in shared and "tail/mass_outside_top10" in shared
+    for k in shared:
+        assert metrics[1][k] == pytest.approx(metrics[0][k], rel=1e-4, abs=1e-6), k

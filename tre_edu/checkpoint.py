@@ -124,8 +124,8 @@ def atomic_folder(path: str | Path, what: str = "folder", marker: dict | None = 
         if full:
             raise OSError(
                 errno.ENOSPC,
-                f"no space left on device while writing {what} {path} ({free}; the last complete {what} is kept, "
-                f"nothing partial was left). Free some space and run again (with --resume to continue a run)",
+                f"no space left on device while writing {what} {path} ({free}; nothing partial was left, an earlier "
+                f"complete {what} is kept). Free some space and run again (with --resume to continue a run)",
             ) from err
         raise
     old = path.with_name(f".{path.name}.old")

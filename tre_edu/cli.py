@@ -110,12 +110,11 @@ def train_report(summary: dict) -> str:
     ``summary.json`` in the output directory)."""
     out = Path(str(summary.get("output_dir", ".")))
     start, end = summary.get("eval_start") or {}, summary.get("eval_final") or {}
-    coef = summary.get("coef")
-    method = str(summary.get("regularizer", "?")) + (f" (coef {coef:g})" if coef and summary.get("regularizer")
-                                                      in ("entropy", "tre-k", "tre-p") else "")  # fmt: skip
-    secs = summary.get("seconds_total")
-    lines = [f"tre-edu: trained {summary.get('steps', '?')} PPO steps with {method}"
-             + (f" in {_duration(secs)}" if isinstance(secs, int | float) else "")]  # fmt: skip
+    method, coef, secs = summary.get("regularizer", "?"), summary.get("coef"), summary.get("seconds_total")
+    if coef and method in ("entropy", "tre-k", "tre-p"):
+        method += f" (coef {coef:g})"
+    took = f" in {_duration(secs)}" if isinstance(secs, int | float) else ""
+    lines = [f"tre-edu: trained {summary.get('steps', '?')} PPO steps with {method}{took}"]
     rows = list(_REPORT_ROWS)
     ks = sorted(int(k[len("eval/pass@") :]) for k in {*start, *end} if k.startswith("eval/pass@"))
     if ks:
@@ -156,7 +155,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
     if target.suffix == ".png":
         fig.write_image(target, width=1200, height=450)
     else:
-        fig.write_html(target, include_plotlyjs="cdn")
+        fig.write_html(target, include_plotlyjs=True)  # self-contained: opens offline
     print(f"tre-edu: wrote {target} ({len(runs)} run(s): final accuracy, accuracy and tail mass per step)")
 
 

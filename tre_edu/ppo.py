@@ -524,9 +524,9 @@ def ppo_loss(
     if ref_logprobs is not None:
         l_kl = aggregate(kl_estimate(logprobs, ref_logprobs, s.kl_kind), mask, s.agg)
         metrics["kl/loss"] = float(l_kl.detach())
-    rest = reg_loss + s.value_coef * l_v + s.kl_coef * l_kl
-    metrics["loss/total"] = float((l_pg + rest).detach())
-    return (weight if pg_weight is None else pg_weight) * l_pg + weight * rest, metrics
+    w_pg = weight if pg_weight is None else pg_weight
+    metrics["loss/total"] = float((l_pg + (reg_loss + s.value_coef * l_v + s.kl_coef * l_kl)).detach())
+    return w_pg * l_pg + weight * (reg_loss + s.value_coef * l_v + s.kl_coef * l_kl), metrics
 
 
 def micro_batches(

@@ -51,6 +51,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("tre_edu.integrations.trl needs TRL: pip install -e '.[trl]' (tested with trl 1.16)") from exc
 
 from tre_edu.entropy import global_entropy, tail_metrics, token_logprobs, tre_rescale, trust_region_entropy
+from tre_edu.head import LeanHead, StatsRequest, install_lean_head
 
 __all__ = ["TREGRPOConfig", "TREGRPOTrainer", "check_trl_compatibility", "task_reward", "training_history"]
 __all__ += ["quiet_progress", "TRE_KINDS"]
@@ -113,6 +114,11 @@ class TREGRPOConfig(GRPOConfig):
     tre_log_metrics: bool = field(
         default=True, metadata={"help": "log the global / trust-region entropies and the tail metrics"}
     )
+    tre_lean_head: bool = field(
+        default=False,
+        metadata={"help": "compute log-probs, H_TRE and the metrics with tre_edu's memory-lean LM head (chunks "
+                  "of tokens, never the (B, T, V) logits); the sampled-outside-the-trust-region metric is not logged"},
+    )  # fmt: skip
 
     def __post_init__(self):
         if self.tre_kind not in TRE_KINDS:
@@ -124,8 +130,9 @@ class TREGRPOConfig(GRPOConfig):
         mc = self.tre_max_candidates
         if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
             raise ValueError(f"tre_max_candidates must be None or an integer >= 1; got {mc!r}")
-        if not isinstance(self.tre_rescale, bool):
-            raise ValueError(f"tre_rescale must be True or False; got {self.tre_rescale!r}")
+        for name in ("tre_rescale", "tre_log_metrics", "tre_lean_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
         super().__post_init__()
 
     def effective_coef(self, vocab_size: int, nucleus_size: int | None = None) -> float:
@@ -154,6 +161,14 @@ class TREGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, TREGRPOConfig):
             raise ValueError(f"TREGRPOTrainer needs args=TREGRPOConfig(...); got {type(self.args).__name__}")
+        self._lean_head = None
+        if self.args.tre_lean_head:  # the same weight Parameter: TRL's fused head and generation are unchanged
+            self._lean_head = install_lean_head(self.model)
+            if self._lean_head is None:
+                raise ValueError(
+                    "tre_lean_head=True needs a model whose logits are its nn.Linear output layer applied to the "
+                    "hidden states (no logit soft-capping or scaling); set tre_lean_head=False for this model"
+                )
 
     # --- the one overridden TRL method -------------------------------------------------------------------------
     def _get_per_token_logps_and_entropies(
@@ -185,18 +200,29 @@ class TREGRPOTrainer(GRPOTrainer):
             inputs = {"input_ids": ids, "attention_mask": attn, "logits_to_keep": logits_to_keep + 1}
             if compute_aux_loss:
                 inputs["output_router_logits"] = True
-            with self.accelerator.autocast():
-                out = model(**inputs, use_cache=False)
-            logits = out.logits[:, :-1, :]  # position t predicts completion token t: (b, T, V)
-            if self.temperature != 1.0:
-                logits = logits / self.temperature
             targets = ids[:, -logits_to_keep:]
-            logps.append(token_logprobs(logits, targets))
-            entropies.append(self._bonus_entropy(logits))
+            if self._lean_head is not None:  # tre_edu's head: the statistics in chunks of tokens, no logits
+                with self._lean_head.computing(targets, self._stats_request(), temperature=self.temperature,
+                                               weights=attn[:, -logits_to_keep:].float()) as call:  # fmt: skip
+                    with self.accelerator.autocast():
+                        out = model(**inputs, use_cache=False)
+                stats = LeanHead.unpack(out.logits, call)
+                logps.append(stats.logprobs)
+                entropies.append(stats.entropy if self.args.tre_kind == "entropy" else stats.tre)
+                if self.args.tre_log_metrics:
+                    self._add_metrics(stats.metrics, stats.metrics_weight)
+            else:  # the completion tokens' logits, then tre_edu.entropy
+                with self.accelerator.autocast():
+                    out = model(**inputs, use_cache=False)
+                logits = out.logits[:, :-1, :]  # position t predicts completion token t: (b, T, V)
+                if self.temperature != 1.0:
+                    logits = logits / self.temperature
+                logps.append(token_logprobs(logits, targets))
+                entropies.append(self._bonus_entropy(logits))
+                if self.args.tre_log_metrics:
+                    self._accumulate_metrics(logits, targets, attn[:, -logits_to_keep:])
             if compute_aux_loss:
                 aux_losses.append(out.aux_loss)
-            if self.args.tre_log_metrics:
-                self._accumulate_metrics(logits, targets, attn[:, -logits_to_keep:])
         if self.args.tre_log_metrics:
             self._log_accumulated()
         aux = torch.stack(aux_losses).mean() if compute_aux_loss else None
@@ -211,7 +237,28 @@ class TREGRPOTrainer(GRPOTrainer):
             return trust_region_entropy(logits, top_k=min(a.tre_k, logits.shape[-1]), rescale=a.tre_rescale)
         return trust_region_entropy(logits, top_p=a.tre_p, max_candidates=a.tre_max_candidates, rescale=a.tre_rescale)
 
+    def _stats_request(self) -> StatsRequest:
+        """What the lean head computes: log-probs, the bonus entropy and (if logged) tre_edu's tail metrics."""
+        a = self.args
+        V = self._lean_head.weight.shape[0]
+        K = min(a.tre_k, V)
+        tre = a.tre_kind != "entropy"
+        return StatsRequest(
+            entropy=not tre, tre=tre, top_k=K if a.tre_kind == "tre-k" else None,
+            top_p=a.tre_p if a.tre_kind == "tre-p" else None, rescale=a.tre_rescale,
+            max_candidates=a.tre_max_candidates, metrics=a.tre_log_metrics, metrics_top_k=K, metrics_p=a.tre_p,
+            metrics_ks=tuple(sorted({1, K, min(10, V)})),
+        )  # fmt: skip
+
     # --- metrics, through TRL's own logging ---------------------------------------------------------------------
+    def _add_metrics(self, stats: dict[str, float], n: float) -> None:
+        """Add masked means ``stats`` over ``n`` tokens to this call's token-weighted sums."""
+        buf = getattr(self, "_tre_metric_sums", None) or {}
+        for key, value in stats.items():
+            s, c = buf.get(key, (0.0, 0.0))
+            buf[key] = (s + value * n, c + n)
+        self._tre_metric_sums = buf
+
     def _accumulate_metrics(self, logits: Tensor, targets: Tensor, mask: Tensor) -> None:
         """Token-weighted sums of tre_edu's tail metrics for one chunk of completions (no grad)."""
         a = self.args
@@ -227,24 +274,18 @@ class TREGRPOTrainer(GRPOTrainer):
             )  # fmt: skip
             # the sampled (target) token is outside the trust region: K or more tokens are strictly more likely
             # (TRE-K), or the tokens strictly more likely hold p or more of the mass (TRE-P)
-            zt = z.gather(-1, targets.unsqueeze(-1))
-            above = z > zt
-            stats[f"tail/sampled_outside_top{K}"] = float((above.sum(-1) >= K).to(torch.float64).mul(w).sum()) / max(
-                n, 1.0
-            )
+            above = z > z.gather(-1, targets.unsqueeze(-1))  # (b, T, V): tokens strictly more likely than the sampled
+            outside = {f"tail/sampled_outside_top{K}": above.sum(-1) >= K}
             if a.tre_kind == "tre-p":
                 mass_above = (torch.softmax(z.float(), -1) * above).sum(-1)
-                outside = (mass_above >= a.tre_p).to(torch.float64)
-                stats[f"tail/sampled_outside_nucleus_{_pct_name(a.tre_p)}"] = float((outside * w).sum()) / max(n, 1.0)
-        buf = getattr(self, "_tre_metric_sums", None) or {}
-        for key, value in stats.items():
-            s, c = buf.get(key, (0.0, 0.0))
-            buf[key] = (s + value * n, c + n)
-        self._tre_metric_sums = buf
+                outside[f"tail/sampled_outside_nucleus_{_pct_name(a.tre_p)}"] = mass_above >= a.tre_p
+            for key, flag in outside.items():
+                stats[key] = float((flag.to(torch.float64) * w).sum()) / max(n, 1.0)
+        self._add_metrics(stats, n)
 
     def _log_accumulated(self) -> None:
         """Token-weighted means over this call's completions and every process, appended to TRL's metrics."""
-        buf, self._tre_metric_sums = self._tre_metric_sums, None
+        buf, self._tre_metric_sums = getattr(self, "_tre_metric_sums", None), None
         if not buf:
             return
         keys = list(buf)

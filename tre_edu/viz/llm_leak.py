@@ -32,7 +32,7 @@ from tre_edu.viz.style import COLORS, TEMPLATE, method_label
 PANELS = (
     ("mass outside the top 10", "probe", "tail/mass_outside_top10"),
     ("mass outside the 0.99-nucleus", "probe", "tail/mass_outside_nucleus_p99"),
-    ("sampled tokens outside the top 2", "rollout", "tail/sampled_outside_top2"),
+    ("sampled tokens outside the top 2 (each step's rollout)", "rollout", "tail/sampled_outside_top2"),
     ("entropy (nats): global (solid), H_TRE-K (dotted)", "probe", "entropy/global"),
 )
 SECOND = {3: "entropy/tre_k"}  # a second, dotted line in panel 3
@@ -128,9 +128,8 @@ def leak_figure(
                 )
     for i in range(len(PANELS)):
         row, col = divmod(i, 2)
-        fig.update_xaxes(
-            title_text="PPO updates (0: the pretrained model)", row=row + 1, col=col + 1, rangemode="tozero"
-        )
+        xtitle = "PPO updates (0: the pretrained model)" if row == 1 else None
+        fig.update_xaxes(title_text=xtitle, row=row + 1, col=col + 1, rangemode="tozero", dtick=1)
         fig.update_yaxes(title_text="nats" if i == 3 else "fraction", row=row + 1, col=col + 1, rangemode="tozero")
     fig.update_layout(
         template=TEMPLATE,
