@@ -19,6 +19,10 @@ any (N, V) temporaries. Measured with
   (which a Python dispatch-mode tracker would miss). Small allocations (< ~1 % of the logits) are noise.
   Prints "n/a" elsewhere.
 
+"tre_edu" is the default path: logits of at least ``tre_edu.entropy.COMPILE_MIN_ELEMS`` elements on a CPU go through
+torch.compile'd kernels (compiled once, before timing); "tre_edu eager" is the same function with them switched off
+(the chunked eager passes, as with ``TRE_EDU_COMPILE=0``). The load average of the machine is printed before and after.
+
 Peers, written anew from their published formulas and timed in the same run:
 - "paper": the TRE paper's formulas as written (log_softmax / softmax / sum; top-k then log_softmax; softmax +
   top-k + cumsum for the nucleus; log_softmax + gather);
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -182,31 +187,47 @@ def main() -> None:
         (lambda z: ent.trust_region_entropy(z, top_k=args.k)),
         (lambda z: ent.trust_region_entropy(z, top_p=args.p)),
     )
+
+    def eager(f: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(z: torch.Tensor) -> torch.Tensor:
+            was = ent._COMPILE["enabled"]
+            ent._COMPILE["enabled"] = False
+            try:
+                return f(z)
+            finally:
+                ent._COMPILE["enabled"] = was
+
+        return run
+
+    lp = lambda z: ent.token_logprobs(z, tok)  # noqa: E731
     methods = [
         (
             "global entropy",
             "global",
-            [("tre_edu", ent.global_entropy), ("paper", naive_global), ("TRL chunked", trl_chunked_global)],
+            [("tre_edu", ent.global_entropy), ("tre_edu eager", eager(ent.global_entropy)), ("paper", naive_global),
+             ("TRL chunked", trl_chunked_global)],
         ),
-        (f"TRE-K (K={args.k})", "tre_k", [("tre_edu", tre_k), ("paper", lambda z: naive_tre_k(z, args.k))]),
-        (f"TRE-P (p={args.p})", "tre_p", [("tre_edu", tre_p), ("paper", lambda z: naive_tre_p(z, args.p))]),
+        (f"TRE-K (K={args.k})", "tre_k", [("tre_edu", tre_k), ("tre_edu eager", eager(tre_k)),
+                                          ("paper", lambda z: naive_tre_k(z, args.k))]),
+        (f"TRE-P (p={args.p})", "tre_p", [("tre_edu", tre_p), ("tre_edu eager", eager(tre_p)),
+                                          ("paper", lambda z: naive_tre_p(z, args.p))]),
         (
             "token_logprobs",
             "logprob",
-            [("tre_edu", lambda z: ent.token_logprobs(z, tok)), ("paper", lambda z: naive_token_logprobs(z, tok))],
+            [("tre_edu", lp), ("tre_edu eager", eager(lp)), ("paper", lambda z: naive_token_logprobs(z, tok))],
         ),
-    ]
+    ]  # fmt: skip
     base = lambda: torch.logsumexp(z0, -1)  # noqa: E731
     for _ in range(2):  # warm-up
         base()
     print(
         f"device={dev} tokens={args.tokens} vocab={args.vocab} float32, "
         f"logits {logits_bytes / 2**20:.0f} MiB, "
-        f"threads={torch.get_num_threads()}, repeats={args.repeats}"
+        f"threads={torch.get_num_threads()}, repeats={args.repeats}, load average {os.getloadavg()}"
     )
     print("time: forward+backward / one torch.logsumexp forward (median of paired ratios);")
     print("mem: peak extra memory during forward+backward / logits size (includes the 1.0x gradient);")
-    print(f"err: max abs error of the values against float64 on the first {args.err_rows} rows\n")
+    print(f"err: max abs error of the values (of the timed call) against float64 on the first {args.err_rows} rows\n")
     print(f"{'method':<18} {'implementation':<14} {'time':>7} {'mem':>7} {'err':>9}")
     ze = z0[: args.err_rows]
     for name, kind, impls in methods:
@@ -220,17 +241,13 @@ def main() -> None:
                 tm = _timeit(run, dev)
                 ratios.append(tm / tb)
             mem = _peak_extra_bytes(run, dev)
-            with torch.no_grad():
-                sub = tok[: args.err_rows]
-                out = (
-                    f(ze)
-                    if kind != "logprob"
-                    else (ent.token_logprobs(ze, sub) if impl == "tre_edu" else naive_token_logprobs(ze, sub))
-                )
+            with torch.no_grad():  # values of the whole input (the path that was timed), first rows compared
+                out = f(z0)[: args.err_rows]
             err = float((out.double().cpu() - r64).abs().max())
             fmt_m = "n/a" if mem is None else f"{mem / logits_bytes:.2f}x"
             print(f"{name:<18} {impl:<14} {statistics.median(ratios):>6.2f}x {fmt_m:>7} {err:>9.1e}")
             name = ""
+    print(f"\nload average after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

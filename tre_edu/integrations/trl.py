@@ -30,8 +30,11 @@ and the fraction of sampled tokens outside the trust region, ``tail/sampled_outs
 :mod:`tre_edu.tasks` task into a TRL reward function that also logs ``tail/response_frac`` (completions holding a
 tail token of the tiny model).
 
-Cost: this path computes the ``(B, T, V)`` logits of the completion tokens (TRL's fused head avoids them), as TRL
-itself did before its fused head; vision-language inputs are not supported (a clear error says so).
+Cost: by default the training forward computes the ``(B, T, V)`` logits of the completion tokens (TRL's fused head
+avoids them), as TRL itself did before its fused head. ``tre_lean_head=True`` computes the same log-probs, entropies
+and tail metrics with tre_edu's memory-lean LM head (:mod:`tre_edu.head`: chunks of tokens, no ``(B, T, V)`` tensor;
+not for models with logit soft-capping or scaling; the sampled-outside metric needs the logits and is not logged).
+Vision-language inputs are not supported (a clear error says so).
 """
 
 from __future__ import annotations
