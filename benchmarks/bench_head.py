@@ -2,6 +2,7 @@
 
     python benchmarks/bench_head.py [--hidden 1536 3584] [--tokens 2048] [--vocab 152064] [--threads 1]
                                     [--repeats 1] [--err-rows 32] [--stats global tre_k tre_p] [--device cpu]
+                                    [--paired N]
 
 A Qwen2.5-shaped LM head (hidden 1,536 = 1.5B, 3,584 = 7B; V = 152,064), float32, ``--tokens`` response tokens.
 For each statistic (log-probs + global entropy, log-probs + TRE-K (K = 2), log-probs + TRE-P (p = 0.99)), forward +
@@ -13,11 +14,15 @@ backward of ``sum(g1 * logprobs) + sum(g2 * statistic)`` (fixed random g) to the
   only; its torch fallback on CPU), skipped with a note if TRL is not importable.
 
 Each case runs in a fresh subprocess (repeats interleaved across cases, so load drifts hit all methods alike).
-time: median wall time of forward + backward. extra peak: the process's peak resident memory during forward +
+time: median wall time of forward + backward; cpu: the process's CPU time for it (user + system, all threads): on
+a shared machine the wall time follows the load, the CPU time much less (it still counts cache and memory
+contention). extra peak: the process's peak resident memory during forward +
 backward (VmHWM, reset through /proc/self/clear_refs; on CUDA ``max_memory_allocated``) minus the memory in use
 before it (inputs) and minus the gradients every method returns (w.r.t. hidden and weight): the method's own
 working memory. err: max abs error of the values (log-probs and the statistic) on the first ``--err-rows`` tokens
-against a float64 computation of the same statistics. "dry run" prints ``tre_edu.head.head_buffer_bytes`` for the
+against a float64 computation of the same statistics. ``--paired N``: also time the methods alternately N times in ONE
+process per statistic and print the median of the per-round ratios to the materialised path ("paired"; load drift on a
+shared machine cancels better than across processes). "dry run" prints ``tre_edu.head.head_buffer_bytes`` for the
 chunk size used, the figure ``tre-edu train --dry-run`` counts for the head.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import statistics as st
 import subprocess
@@ -105,10 +111,10 @@ def worker(args) -> None:
     h.requires_grad_()
     W.requires_grad_()
     grad_bytes = (h.numel() + W.numel()) * 4
-    if args.method == "TRL":  # imports outside the timed region
+    if "TRL" in args.method:  # imports outside the timed region
         import trl.kernels.chunked_logprob  # noqa: F401
-    else:
-        import tre_edu.head  # noqa: F401
+    import tre_edu.head  # noqa: F401
+
     gc.collect()
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -118,9 +124,23 @@ def worker(args) -> None:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _rss_kb("VmRSS") * 1024
-    t0 = time.perf_counter()
+    if args.method.startswith("paired:"):  # alternate the methods in this process, time only
+        times: dict[str, list[float]] = {}
+        methods = args.method.split(":")[1].split(",")
+        for _ in range(args.repeats):
+            for method in methods:
+                h.grad = W.grad = None
+                t0 = time.perf_counter()
+                lp, s = _values(method, args.stat, h, W, t)
+                ((lp * gl[0]).sum() + (s * gl[1]).sum()).backward()
+                times.setdefault(method, []).append(time.perf_counter() - t0)
+                del lp, s
+        print(json.dumps({"times": times}))
+        return
+    t0, c0 = time.perf_counter(), time.process_time()
     lp, s = _values(args.method, args.stat, h, W, t)
     ((lp * gl[0]).sum() + (s * gl[1]).sum()).backward()
+    out["cpu"] = time.process_time() - c0
     if dev == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
@@ -159,6 +179,7 @@ def main() -> None:
     ap.add_argument("--method", default="head", help=argparse.SUPPRESS)
     ap.add_argument("--stat", default="global", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    ap.add_argument("--paired", type=int, default=0, help="rounds of in-process alternating timing (0: off)")
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -186,26 +207,37 @@ def main() -> None:
         for _ in range(args.repeats):
             for stat, method in cases:
                 runs[(stat, method)].append(_spawn(args, hidden=hidden, method=method, stat=stat))
+        paired: dict = {}
+        for stat in args.stats if args.paired else []:
+            methods = [m for s_, m in cases if s_ == stat]
+            res = _spawn(args, hidden=hidden, method="paired:" + ",".join(methods), stat=stat, repeats=args.paired)
+            tm = res["times"]
+            for m in methods:
+                ratios = [a / b for a, b in zip(tm[m], tm["materialised"], strict=True)]
+                paired[(stat, m)] = (st.median(tm[m]), st.median(ratios), tm[m])
         print(f"\nhidden {hidden}: fwd+bwd, extra peak memory (MiB; the (N, V) logits are {logits_mib:.0f} MiB), "
               f"max |error| of the values vs float64 on {args.err_rows} tokens")  # fmt: skip
-        print(f"{'statistic':<28} {'method':<13} {'time s':>8} {'x mat.':>7} {'extra MiB':>10} {'x mat.':>7} "
-              f"{'err':>8}")  # fmt: skip
+        print(f"{'statistic':<28} {'method':<13} {'time s':>8} {'x mat.':>7} {'cpu s':>8} {'x mat.':>7} "
+              f"{'extra MiB':>10} {'x mat.':>7} {'err':>8} {'paired s':>9} {'x mat.':>7}")  # fmt: skip
         for stat in args.stats:
-            base_t = base_m = None
+            base_t = base_m = base_c = None
             for method in ("materialised", "head", "TRL"):
                 if (stat, method) not in runs:
                     continue
                 rs = runs[(stat, method)]
                 tm = st.median(r["time"] for r in rs)
+                cpu = st.median(r["cpu"] for r in rs)
                 mem = st.median(r["extra"] for r in rs) / 2**20
                 r64 = torch.tensor(ref[stat])
                 err = float((torch.tensor(rs[0]["values"]).double() - r64).abs().max())
                 if method == "materialised":
-                    base_t, base_m = tm, mem
-                print(f"{STATS[stat]:<28} {method:<13} {tm:>8.2f} {tm / base_t:>6.2f}x {mem:>10.0f} "
-                      f"{mem / base_m:>6.3f}x {err:>8.1e}")  # fmt: skip
-                results.append(dict(hidden=hidden, stat=stat, method=method, time=tm, extra_mib=mem, err=err,
-                                    times=[r["time"] for r in rs]))  # fmt: skip
+                    base_t, base_m, base_c = tm, mem, cpu
+                pt, pr, ptimes = paired.get((stat, method), (math.nan, math.nan, []))
+                print(f"{STATS[stat]:<28} {method:<13} {tm:>8.2f} {tm / base_t:>6.2f}x {cpu:>8.2f} "
+                      f"{cpu / base_c:>6.2f}x {mem:>10.0f} {mem / base_m:>6.3f}x {err:>8.1e} {pt:>9.2f} "
+                      f"{pr:>6.2f}x")  # fmt: skip
+                results.append(dict(hidden=hidden, stat=stat, method=method, time=tm, cpu=cpu, extra_mib=mem, err=err,
+                                    times=[r["time"] for r in rs], paired_times=ptimes, paired_ratio=pr))  # fmt: skip
             dry = head_buffer_bytes(chunk, args.vocab, _request(stat)) / 2**20
             print(f"{'':<28} {'dry run':<13} {'':>8} {'':>7} {dry:>10.0f}   (head_buffer_bytes, {chunk} tokens/chunk)")
     print(f"\nload after: {os.getloadavg()}")

@@ -58,13 +58,10 @@ def warm_start(seed: int, runs: Path):
     # the warm start's own greedy check runs on 100 held-out puzzles (the study: 500); it does not change the weights
     cfg = cell_config(load_study(STUDY), cell).replace({"task.eval_size": 100})
     out = runs / "warm" / f"seed-{seed}"
-    if not (out / "config.json").is_file():
-        part = out.with_name(out.name + ".part")
-        shutil.rmtree(part, ignore_errors=True)
+    if not (out / "config.json").is_file():  # run_warm_start writes the folder atomically (complete or absent)
         t0 = time.perf_counter()
-        res = run_warm_start(cfg, part, progress=False)
+        res = run_warm_start(cfg, out, progress=False)
         print(f"warm start seed {seed}: {time.perf_counter() - t0:.0f} s, {res['summary']['final']}", flush=True)
-        part.rename(out)
     return cfg, out
 
 
@@ -209,30 +206,33 @@ def load_cells(path: Path) -> list[dict]:
     return cells
 
 
-def last_logged(logs: list[dict], key: str) -> dict:
-    """The metrics of the last step that logged ``key`` (``{}`` if none did)."""
-    return next((x["metrics"] for x in reversed(logs) if key in x["metrics"]), {})
+def rollout_tail(logs: list[dict], generations: int = 5) -> float:
+    """Mean ``tail/response_frac`` of the sampled training completions over the last ``generations`` generations
+    (TRL logs rollout metrics on the first optimiser step of each generation); NaN if none was logged."""
+    vals = [x["metrics"]["tail/response_frac"] for x in logs if "tail/response_frac" in x["metrics"]]
+    return sum(vals[-generations:]) / len(vals[-generations:]) if vals else float("nan")
 
 
 def report(path: Path) -> str:
-    """Markdown: one row per cell (greedy at start / end, tail responses, mass outside top-10, leaked?) and the
+    """Markdown: one row per cell (held-out greedy accuracy, sampled responses holding a tail token and mass outside
+    the top 10, each at the warm start -> after training; the training rollouts' tail fraction; leaked?) and the
     number of seeds that leaked per method."""
     cells = load_cells(path)
-    out = ["| method | coef | eff. coef | seed | greedy % start | greedy % end | tail responses % (eval) | "
-           "tail responses % (last train step) | mass outside top-10 (last step) | leaked | minutes |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    out = ["| method | entropy_coef | eff. coef | seed | greedy % | sampled responses with a tail token % | "
+           "mass outside top-10 | rollouts with a tail token, last 5 generations % | leaked | CPU min |",
+           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     leaks: dict[str, list[bool]] = {}
-    for c in cells:
+    order = {"none": 0, "entropy": 1, "tre-k": 2}
+    for c in sorted(cells, key=lambda c: (order.get(c["method"], 9), c["seed"])):
         ev, st = c["final"]["eval"], c["warm_start"]["eval"]
-        last = last_logged(c["logs"], "tail/response_frac")  # TRL logs rollout metrics on generation steps only
         leaked = ev.get("tail_response_frac", 0.0) >= LEAK_FRAC
         leaks.setdefault(c["method"], []).append(leaked)
         out.append(
             f"| {c['method']} | {c['entropy_coef']:g} | {c['effective_coef']:.3g} | {c['seed']} | "
-            f"{100 * st['greedy_accuracy']:.1f} | {100 * ev['greedy_accuracy']:.1f} | "
-            f"{100 * ev.get('tail_response_frac', float('nan')):.1f} | {100 * last.get('tail/response_frac', 0):.1f} | "
-            f"{last.get('tail/mass_outside_top10', float('nan')):.2e} | {'yes' if leaked else 'no'} | "
-            f"{c['final']['seconds'] / 60:.1f} |"
+            f"{100 * st['greedy_accuracy']:.1f} -> {100 * ev['greedy_accuracy']:.1f} | "
+            f"{100 * st['tail_response_frac']:.1f} -> {100 * ev['tail_response_frac']:.1f} | "
+            f"{st['mass_outside_top10']:.2e} -> {ev['mass_outside_top10']:.2e} | {100 * rollout_tail(c['logs']):.1f} | "
+            f"{'yes' if leaked else 'no'} | {c['final'].get('cpu_seconds', float('nan')) / 60:.1f} |"
         )
     out.append("")
     out += [f"- {m}: leaked in {sum(v)} of {len(v)} seeds" for m, v in leaks.items()]

@@ -234,7 +234,7 @@ def test_lean_head_keeps_parameters_tying_generate_and_state_dict():
     actor = tiny_gpt2()
     plain = tiny_gpt2()
     keys = set(actor.state_dict())
-    policy = ActorCritic(actor)
+    assert ActorCritic(actor).use_lean_head
     head = actor.get_output_embeddings()
     assert isinstance(head, LeanHead) and head.weight is actor.transformer.wte.weight  # tied: one Parameter
     assert set(actor.state_dict()) == keys

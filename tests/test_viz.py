@@ -75,6 +75,7 @@ def test_gradient_figure_signs(z):
     plus, zero, minus = fig.data[4:7]
     assert set(zero.y) == {"TRE-K", "TRE-P"}  # only TRE has zero gradients
     assert "global entropy" in set(plus.y)
+    assert (fig.layout.yaxis.title.text, fig.layout.yaxis2.title.text) == ("|dH/dz_a|", "method")  # both axes named
 
 
 def test_small_figures(z):

@@ -17,6 +17,10 @@ within ``2e-6 * (mass outside the candidates) + 1e-12`` of p.
 Memory. Nothing of size (N, V) is allocated except the gradient: global passes run over chunks of rows (autograd
 Functions that recompute each chunk in backward); trust regions only touch the top-K (or top-``max_candidates``)
 logits. ``-inf`` logits (masked tokens) are valid; NaN, ``+inf`` or an all ``-inf`` row raise ``ValueError``.
+
+Speed. On a CPU, logits of at least ``COMPILE_MIN_ELEMS`` elements go through ``torch.compile``'d kernels instead of
+the eager chunked passes: one fused pass per reduction (sums accumulated in float64) or gradient, the same formulas;
+``TRE_EDU_COMPILE=0`` or a failed compile keeps the eager passes (benchmarks/bench_entropy.py measures both).
 """
 
 from __future__ import annotations
