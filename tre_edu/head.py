@@ -125,12 +125,12 @@ def head_buffer_bytes(tokens: int, vocab: int, request: StatsRequest, *, matmul_
     """Peak bytes of the head's chunk buffers for ``tokens`` tokens per chunk (forward or backward, the larger):
     forward: the chunk's logits in the matmul dtype (if not float32) + the float32 logits + two float32 scratch
     buffers (s = z - max, e = exp s) + (metrics) the tail pass's two row buffers (at most 2^24 elements each, see
-    tre_edu.entropy); backward: the recomputed logits (matmul dtype, if not float32), the float32 gradient, e, and the
-    gradient cast to the matmul dtype."""
+    tre_edu.entropy); backward: the matmul-dtype buffer (recomputed logits, then the gradient cast to it), the float32
+    logits / gradient and e. The buffers are allocated once per call and re-used by every chunk."""
     elems = tokens * vocab
     low = matmul_bytes if matmul_bytes != 4 else 0
     fwd = elems * (low + 3 * 4) + (2 * min(elems, 1 << 24) * 4 if request.metrics else 0)
-    bwd = elems * (2 * low + 2 * 4)
+    bwd = elems * (low + 2 * 4)
     return max(fwd, bwd)
 
 
@@ -243,12 +243,29 @@ def _matmul_dtype(weight: Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, plan: _Plan, cdt: torch.dtype) -> Tensor:
-    """(c, V) logits / T of one chunk, in the compute dtype (a fresh tensor: callers may overwrite it)."""
-    z = torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
+def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, plan: _Plan, bufs: dict[str, Tensor]) -> Tensor:
+    """(c, V) logits / T of one chunk in the compute dtype, written into the re-used buffer ``bufs["z"]`` (and
+    ``bufs["mm"]`` for a low-precision matmul): fresh large tensors per chunk would page-fault every time."""
+    r = h.shape[0]
+    z = bufs["z"][:r]
+    zm = z if "mm" not in bufs else bufs["mm"][:r]
+    if b is None:
+        torch.mm(h, w.t(), out=zm)
+    else:
+        torch.addmm(b, h, w.t(), out=zm)
     if plan.temperature != 1.0:
-        z.div_(plan.temperature)  # in the matmul dtype, as model(...).logits / T
-    return z if z.dtype == cdt else z.to(cdt)
+        zm.div_(plan.temperature)  # in the matmul dtype, as model(...).logits / T
+    if zm is not z:
+        z.copy_(zm)
+    return z
+
+
+def _chunk_buffers(rows: int, V: int, cdt: torch.dtype, mm: torch.dtype, dev: torch.device, n: int) -> dict:
+    """``n`` compute-dtype chunk buffers ("z", "a", "b") and, for a low-precision matmul, "mm"."""
+    bufs = {k: torch.empty(rows, V, dtype=cdt, device=dev) for k in ("z", "a", "b")[:n]}
+    if mm != cdt:
+        bufs["mm"] = torch.empty(rows, V, dtype=mm, device=dev)
+    return bufs
 
 
 def _local_entropy(v: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
@@ -290,10 +307,11 @@ class _HeadFunction(torch.autograd.Function):
             metrics = torch.zeros(len(req.metric_keys()), dtype=torch.float64, device=dev)
             tail_opts = dict(ks=list(req.metrics_ks), p=req.metrics_p, top_k=req.metrics_top_k, rescale=req.rescale,
                              max_candidates=req.max_candidates, vocab_size=plan.width)  # fmt: skip
+        bufs = _chunk_buffers(min(N, plan.rows), V, cdt, plan.mm_dtype, dev, 3) if N else {}
         with _no_autocast(dev):
             for r0 in range(0, N, plan.rows):
                 sl = slice(r0, min(N, r0 + plan.rows))
-                z = _chunk_logits(hidden[sl].to(plan.mm_dtype), w, b, plan, cdt)
+                z = _chunk_logits(hidden[sl].to(plan.mm_dtype), w, b, plan, bufs)
                 m = z.amax(-1)
                 ent._raise_bad_rows(m, "logits (hidden @ weight.T + bias)")
                 m_all[sl] = m
@@ -304,8 +322,9 @@ class _HeadFunction(torch.autograd.Function):
                     C = req.top_k if req.top_k is not None else min(V, 256 if req.max_candidates is None else
                                                                       req.max_candidates)  # fmt: skip
                     vals, idx = torch.topk(z, C, dim=-1, sorted=True)
-                s = z - m.unsqueeze(-1)
-                e = torch.exp(s)
+                r = z.shape[0]
+                s = torch.sub(z, m.unsqueeze(-1), out=bufs["a"][:r])
+                e = torch.exp(s, out=bufs["b"][:r])
                 S = e.sum(-1)
                 S_all[sl] = S
                 lse = m + torch.log(S)
@@ -392,15 +411,18 @@ class _HeadFunction(torch.autograd.Function):
         gb = torch.zeros(bias.shape, dtype=torch.float32 if low else bias.dtype, device=dev) if need_b else None
         ninf_any = bool(ninf.any()) if (B is not None and ninf is not None) else False
         regions = {sl.start: (idx, dv, factor) for sl, idx, dv, factor in ctx.regions}
+        N = hidden.shape[0]
+        bufs = _chunk_buffers(min(N, plan.rows), weight.shape[0], cdt, mm, dev, 2)
         with _no_autocast(dev):
-            for r0 in range(0, hidden.shape[0], plan.rows):
-                sl = slice(r0, min(hidden.shape[0], r0 + plan.rows))
+            for r0 in range(0, N, plan.rows):
+                sl = slice(r0, min(N, r0 + plan.rows))
                 h = hidden[sl].to(mm)
-                s = _chunk_logits(h, w, b, plan, cdt)
+                s = _chunk_logits(h, w, b, plan, bufs)
+                r = s.shape[0]
                 s.sub_(m_all[sl].unsqueeze(-1))
                 if ninf_any and bool(ninf[sl].any()):
                     s.clamp_(min=ent._SAFE_MIN)
-                e = torch.exp(s)
+                e = torch.exp(s, out=bufs["a"][:r])
                 if B is None:
                     dz = e.mul_(A[sl].unsqueeze(-1))
                     del s
@@ -420,10 +442,13 @@ class _HeadFunction(torch.autograd.Function):
                     dz.div_(plan.temperature)
                 if gb is not None:
                     gb += dz.sum(0).to(gb.dtype)
-                dzm = dz if dz.dtype == mm else dz.to(mm)
+                dzm = dz if dz.dtype == mm else bufs["mm"][:r].copy_(dz)
                 del dz
                 if gh is not None:
-                    gh[sl] = torch.mm(dzm, w).to(gh.dtype)
+                    if gh.dtype == mm:
+                        torch.mm(dzm, w, out=gh[sl])
+                    else:
+                        gh[sl] = torch.mm(dzm, w).to(gh.dtype)
                 if gw is not None:
                     _addmm_acc(gw, dzm.t(), h)
                 del dzm

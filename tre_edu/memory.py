@@ -206,7 +206,7 @@ def estimate_memory(
         key = f"KV cache while sampling ({rows_at_once} rows x {T} tokens)"
         rows[key], phase[key] = 2 * L * T * d_kv * 2 * rows_at_once / GIB, "sample"
         if sharded:
-            key = "whole actor gathered to sample (FSDP summon_full_params)"
+            key = "whole actor gathered to sample (FSDP: distributed.full_parameters)"
             rows[key], phase[key] = P * param_bytes / GIB, "sample"
     if sharded:
         notes.append("FSDP gathers one wrapped layer at a time while training")
