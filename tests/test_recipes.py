@@ -59,7 +59,7 @@ def test_the_recipe_files_exist():
     for name in ("ddp_8gpu", "fsdp_8gpu"):
         acc = yaml.safe_load((ROOT / "configs" / "accelerate" / f"{name}.yaml").read_text())
         assert acc["num_processes"] == 8 and acc["mixed_precision"] == "bf16"
-    assert acc["distributed_type"] == "FSDP" and acc["fsdp_config"]["fsdp_version"] == 2  # the version tests/test_fsdp.py runs
+    assert acc["distributed_type"] == "FSDP" and acc["fsdp_config"]["fsdp_version"] == 2  # what test_fsdp.py runs
     for name in ("forking", "kl-cov"):  # the selection pool is explicit where the method selects tokens
         text = yaml.safe_load((PAPER / "methods" / f"{name}.yaml").read_text())
         assert text["regularizer"]["selection"] == "microbatch"

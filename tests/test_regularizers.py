@@ -205,7 +205,8 @@ def test_forking_regularizer():
     # per micro-batch of one row each (what the trainer does with selection: microbatch and micro-batches of 1)
     reg = Regularizer(kind="forking")
     rows = [
-        _call(reg, logits[i : i + 1], logprobs[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1]) for i in (0, 1)
+        _call(reg, logits[i : i + 1], logprobs[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1])
+        for i in (0, 1)
     ]
     assert torch.cat([r.pg_mask for r in rows]).tolist() == [[1, 0, 0, 0, 0], [1, 0, 0, 0, 0]]
     # a precomputed (whole-mini-batch) selection is used as given
