@@ -89,7 +89,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-300))
 
 
-def assert_same(lean, ref, tol: float, metrics_tol: float = 1e-6) -> None:
+def assert_same(lean, ref, tol: float, metrics_tol: float = 1e-6, hidden_tol: float | None = None) -> None:
     """Values within ``tol`` relative (to the tensor's max); gradients w.r.t. weight and bias too; the gradient
     w.r.t. hidden within ``tol`` of the scale of its V terms (it sums V = 152,064 products dz_a W_a that cancel: a
     float32 GEMM of the same inputs with another row count differs by more than 1e-6 of its result)."""
@@ -109,7 +109,7 @@ def assert_same(lean, ref, tol: float, metrics_tol: float = 1e-6) -> None:
         assert torch.isfinite(a).all() and a.dtype == r.dtype
         if name == "hidden":
             err = float((a.double() - r.double()).abs().max()) / h_scale
-            assert err <= tol, (name, err, rel(a, r))
+            assert err <= (tol if hidden_tol is None else hidden_tol), (name, err, rel(a, r))
         else:
             assert rel(a, r) <= tol, (name, rel(a, r))
 
@@ -130,7 +130,10 @@ def test_nucleus_cut_close_to_p():
     t = torch.zeros(h.shape[0], dtype=torch.long)
     req = StatsRequest(tre=True, top_p=p, metrics=True, metrics_p=p)
     lean = run(h, W, None, t, req, lean=True, chunk_tokens=5)
-    assert_same(lean, run(h, W, None, t, req, lean=False), 1e-6)
+    # d hidden sums 152,064 products whose flat tail (log pi ~ -16.5 on 152k tokens) does not cancel: a float32 GEMM
+    # of a few rows may accumulate them one by one (a GEMV-like kernel; seen with 2 threads: 2.8e-3 of the scale),
+    # where the materialised path's one 15-row GEMM is blocked (~1e-6). The bound is float32's for V terms.
+    assert_same(lean, run(h, W, None, t, req, lean=False), 1e-6, hidden_tol=152_064 * 2**-24)
     # both cut where float64 does: n + 1 tokens, the rescale log V / log (n + 1)
     z = W.t()
     h_tr = ent.trust_region_entropy(z.double(), top_p=p, rescale=False)
