@@ -140,6 +140,19 @@ def _check_inputs(input_ids: Tensor, attention_mask: Tensor, response_len: int) 
         )
 
 
+def _response_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, R: int, hidden: bool) -> Any:
+    """The causal LM over ``[prompt | response]``: position ids from the mask, no cache, the LM head on the last
+    ``R + 1`` positions only."""
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        output_hidden_states=hidden,
+        **lm_forward_kwargs(model, logits_to_keep=R + 1),
+    )
+
+
 def response_logits(
     model: nn.Module,
     input_ids: Tensor,
@@ -159,14 +172,7 @@ def response_logits(
     if not (isinstance(temperature, int | float) and 0 < temperature < float("inf")):
         raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
     R = response_len
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        output_hidden_states=hidden,
-        **lm_forward_kwargs(model, logits_to_keep=R + 1),
-    )
+    out = _response_forward(model, input_ids, attention_mask, R, hidden)
     logits = out.logits[:, -(R + 1) : -1]  # the last one predicts past the end of the sequence
     return (logits if temperature == 1 else logits / temperature), out
 
@@ -209,14 +215,7 @@ def _stats_forward(
         stats = statistics_from_logits(logits, targets, request, weights=mask)
         return stats, out, (logits if return_logits else None)
     with head.computing(targets, request, temperature=temperature, weights=mask) as call:
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-            output_hidden_states=hidden,
-            **lm_forward_kwargs(model, logits_to_keep=R + 1),
-        )
+        out = _response_forward(model, input_ids, attention_mask, R, hidden)
     return LeanHead.unpack(out.logits, call), out, None
 
 
