@@ -55,6 +55,9 @@ __all__ = [
 
 # Elements (tokens x V) per chunk of the head. CPU: 64 MiB float32 buffers; GPU: 256 MiB (fewer, larger kernels).
 CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 26}
+# Vocabulary columns per matmul call of a chunk's logits on CPU (measured: 110 x 3,584 @ 3,584 x 152,064, 1 thread,
+# 12.0 ms / token in blocks of 1,024 columns, 14.6 ms in one call; a GPU makes one call).
+CPU_MATMUL_COLUMNS = 1024
 
 
 @dataclass(frozen=True)
@@ -246,13 +249,16 @@ def _matmul_dtype(weight: Tensor) -> torch.dtype:
 def _chunk_logits(h: Tensor, w: Tensor, b: Tensor | None, plan: _Plan, bufs: dict[str, Tensor]) -> Tensor:
     """(c, V) logits / T of one chunk in the compute dtype, written into the re-used buffer ``bufs["z"]`` (and
     ``bufs["mm"]`` for a low-precision matmul): fresh large tensors per chunk would page-fault every time."""
-    r = h.shape[0]
+    r, V = h.shape[0], w.shape[0]
     z = bufs["z"][:r]
     zm = z if "mm" not in bufs else bufs["mm"][:r]
-    if b is None:
-        torch.mm(h, w.t(), out=zm)
-    else:
-        torch.addmm(b, h, w.t(), out=zm)
+    tile = V if zm.is_cuda else CPU_MATMUL_COLUMNS
+    for v0 in range(0, V, tile):  # CPU: a few-row GEMM is ~20 % faster into cache-sized column blocks
+        cols = slice(v0, v0 + tile)
+        if b is None:
+            torch.mm(h, w[cols].t(), out=zm[:, cols])
+        else:
+            torch.addmm(b[cols], h, w[cols].t(), out=zm[:, cols])
     if plan.temperature != 1.0:
         zm.div_(plan.temperature)  # in the matmul dtype, as model(...).logits / T
     if zm is not z:
