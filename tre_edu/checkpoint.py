@@ -2,16 +2,9 @@
 one job per folder.
 
 A checkpoint is a folder ``checkpoints/step_NNNNNN/`` holding ``trainer_state.pt`` (tensors and plain Python data
-only), the run's ``config.yaml`` and a ``COMPLETE`` marker written last. It is written under a temporary name and
-renamed into place (:func:`atomic_folder`, also used for the warm start), so a run killed mid-save leaves either the
-old folder or the new one, never a half folder under a real name. Loading uses ``torch.load(weights_only=True)``: a
-file that would unpickle to anything but tensors, numbers, strings and containers is refused. A full disk ends a save
-with ``OSError(ENOSPC)`` naming the folder and the free space (nothing partial is left).
-
-:class:`DirectoryLock`: an exclusive ``flock`` on ``<folder>/.tre-edu.lock`` for the lifetime of a job (a run's
-output_dir, a study's results folder), so a second job into the same folder is refused, naming the holder's pid; the
-kernel drops the lock when its process dies, so a killed run never leaves a stale lock. :func:`write_config` keeps
-every earlier ``config.yaml`` of a run in ``config_history.yaml``.
+only), the run's ``config.yaml`` and a ``COMPLETE`` marker written last, built under a temporary name and renamed
+into place (:func:`atomic_folder`), so a run killed mid-save leaves the old folder or the new one, never a half one.
+Loading uses ``torch.load(weights_only=True)``: a file that would unpickle to anything else is refused.
 """
 
 from __future__ import annotations
@@ -106,9 +99,8 @@ def _free(folder: Path) -> str:
 @contextlib.contextmanager
 def atomic_folder(path: str | Path, what: str = "folder", marker: dict | None = None) -> Iterator[Path]:
     """Build the folder ``path`` in a temporary sibling ``.<name>.tmp`` (yielded), then write the ``COMPLETE``
-    marker (``marker`` as its JSON), flush everything to disk and rename it to ``path`` (replacing an older folder
-    of that name). An error inside removes the temporary folder and leaves ``path`` as it was; a full disk becomes
-    ``OSError(ENOSPC)`` naming ``what``, the folder and the free space."""
+    marker (``marker`` as its JSON), flush to disk and rename it to ``path`` (replacing an older one). An error
+    inside leaves ``path`` as it was; a full disk becomes ``OSError(ENOSPC)`` naming ``what``, folder and free space."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -137,8 +129,7 @@ def atomic_folder(path: str | Path, what: str = "folder", marker: dict | None = 
     shutil.rmtree(old, ignore_errors=True)
 
 
-def is_complete(path: str | Path) -> bool:
-    """Whether the folder ``path`` was written to the end (carries the ``COMPLETE`` marker)."""
+def is_complete(path: str | Path) -> bool:  # written to the end: carries the COMPLETE marker
     return (Path(path) / MARKER).is_file()
 
 
@@ -148,18 +139,14 @@ def _open_for_writing(file: Path):
 
 
 def save(path: str | Path, state: dict[str, Any], files: dict[str, str] | None = None) -> Path:
-    """Write ``state`` (and small text ``files``: name -> content) as a complete checkpoint folder ``path``.
-
-    The folder is built as ``.path.tmp``, flushed to disk, marked complete and renamed to ``path`` (replacing an
-    older folder of that name); see :func:`atomic_folder`.
-    """
-    path = Path(path)
+    """Write ``state`` (and small text ``files``: name -> content) as a complete checkpoint folder ``path``
+    (:func:`atomic_folder`)."""
     with atomic_folder(path, "checkpoint", {"step": state.get("step")}) as tmp:
         with _open_for_writing(tmp / STATE_FILE) as f:  # a Python file: a full disk raises OSError(ENOSPC)
             torch.save(state, f)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
-    return path
+    return Path(path)
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -186,10 +173,8 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def load_latest(output_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    """(folder, state) of the newest checkpoint that loads; incomplete or unreadable ones are skipped with a warning.
-
-    Raises FileNotFoundError when there is none.
-    """
+    """(folder, state) of the newest checkpoint that loads (FileNotFoundError if none); incomplete or unreadable
+    ones are skipped with a warning."""
     root = Path(output_dir) / "checkpoints"
     for folder in sorted(root.glob("step_*"), reverse=True):
         try:
@@ -208,11 +193,9 @@ def truncate_jsonl(path: str | Path, last_step: int) -> None:
         return
     kept = []
     for line in path.read_text().splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a crash is dropped
             if json.loads(line).get("step", 0) <= last_step:
                 kept.append(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -281,12 +264,10 @@ class DirectoryInUse(OSError):
 
 
 class DirectoryLock:
-    """An exclusive lock on ``folder`` (created if missing) for as long as it is held: ``flock`` on
-    ``folder/.tre-edu.lock``, which holds the holder's pid. Acquiring a lock that another process holds raises
-    :class:`DirectoryInUse` naming the folder (as ``what``, e.g. ``output_dir``) and that pid; use as a context
-    manager. The kernel drops the lock when the holding process ends, even on ``kill -9``; a released lock removes
-    its file (and the folder, when the lock created it and it is still empty). Without ``fcntl`` (Windows) it does
-    nothing."""
+    """An exclusive ``flock`` on ``folder/.tre-edu.lock`` (the folder created if missing; the file holds the holder's
+    pid) for the lifetime of a job, so a second job into the folder raises :class:`DirectoryInUse` naming ``what``
+    and that pid. The kernel drops the lock when the holder dies, even on ``kill -9``, so no stale lock is left; a
+    released lock removes its file (and the folder, if it created it and it is still empty). A no-op on Windows."""
 
     def __init__(self, folder: str | Path, what: str = "folder"):
         self.folder, self.what = Path(folder), what
@@ -310,12 +291,10 @@ class DirectoryLock:
                     f"{self.what} {self.folder} is in use by another tre-edu process (pid {holder}; lock file "
                     f"{self.path}): wait for it to finish or stop it, or choose another folder"
                 ) from None
-            try:  # a holder that released the lock meanwhile removed the file we opened: take the new one
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
+            # a holder that released the lock meanwhile removed the file we opened: take the new one
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
             os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -333,10 +312,6 @@ class DirectoryLock:
             with contextlib.suppress(OSError):
                 self.folder.rmdir()
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def __enter__(self) -> DirectoryLock:
         return self.acquire()
 
@@ -351,9 +326,8 @@ def lock_directory(folder: str | Path, what: str = "folder") -> DirectoryLock:
 
 # ---- the run's config record -------------------------------------------------------------------------------------
 def write_config(output_dir: str | Path, text: str, note: str = "") -> Path:
-    """Write the run's ``config.yaml`` (atomically); an earlier one with other content is first appended to
-    ``config_history.yaml`` (YAML documents, oldest first, each after a comment saying when it was replaced and
-    ``note``), so no record of what a run was trained with is ever lost."""
+    """Write the run's ``config.yaml`` atomically; an earlier one with other content is first appended to
+    ``config_history.yaml`` (oldest first, each after a comment saying when it was replaced, and ``note``)."""
     out = Path(output_dir)
     current, history = out / CONFIG_FILE, out / CONFIG_HISTORY
     if current.is_file() and (old := current.read_text()) != text:

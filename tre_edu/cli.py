@@ -81,27 +81,21 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(train_report(result["summary"]))
 
 
-def _pct(x) -> str:
-    return "–" if not isinstance(x, int | float) or not math.isfinite(x) else f"{100 * x:.1f} %"
+def _num(x, percent: bool = False) -> str:
+    if not isinstance(x, int | float) or not math.isfinite(x):
+        return "–"
+    return f"{100 * x:.1f} %" if percent else f"{x:.3g}"
 
 
-def _num(x) -> str:
-    return "–" if not isinstance(x, int | float) or not math.isfinite(x) else f"{x:.3g}"
-
-
-# (label, key in the evaluation records, format) of the lines "start -> end" of train_report
+# (label, key in the evaluation records, as a percentage) of the lines "start -> end" of train_report
 _REPORT_ROWS = (
-    ("greedy accuracy", "eval/greedy_accuracy", _pct),
-    ("sampled pass@1 (eval.top_p)", "eval/sampled_accuracy", _pct),
-    ("responses with a tail token", "eval/tail_response_frac", _pct),
-    ("mass outside the top 10", "eval/mass_outside_top10", _num),
-    ("mass outside the 0.99 nucleus", "eval/mass_outside_nucleus", _num),
-    ("entropy (global, nats)", "eval/entropy_global", _num),
+    ("greedy accuracy", "eval/greedy_accuracy", True),
+    ("sampled pass@1 (eval.top_p)", "eval/sampled_accuracy", True),
+    ("responses with a tail token", "eval/tail_response_frac", True),
+    ("mass outside the top 10", "eval/mass_outside_top10", False),
+    ("mass outside the 0.99 nucleus", "eval/mass_outside_nucleus", False),
+    ("entropy (global, nats)", "eval/entropy_global", False),
 )
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def train_report(summary: dict) -> str:
@@ -113,16 +107,17 @@ def train_report(summary: dict) -> str:
     method, coef, secs = summary.get("regularizer", "?"), summary.get("coef"), summary.get("seconds_total")
     if coef and method in ("entropy", "tre-k", "tre-p"):
         method += f" (coef {coef:g})"
-    took = f" in {_duration(secs)}" if isinstance(secs, int | float) else ""
-    lines = [f"tre-edu: trained {summary.get('steps', '?')} PPO steps with {method}{took}"]
+    if isinstance(secs, int | float):
+        method += f" in {secs:.0f} s" if secs < 120 else f" in {secs / 60:.1f} min"
+    lines = [f"tre-edu: trained {summary.get('steps', '?')} PPO steps with {method}"]
     rows = list(_REPORT_ROWS)
     ks = sorted(int(k[len("eval/pass@") :]) for k in {*start, *end} if k.startswith("eval/pass@"))
     if ks:
-        rows.insert(2, (f"pass@{ks[-1]}", f"eval/pass@{ks[-1]}", _pct))
-    shown = [(label, key, fmt) for label, key, fmt in rows if key in start or key in end]
+        rows.insert(2, (f"pass@{ks[-1]}", f"eval/pass@{ks[-1]}", True))
+    shown = [(label, key, pct) for label, key, pct in rows if key in start or key in end]
     if shown:
         lines.append(f"  held-out, step {start.get('step', 0)} -> step {end.get('step', '?')}:")
-        lines += [f"    {label:<31} {fmt(start.get(key)):>9} -> {fmt(end.get(key))}" for label, key, fmt in shown]
+        lines += [f"    {label:<31} {_num(start.get(k), pct):>9} -> {_num(end.get(k), pct)}" for label, k, pct in shown]
     train = summary.get("train_last10pct") or {}
     if train:
         lines.append(
@@ -299,17 +294,13 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             return args.func(args) or 0  # a command returns None (success) or its exit status
         except (ValueError, OSError) as err:
-            _close_progress_bars()  # the error goes on a line of its own, not after a bar cut short
+            from tqdm import tqdm
+
+            for bar in list(getattr(tqdm, "_instances", ())):  # the error goes on a line of its own, not after a bar
+                with contextlib.suppress(Exception):
+                    bar.close()
             print(f"tre-edu: error: {err}".replace("\n", " "), file=sys.stderr)
             return 2
-
-
-def _close_progress_bars() -> None:
-    from tqdm import tqdm
-
-    for bar in list(getattr(tqdm, "_instances", ())):
-        with contextlib.suppress(Exception):
-            bar.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

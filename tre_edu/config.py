@@ -33,8 +33,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 CRITICS = ("value-head", "separate")
 
 # Named regulariser settings from the papers (entropy-type coefficients in the paper's units, see
-# tre_edu.regularizers.effective_coef).
-# The global-entropy coefficient was not published: no "entropy" preset.
+# tre_edu.regularizers.effective_coef). The global-entropy coefficient was not published: no "entropy" preset.
 PRESETS: dict[str, dict[str, Any]] = {
     "ppo": {"kind": "none"},
     "tre-k": {"kind": "tre-k", "coef": 0.001, "k": 2},  # TRE paper: alpha = 0.001, K = 2
@@ -158,8 +157,7 @@ class TaskConfig(_Section):
 
 @dataclass
 class ModelConfig(_Section):
-    """The policy. ``name: tiny`` builds the CPU model of :mod:`tre_edu.models.tiny`; anything else is a Hugging
-    Face model id or a local directory (a saved tiny model, a warm start, a Qwen2.5 checkpoint)."""
+    """The policy: ``tiny`` (the CPU model of :mod:`tre_edu.models.tiny`), a hub id or a local directory."""
 
     section: ClassVar[str] = "model"
     name: str = opt("tiny", "tiny, a hub id or a local path", flag="--model", pattern=r".+")
@@ -267,8 +265,7 @@ class RegularizerConfig(_Section):
 
 @dataclass
 class EvalConfig(_Section):
-    """Held-out evaluation: greedy accuracy, the paper's validation (one sample, temperature 1.0, top_p 0.7), pass@k
-    and the tail metrics."""
+    """Held-out evaluation: greedy accuracy, the paper's validation (one sample, T 1.0, top_p 0.7), pass@k, tails."""
 
     section: ClassVar[str] = "eval"
     every: int = opt(25, "PPO steps between evaluations (0: only at the start and the end)", ge=0)
@@ -394,18 +391,18 @@ def parse_value(tp: Any, raw: str, name: str = "value") -> Any:
 
 
 def _pairs(overrides: list[str] | dict | None) -> list[tuple[str, Any]]:
-    """Overrides as (key, typed value): a dict is taken as is; "key=value" strings are converted by type."""
+    """Overrides as (key, typed value): a dict or (key, value) pairs are taken as is; "key=value" strings are
+    converted by the field's type."""
     if isinstance(overrides, dict):
         return list(overrides.items())
     out = []
-    for text in overrides or []:
-        if not isinstance(text, str):  # a (key, typed value) pair
-            out.append(tuple(text))
-            continue
-        if "=" not in text:
-            raise ConfigError(f"an override must look like section.field=value (e.g. ppo.steps=50); got {text!r}")
-        key, raw = text.split("=", 1)
-        out.append((key.strip(), parse_value(field_type(key.strip()), raw, key.strip())))
+    for item in overrides or []:
+        if isinstance(item, str):
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError(f"an override must look like section.field=value (e.g. ppo.steps=50); got {item!r}")
+            item = (key.strip(), parse_value(field_type(key.strip()), raw, key.strip()))
+        out.append(tuple(item))
     return out
 
 

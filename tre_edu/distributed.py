@@ -6,22 +6,6 @@ tre_edu shards with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``) thr
 learning rates, actor / critic clipping), and the forward hooks gather a unit's parameters just before it runs.
 FSDP1 (``FullyShardedDataParallel``, flat parameters) is not supported: its unwrapped module cannot run a forward
 (the trainer's no-grad passes call it), and FSDP2 is what both PyTorch and Accelerate develop.
-
-The pieces:
-
-- :func:`make_accelerator`: ``Accelerator(...)``, plus the one thing Accelerate 1.x does not do: on CPU processes
-  (``use_cpu``, gloo) it silently ignores the FSDP plugin and runs DDP. Here the plugin is honoured, so
-  ``accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml --num_processes 2`` with ``device=cpu`` really
-  shards (that is how ``tests/test_fsdp.py`` runs the shipped config on a laptop).
-- :func:`prepare`: ``accelerator.prepare(policy, *optimizers)``; under FSDP each decoder layer of the actor (and of
-  a separate critic) becomes its own FSDP unit (``model._no_split_modules``, whatever the model family), the rest
-  (embeddings, LM head or the memory-lean head that takes its place, final norm, value head) is the root unit.
-- :func:`full_parameters`: a context in which every parameter is whole (sampling, evaluation, weight sync to a
-  sampler); outside it they are sharded again. :func:`full_state_dict`: the whole weights on rank 0, for
-  ``save_pretrained`` (an FSDP2 module's ``state_dict`` is always sharded, even inside :func:`full_parameters`).
-- :func:`save_weights` / :func:`load_weights`: the model and optimiser state of a checkpoint. Under FSDP each rank
-  writes only its shards (``torch.distributed.checkpoint``, folder ``shards/``); with several processes each rank
-  also keeps its own RNG states (``rank_<r>.pt``), so a resumed run continues exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -37,17 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = [
-    "SHARDS_DIR",
-    "fsdp_version",
-    "full_parameters",
-    "full_state_dict",
-    "load_weights",
-    "make_accelerator",
-    "mean_over_processes",
-    "prepare",
-    "save_weights",
-]
+__all__ = ["SHARDS_DIR", "fsdp_version", "full_parameters", "full_state_dict", "load_weights", "make_accelerator"]
+__all__ += ["mean_over_processes", "prepare", "save_weights"]
 
 SHARDS_DIR = "shards"  # inside a checkpoint folder: the DCP shards of model + optimisers (FSDP only)
 RANK_FILE = "rank_{}.pt"  # inside a checkpoint folder: one rank's own RNG states (several processes)
@@ -55,14 +30,10 @@ RANK_FILE = "rank_{}.pt"  # inside a checkpoint folder: one rank's own RNG state
 
 # ---- set-up ------------------------------------------------------------------------------------------------------
 def make_accelerator(mixed_precision: str = "no", cpu: bool = False, **kwargs: Any):
-    """``Accelerator(mixed_precision, cpu)`` that also shards on CPU processes when FSDP is asked for.
-
-    ``accelerate launch`` with an FSDP config sets ``ACCELERATE_USE_FSDP`` and the ``FSDP_*`` variables; Accelerate
-    turns them into an FSDP run only on accelerator devices, and CPU processes fall back to DDP (``MULTI_CPU``)
-    without a word. Here a CPU run keeps the plugin: the state is switched to FSDP before anything is prepared,
-    and every later step (prepare, backward, gradient clipping, reductions) is Accelerate's own FSDP2 code path.
-    An FSDP1 config (``fsdp_version: 1``) is refused with a ValueError, on any device (see the module docstring).
-    """
+    """``Accelerator(mixed_precision, cpu)`` that also shards on CPU processes when FSDP is asked for: Accelerate
+    1.x honours ``ACCELERATE_USE_FSDP`` (set by ``accelerate launch`` with an FSDP config) only on accelerator
+    devices and silently runs CPU processes (gloo) as DDP. Here the state is switched to FSDP before anything is
+    prepared, so every later step is Accelerate's own FSDP2 code path. An FSDP1 config is refused on any device."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
@@ -91,19 +62,16 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool = False, **kwargs: A
 
 
 def prepare(accelerator, policy: nn.Module, *optimizers: torch.optim.Optimizer) -> tuple:
-    """``accelerator.prepare(policy, *optimizers)``. Under FSDP the auto-wrap policy of the config
-    (``TRANSFORMER_BASED_WRAP`` without a class name) finds the decoder-layer classes of the actor and of a separate
-    critic through ``policy._no_split_modules``; the returned optimisers hold the sharded parameters."""
+    """``accelerator.prepare(policy, *optimizers)``. Under FSDP each decoder layer of the actor (and of a separate
+    critic) becomes its own unit: the config's ``TRANSFORMER_BASED_WRAP`` (no class name) finds their classes through
+    ``policy._no_split_modules``; the rest (embeddings, LM head, final norm, value head) is the root unit."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.FSDP and getattr(policy, "_no_split_modules", None) is None:
-        names: list[str] = []
-        for sub in policy.children():
-            for module in sub.modules():
-                for name in getattr(module, "_no_split_modules", None) or []:
-                    if name not in names:
-                        names.append(name)
-        policy._no_split_modules = names
+        names = [
+            n for sub in policy.children() for m in sub.modules() for n in getattr(m, "_no_split_modules", None) or []
+        ]
+        policy._no_split_modules = list(dict.fromkeys(names))  # first occurrences, in order
     out = accelerator.prepare(policy, *optimizers)
     return tuple(out) if isinstance(out, tuple | list) else (out,)  # FSDP2's prepare returns a list
 
@@ -124,42 +92,27 @@ def fsdp_version(model: nn.Module) -> int:
         return 0
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    if isinstance(model, FSDPModule):
-        return 2
-    if isinstance(model, FullyShardedDataParallel):
-        return 1
-    return 0
-
-
-def _fsdp2_modules(model: nn.Module) -> list:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return 2 if isinstance(model, FSDPModule) else 1 if isinstance(model, FullyShardedDataParallel) else 0
 
 
 # ---- whole parameters --------------------------------------------------------------------------------------------
 @contextmanager
 def full_parameters(model: nn.Module, submodule: str = "") -> Iterator[None]:
     """Inside: every parameter of ``model`` (or of its child ``submodule``, e.g. ``"actor"``: a separate critic's
-    layers stay sharded) is a whole, ordinary tensor, so the submodule can be called on its own (the KV-cached
-    sampler calls the actor token by token). All ranks must enter together.
-
-    FSDP2: the root unit and every unit inside the submodule are gathered once on entry and kept gathered (no
-    re-gather per token and layer); on exit they are resharded and their ``reshard_after_forward`` settings
-    restored. Without FSDP: nothing to do. Read-only: changes made inside are not written back to the shards, and a
-    ``state_dict()`` taken inside is still sharded (use :func:`full_state_dict`).
-    """
+    layers stay sharded) is whole, so the KV-cached sampler can call the actor token by token. All ranks must enter
+    together. The units are gathered once on entry (no re-gather per token and layer) and resharded on exit, with
+    their ``reshard_after_forward`` settings restored. Read-only: changes made inside are not written back, and a
+    ``state_dict()`` taken inside is still sharded (use :func:`full_state_dict`)."""
     version = fsdp_version(model)
-    if version == 0:
-        yield
-        return
     if version == 1:
         raise ValueError("tre_edu supports FSDP2 only (fsdp_version: 2 in the accelerate config)")
-    if getattr(model, "_tre_edu_gathered", False):  # nested: the outer context keeps them whole and reshards
+    if version == 0 or getattr(model, "_tre_edu_gathered", False):  # nested: the outer context keeps them whole
         yield
         return
+    from torch.distributed.fsdp import FSDPModule
+
     scope = model.get_submodule(submodule) if submodule else model
-    modules = [model] + [m for m in _fsdp2_modules(scope) if m is not model]
+    modules = [model] + [m for m in scope.modules() if isinstance(m, FSDPModule) and m is not model]
     # The root must be initialised first: FSDP2 treats the first unit that runs a forward as the root, and the
     # sampler calls the actor, not the root (e.g. evaluation before the first training step).
     model._get_fsdp_state()._lazy_init()
@@ -192,10 +145,8 @@ def full_state_dict(model: nn.Module, submodule: str = "") -> dict[str, torch.Te
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not submodule:
-        return full
     prefix = submodule + "."
-    return {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+    return {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)} if submodule else full
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
@@ -207,23 +158,30 @@ def _inner(opt: Any) -> torch.optim.Optimizer:
     return getattr(opt, "optimizer", opt)  # Accelerate's AcceleratedOptimizer wraps the torch optimiser
 
 
+def _dcp_state(policy: nn.Module, optimizers: dict[str, Any]) -> dict[str, Any]:
+    """The sharded state dicts of the model and the optimisers, in the layout of the ``shards/`` folder."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(policy)}
+    for name, opt in optimizers.items():
+        state[f"optim.{name}"] = get_optimizer_state_dict(policy, _inner(opt))
+    return state
+
+
 def save_weights(
     accelerator, path: str | Path, policy: nn.Module, optimizers: dict[str, Any], rank_state: dict[str, Any]
 ) -> dict[str, Any]:
-    """The weights part of a checkpoint about to be written to folder ``path``. Call on every rank.
-
-    Returns what goes into ``trainer_state.pt`` (rank 0 writes it with :func:`tre_edu.checkpoint.save`): without
-    FSDP the model and optimiser state dicts; under FSDP only a note, because every rank has just written its
-    shards to a staging folder beside ``path``. With several processes every rank also stages its ``rank_state``
-    (e.g. RNG states: the ranks draw different numbers). :func:`finish_save` moves the staged files into ``path``
-    after :func:`tre_edu.checkpoint.save`.
-    """
+    """The weights part of a checkpoint about to be written to folder ``path`` (call on every rank): what goes into
+    ``trainer_state.pt``, the state dicts without FSDP, a note under FSDP (every rank stages its shards beside
+    ``path``). With several processes every rank also stages its ``rank_state`` (RNG states: the ranks draw different
+    numbers). :func:`finish_save` moves the staged files into ``path`` after :func:`tre_edu.checkpoint.save`."""
     path = Path(path)
     sharded = fsdp_version(policy) == 2
-    several = accelerator.num_processes > 1
-    if not sharded and not several:
-        unwrapped = accelerator.unwrap_model(policy)
-        return {"policy": unwrapped.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()}}
+    if not sharded:
+        whole = {"policy": accelerator.unwrap_model(policy).state_dict()}
+        whole["optimizers"] = {k: o.state_dict() for k, o in optimizers.items()}
+        if accelerator.num_processes == 1:
+            return whole
     staging = _staging(path)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
@@ -231,19 +189,10 @@ def save_weights(
     accelerator.wait_for_everyone()
     torch.save(rank_state, staging / RANK_FILE.format(accelerator.process_index))
     if not sharded:
-        unwrapped = accelerator.unwrap_model(policy)
-        return {
-            "policy": unwrapped.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "per_rank": True,
-        }
+        return {**whole, "per_rank": True}
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    state = {"model": get_model_state_dict(policy)}
-    for name, opt in optimizers.items():
-        state[f"optim.{name}"] = get_optimizer_state_dict(policy, _inner(opt))
-    dcp.save(state, checkpoint_id=str(staging / SHARDS_DIR))
+    dcp.save(_dcp_state(policy, optimizers), checkpoint_id=str(staging / SHARDS_DIR))
     return {"sharded": SHARDS_DIR, "per_rank": True, "world_size": accelerator.num_processes}
 
 
@@ -278,19 +227,12 @@ def load_weights(
                 f"checkpoint {path} holds FSDP shards; resume it under FSDP (accelerate launch with an FSDP config)"
             )
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_optimizer_state_dict,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         shards = path / state["sharded"]
         if not (shards / ".metadata").is_file():
             raise ValueError(f"checkpoint {path} is incomplete: its FSDP shards ({shards}) are missing")
-        target = {"model": get_model_state_dict(policy)}
-        for name, opt in optimizers.items():
-            target[f"optim.{name}"] = get_optimizer_state_dict(policy, _inner(opt))
+        target = _dcp_state(policy, optimizers)
         dcp.load(target, checkpoint_id=str(shards))
         set_model_state_dict(policy, target["model"])
         for name, opt in optimizers.items():

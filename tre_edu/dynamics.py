@@ -21,12 +21,9 @@ from tre_edu import entropy as ent
 from tre_edu.entropy import tre_rescale
 from tre_edu.regularizers import ENTROPY_KINDS
 
-# The regularisers' config kinds (``regularizer.kind``); plots label "entropy" as "global entropy".
-METHODS = ENTROPY_KINDS  # the methods these toy computations compare
+METHODS = ENTROPY_KINDS  # the regularisers' config kinds; plots label "entropy" as "global entropy"
 OPTIMIZERS = ("sgd", "adam")
-
-#: The width of Qwen2.5's LM head (its output vocabulary), the paper's models.
-QWEN25_VOCAB = 151_936
+QWEN25_VOCAB = 151_936  # the width of Qwen2.5's LM head (its output vocabulary), the paper's models
 
 
 def _check(ok: bool, message: str) -> None:
@@ -183,8 +180,7 @@ def entropy_ascent(
 
     What the entropy term of ``L = L_PPO - coef * H`` alone does to one distribution. ``optimizer="adam"``
     normalises every logit's step, like AdamW on an LM head's rows. The toy has no model, so ``coef`` and ``lr``
-    are not in the paper's units. Records the mass outside the top ``tail_k``, the top-1 probability, ``H`` and
-    the regulariser every ``record_every`` steps and at the last step.
+    are not in the paper's units. Records every ``record_every`` steps and at the last step.
     """
     _check_logits(logits)
     _check_method(method)
@@ -193,7 +189,6 @@ def entropy_ascent(
     _check(coef > 0 and lr > 0, f"coef and lr must be > 0; got coef={coef!r}, lr={lr!r}")
     _check(_is_int(tail_k, 1) and tail_k < logits.numel(), f"tail_k must be an int in [1, V); got {tail_k!r}")
     _check(_is_int(record_every, 1), f"record_every must be an int >= 1; got {record_every!r}")
-
     z = logits.detach().to(torch.float32).clone().requires_grad_(True)
     opt = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)([z], lr=lr, maximize=True)
     records: list[tuple[int, float, float, float, float]] = []
@@ -209,7 +204,6 @@ def entropy_ascent(
         (coef * reg).backward()
         opt.step()
         _check(bool(z.isfinite().all()), f"non-finite logits at step {step + 1}: lower lr * coef ({lr=}, {coef=})")
-
     rec_steps, *cols = (np.asarray(col) for col in zip(*records))  # step, tail mass, top-1, H, regulariser
     start, end = logits.detach().clone(), z.detach().clone()
     return AscentResult(method, logits.numel(), rec_steps.astype(np.int64), *cols, start, end, tail_k)
@@ -224,23 +218,23 @@ def ascent_sweep(
     progress: bool = False,
     **ascent_kwargs,
 ) -> dict[tuple[str, int], AscentResult]:
-    """``{(method, V): entropy_ascent(realistic_logits(V, n_plausible, seed), method, **ascent_kwargs)}``.
-
-    Every V starts from the same head and tail mass, so only the tail's width differs (``tail_k``: n_plausible).
-    """
+    """``{(method, V): entropy_ascent(realistic_logits(V, n_plausible, seed), method, **ascent_kwargs)}``: every V
+    starts from the same head and tail mass, so only the tail's width differs (``tail_k``: n_plausible)."""
     for m in methods:
         _check_method(m)
     ascent_kwargs.setdefault("tail_k", n_plausible)
     starts = {int(v): realistic_logits(int(v), n_plausible, seed) for v in vocab_sizes}
-    jobs = [(m, v) for v in starts for m in methods]
-    return {
-        (m, v): entropy_ascent(starts[v], m, **ascent_kwargs)
-        for m, v in tqdm(jobs, "entropy ascent", disable=not progress)
-    }
+    jobs = tqdm([(m, v) for v in starts for m in methods], "entropy ascent", disable=not progress)
+    return {(m, v): entropy_ascent(starts[v], m, **ascent_kwargs) for m, v in jobs}
 
 
-def _log_clean(eps, horizon) -> np.ndarray:
-    """``log prod_{t<T} (1 - eps_t) = sum_{t<T} log1p(-eps_t)``: accurate for eps ~ 1e-6 and T ~ 1e4."""
+def clean_response_probability(eps, horizon) -> np.ndarray:
+    """``P(clean) = prod_{t=1..T} (1 - eps_t)`` for ``T`` = ``horizon`` (int or ints): no tail token sampled.
+
+    ``eps``: one number (``(1 - eps)^T``) or a 1-D sequence ``eps_1, eps_2, ...`` (``T <= len(eps)``). Returns
+    float64 with the shape of ``np.atleast_1d(horizon)``. Computed as ``exp(sum_{t<=T} log1p(-eps_t))``: accurate
+    for eps ~ 1e-6 and T ~ 1e4.
+    """
     e = np.atleast_1d(np.asarray(eps, dtype=np.float64))
     t = np.atleast_1d(np.asarray(horizon))
     _check(e.ndim == 1 and e.size > 0, "eps must be a number or a 1-D sequence of per-step tail probabilities")
@@ -249,14 +243,5 @@ def _log_clean(eps, horizon) -> np.ndarray:
     _check(e.size == 1 or not np.any(t > e.size), f"horizon must be <= len(eps) = {e.size} when eps is a sequence")
     with np.errstate(divide="ignore"):
         if e.size == 1:
-            return t.astype(np.int64) * np.log1p(-e[0])
-        return np.concatenate([[0.0], np.cumsum(np.log1p(-e))])[t]
-
-
-def clean_response_probability(eps, horizon) -> np.ndarray:
-    """``P(clean) = prod_{t=1..T} (1 - eps_t)`` for ``T`` = ``horizon`` (int or ints): no tail token sampled.
-
-    ``eps``: one number (``(1 - eps)^T``) or a 1-D sequence ``eps_1, eps_2, ...`` (``T <= len(eps)``). Returns
-    float64 with the shape of ``np.atleast_1d(horizon)``.
-    """
-    return np.exp(_log_clean(eps, horizon))
+            return np.exp(t.astype(np.int64) * np.log1p(-e[0]))
+        return np.exp(np.concatenate([[0.0], np.cumsum(np.log1p(-e))])[t])

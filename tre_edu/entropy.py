@@ -17,10 +17,6 @@ within ``2e-6 * (mass outside the candidates) + 1e-12`` of p.
 Memory. Nothing of size (N, V) is allocated except the gradient: global passes run over chunks of rows (autograd
 Functions that recompute each chunk in backward); trust regions only touch the top-K (or top-``max_candidates``)
 logits. ``-inf`` logits (masked tokens) are valid; NaN, ``+inf`` or an all ``-inf`` row raise ``ValueError``.
-
-Speed. On a CPU, logits of at least ``COMPILE_MIN_ELEMS`` elements go through ``torch.compile``'d kernels instead of
-the eager chunked passes: one fused pass per reduction (sums accumulated in float64) or gradient, the same formulas;
-``TRE_EDU_COMPILE=0`` or a failed compile keeps the eager passes (benchmarks/bench_entropy.py measures both).
 """
 
 from __future__ import annotations
@@ -83,9 +79,8 @@ def _k_softmax_scaled(z: Tensor, lse: Tensor, go: Tensor) -> Tensor:  # -g pi, p
 
 def _flat2d(x: Tensor) -> Tensor | None:
     """``x`` as a (N, V) view if the compiled kernels apply to it, else None."""
-    if not (_COMPILE["enabled"] and not _COMPILE["failed"] and x.device.type == "cpu"):
-        return None
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.numel() < COMPILE_MIN_ELEMS:
+    on = _COMPILE["enabled"] and not _COMPILE["failed"] and x.device.type == "cpu" and x.numel() >= COMPILE_MIN_ELEMS
+    if not on or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
     try:
         return x.view(-1, x.shape[-1])
@@ -184,11 +179,9 @@ def _buffers(views: list[Tensor], n: int, dtype: torch.dtype) -> list[Tensor]:
     return [torch.empty(rows, x.shape[-1], dtype=dtype, device=x.device) for _ in range(n)]
 
 
-def _row_pass(
-    logits: Tensor, *, entropy: bool = False, idx: Tensor | None = None, m: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """One chunked no-grad pass, per row: m = max z (or given), S = sum e; with ``entropy`` d = sum e s and a
-    has-(-inf) flag; with ``idx`` (N, C) T = sum of e outside idx (summed directly)."""
+def _row_pass(logits: Tensor, *, entropy: bool = False, idx: Tensor | None = None, m: Tensor | None = None) -> tuple:
+    """One chunked no-grad pass, per row: (m = max z (or given), S = sum e; with ``entropy`` d = sum e s and a
+    has-(-inf) flag; with ``idx`` (N, C) T = sum of e outside idx (summed directly)), None where not computed."""
     flat = _flat2d(logits)
     if flat is not None:
         out = _row_pass_compiled(flat, entropy=entropy, idx=idx, m=m)
@@ -217,13 +210,7 @@ def _row_pass(
             if S_all is not None:
                 S_all[sl] = e.sum(-1)
             if entropy:
-                d = s.mul_(e).sum(-1)  # NaN only from 0 * (-inf)
-                bad = torch.isnan(d)
-                if bool(bad.any()):
-                    ninf_all[sl] = bad  # type: ignore[index]
-                    s2 = torch.sub(c[bad], mm[bad]).clamp_(min=_SAFE_MIN)
-                    d[bad] = (s2.exp() * s2).sum(-1)
-                d_all[sl] = d  # type: ignore[index]
+                d_all[sl], ninf_all[sl] = _sum_es(c, mm, s, e)  # type: ignore[index]
             if idx is not None:
                 T_all[sl] = e.scatter_(-1, idx[sl], 0.0).sum(-1)  # type: ignore[index]
     if check:
@@ -231,9 +218,18 @@ def _row_pass(
     return m_all, S_all, d_all, ninf_all, T_all
 
 
-def _row_pass_compiled(
-    z: Tensor, *, entropy: bool, idx: Tensor | None, m: Tensor | None
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None] | None:
+def _sum_es(z: Tensor, mm: Tensor, s: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    """d = sum e s per row of a chunk (``s`` is overwritten) and its rows with a -inf logit, where 0 * (-inf) = NaN:
+    those are recomputed with s clamped to _SAFE_MIN (``z``: the chunk, ``mm``: its (r, 1) maxima)."""
+    d = s.mul_(e).sum(-1)
+    bad = torch.isnan(d)
+    if bool(bad.any()):
+        s2 = torch.sub(z[bad], mm[bad]).clamp_(min=_SAFE_MIN)
+        d[bad] = (s2.exp() * s2).sum(-1)
+    return d, bad
+
+
+def _row_pass_compiled(z: Tensor, *, entropy: bool, idx: Tensor | None, m: Tensor | None) -> tuple | None:
     """:func:`_row_pass` through the compiled kernels (same outputs; the has-(-inf) flag is None: the compiled
     gradient handles -inf itself). T = the e below the smallest candidate + the ties with it outside ``idx``."""
     check = m is None
@@ -243,15 +239,11 @@ def _row_pass_compiled(
         _raise_bad_rows(m)
     mm = torch.where(torch.isfinite(m), m, 0.0).unsqueeze(-1)
     S = d = T = None
-    if entropy:
-        res = _compiled("sum_d", _k_sum_d, z, mm)
+    if entropy or idx is None:
+        res = _compiled("sum_d", _k_sum_d, z, mm) if entropy else _compiled("sum", _k_sum, z, mm)
         if res is None:
             return None
-        S, d = res
-    elif idx is None:
-        S = _compiled("sum", _k_sum, z, mm)
-        if S is None:
-            return None
+        S, d = res if entropy else (res, None)
     if idx is not None:
         with torch.no_grad():
             cand = z.gather(-1, idx).float()
@@ -342,15 +334,14 @@ class _TokenLogprob(torch.autograd.Function):
         g = None if flat is None else _compiled("softmax_scaled", _k_softmax_scaled, flat, lse.unsqueeze(-1), go)
         if g is not None:
             grad, gflat = g.view(logits.shape), g
-            gflat.scatter_add_(-1, tokens.reshape(-1, 1), grad_out.reshape(-1, 1).to(grad.dtype))
-            return grad, None
-        views = _row_views(logits)
-        (b_p,) = _buffers(views, 1, lse.dtype)
-        for sl, ch in _chunks(views):
-            out = gflat[sl] if grad.dtype == lse.dtype else b_p[: ch.shape[0]]
-            torch.sub(ch, lse[sl].unsqueeze(-1), out=out).exp_().mul_(go[sl])  # -g pi, pi = exp(z - lse)
-            if out.data_ptr() != gflat[sl].data_ptr():
-                gflat[sl].copy_(out)
+        else:
+            views = _row_views(logits)
+            (b_p,) = _buffers(views, 1, lse.dtype)
+            for sl, ch in _chunks(views):
+                out = gflat[sl] if grad.dtype == lse.dtype else b_p[: ch.shape[0]]
+                torch.sub(ch, lse[sl].unsqueeze(-1), out=out).exp_().mul_(go[sl])  # -g pi, pi = exp(z - lse)
+                if out.data_ptr() != gflat[sl].data_ptr():
+                    gflat[sl].copy_(out)
         gflat.scatter_add_(-1, tokens.reshape(-1, 1), grad_out.reshape(-1, 1).to(grad.dtype))  # + g onehot(t)
         return grad, None
 
@@ -383,20 +374,24 @@ def _logsumexp(logits: Tensor) -> Tensor:  # chunked, checked, no grad: (..., V)
 
 
 # --- trust regions ---
-class _LocalEntropy(torch.autograd.Function):
-    """Entropy of softmax(v) restricted to ``keep`` (small (N, C)): H = log S + c, dH/dv_a = -q_a (s_a + c), 0
-    outside keep."""
+def _local_entropy(v: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Entropy of softmax(v) restricted to ``keep`` (small (N, C)): H = log S + c, and the (q, s, c) of its gradient
+    dH/dv_a = -q_a (s_a + c), 0 outside keep."""
+    m = torch.where(keep, v, -math.inf).amax(-1, keepdim=True)
+    s = torch.where(keep, v - m, 0.0)  # s <= 0 inside, 0 outside (no -inf anywhere)
+    e = torch.where(keep, torch.exp(s), 0.0)
+    S = e.sum(-1, keepdim=True)
+    q = e / S
+    c = -(q * s).sum(-1, keepdim=True)  # c = -(sum e s) / S >= 0
+    return (torch.log(S) + c).squeeze(-1), q, s, c
 
+
+class _LocalEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, keep: Tensor) -> Tensor:  # type: ignore[override]
-        m = torch.where(keep, v, -math.inf).amax(-1, keepdim=True)
-        s = torch.where(keep, v - m, 0.0)  # s <= 0 inside, 0 outside (no -inf anywhere)
-        e = torch.where(keep, torch.exp(s), 0.0)
-        S = e.sum(-1, keepdim=True)
-        q = e / S
-        c = -(q * s).sum(-1, keepdim=True)  # c = -(sum e s) / S >= 0
+        h, q, s, c = _local_entropy(v, keep)
         ctx.save_for_backward(q, s, c)
-        return (torch.log(S) + c).squeeze(-1)
+        return h
 
     @staticmethod
     def backward(ctx, grad_h: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -414,12 +409,14 @@ def _flat_topk_idx(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals, idx
 
 
-def _head(logits: Tensor, vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _head(logits: Tensor, vals: Tensor, idx: Tensor, T: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """float64 (e = exp(z - max z) of the candidates ``idx`` (N, C), S = sum e + the float32 tail sum T of e
-    outside them, out = T / S), no grad: e / S is exact up to T's relative error (~eps log2 V) x the tail mass."""
+    outside them (given, or summed here), out = T / S), no grad: e / S is exact up to T's relative error (~eps
+    log2 V) x the tail mass."""
     v = vals.double()
     e = torch.exp(v - v[:, :1])
-    _, _, _, _, T = _row_pass(logits, idx=idx, m=vals[:, 0])
+    if T is None:
+        T = _row_pass(logits, idx=idx, m=vals[:, 0])[4]
     S = e.sum(-1) + T.double()  # type: ignore[union-attr]
     return e, S, T.double() / S  # type: ignore[union-attr]
 
@@ -558,13 +555,10 @@ def tail_mass(logits: Tensor, k: int) -> Tensor:
 
 def nucleus_size(logits: Tensor, p: float, max_candidates: int | None = None) -> Tensor:
     """|nucleus of mass p| (TRE-P's |A_TR|, see :func:`_nucleus`), int64, no grad; ``max_candidates`` None = exact."""
-    with torch.no_grad():
-        return _checked_nucleus(logits, p, max_candidates)[1].sum(-1).view(logits.shape[:-1])
-
-
-def _checked_nucleus(logits: Tensor, p: float, max_candidates: int | None) -> tuple[Tensor, ...]:
     _check_logits(logits)
-    return _nucleus(logits, _check_p(p, "p"), _check_max_candidates(max_candidates))
+    p, max_candidates = _check_p(p, "p"), _check_max_candidates(max_candidates)
+    with torch.no_grad():
+        return _nucleus(logits, p, max_candidates)[1].sum(-1).view(logits.shape[:-1])
 
 
 def _metric_name_p(p: float) -> str:
@@ -580,23 +574,8 @@ def tail_metric_keys(ks: Sequence[int] = (1, 2, 10), p: float = 0.99) -> list[st
     return keys + [f"tail/nucleus_size_{pn}", f"tail/mass_outside_nucleus_{pn}"]
 
 
-def _check_tail_args(
-    V: int, ks: Sequence[int], p: float, top_k: int, max_candidates: int | None, vocab_size: int | None
-) -> tuple[list[int], float, int, int | None, int]:
-    ks = [_check_int(k, "ks", 1, V) for k in ks]
-    width = V if vocab_size is None else _check_int(vocab_size, "vocab_size", 2)
-    return ks, _check_p(p, "p"), _check_int(top_k, "top_k", 1, V), _check_max_candidates(max_candidates), width
-
-
 def _tail_rows(
-    z: Tensor,
-    *,
-    ks: Sequence[int],
-    p: float,
-    top_k: int,
-    rescale: bool,
-    max_candidates: int | None,
-    vocab_size: int,
+    z: Tensor, *, ks: Sequence[int], p: float, top_k: int, rescale: bool, max_candidates: int | None, vocab_size: int
 ) -> Tensor:
     """Per-row tail statistics of the rows ``z`` (r, V) (checked arguments), no grad: a float64 (len(keys), r)
     tensor in the order of :func:`tail_metric_keys`. One top-C search and one pass over the rows."""
@@ -646,7 +625,9 @@ def tail_metrics(
     a valid position. The TRE rows use :func:`tre_rescale` with V = ``vocab_size`` or the logits' width. No grad;
     per chunk of ``chunk_rows`` valid rows one top-C search and one pass over the rows."""
     V = _check_logits(logits)
-    ks, p, top_k, max_candidates, width = _check_tail_args(V, ks, p, top_k, max_candidates, vocab_size)
+    ks = [_check_int(k, "ks", 1, V) for k in ks]
+    width = V if vocab_size is None else _check_int(vocab_size, "vocab_size", 2)
+    p, top_k, max_candidates = _check_p(p, "p"), _check_int(top_k, "top_k", 1, V), _check_max_candidates(max_candidates)
     chunk_rows = _check_int(chunk_rows, "chunk_rows", 1)
     lead = logits.shape[:-1]
     if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(lead)):

@@ -8,16 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_FALSE = ("", "0", "false", "no", "off")
-
 
 def fast_mode() -> bool:
-    """True when ``TRE_EDU_FAST`` is set to anything but ``""``, ``0``, ``false``, ``no`` or ``off``.
-
-    The test command sets ``TRE_EDU_FAST=1``: the notebooks then shrink vocabularies, steps and horizons so that
-    each runs in seconds; unset, they use the real sizes.
-    """
-    return os.environ.get("TRE_EDU_FAST", "").strip().lower() not in _FALSE
+    """True when ``TRE_EDU_FAST`` is set to anything but ``""``, ``0``, ``false``, ``no`` or ``off``: the test
+    command sets it, and the notebooks then shrink vocabularies, steps and horizons to run in seconds."""
+    return os.environ.get("TRE_EDU_FAST", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def pick(default, fast):
@@ -26,11 +21,9 @@ def pick(default, fast):
 
 
 def repo_root(start: str | Path | None = None) -> Path:
-    """The source checkout's root (the folder holding ``configs/`` and ``pyproject.toml``).
-
-    Searched upwards from ``start`` (default: the working directory, so a notebook finds it from ``notebooks/``),
-    then from this package's own location. Raises FileNotFoundError outside a checkout.
-    """
+    """The source checkout's root (the folder holding ``configs/`` and ``pyproject.toml``), searched upwards from
+    ``start`` (default: the working directory, e.g. ``notebooks/``), then from this package's own location.
+    FileNotFoundError outside a checkout."""
     for base in (Path(start or Path.cwd()).resolve(), Path(__file__).resolve().parent):
         for d in (base, *base.parents):
             if (d / "configs").is_dir() and (d / "pyproject.toml").is_file():

@@ -6,21 +6,20 @@ Up to three generation passes over the same examples, through the sampler of the
 - greedy (temperature 0): ``greedy_accuracy``, ``greedy_reward``;
 - sampled, the paper's validation (one sample at ``eval.temperature`` = 1, ``eval.top_p`` = 0.7): ``sampled_accuracy``
   (pass@1 of a sampled answer), ``sampled_reward``;
-- exploration (``eval.pass_k`` = n > 0 samples per example at ``eval.temperature``, top_p 1, the rollout
-  distribution): ``pass@k`` for k = 1, 2, 4, ..., n with the unbiased estimator of Chen et al. (2021)
-  ``pass@k = mean_i [1 - C(n - c_i, k) / C(n, k)]`` (c_i correct samples of example i), and the task's own metrics of
-  those samples (:meth:`~tre_edu.tasks.base.Task.sample_metrics`; Countdown: ``distinct_correct``, the mean number of
-  distinct correct equations per solved example).
+- exploration (``eval.pass_k`` = n > 0 samples per example at ``eval.temperature``, top_p 1): ``pass@k`` for k = 1,
+  2, 4, ..., n with the unbiased estimator of Chen et al. (2021) ``pass@k = mean_i [1 - C(n - c_i, k) / C(n, k)]``
+  (c_i correct samples of example i), and the task's :meth:`~tre_edu.tasks.base.Task.sample_metrics` (Countdown:
+  ``distinct_correct``, the mean number of distinct correct equations per solved example).
 
-Tail metrics (``eval.tail_metrics``) are measured where the rollouts come from, at ``eval.temperature`` and top_p 1
-(a top_p 0.7 sample would cut the very tail they measure): on the exploration samples, or with ``pass_k`` = 0 on one
-extra sample per example. ``tail_response_frac`` = fraction of those responses with at least one tail token (only
-with a known tail, ``tail_start``: the tiny model's ``<tail_*>`` ids); at every sampled position of one response per
-example, from the model's temperature-1 distribution, ``mass_outside_top10``, ``mass_outside_nucleus`` (p = 0.99),
-``entropy_global`` (H = -sum pi log pi) and ``entropy_tre`` (TRE-K, K = 2, rescaled by log V / log 2).
+Tail metrics (``eval.tail_metrics``) are measured where the rollouts come from, at top_p 1 (a top_p 0.7 sample
+would cut the very tail they measure): on the exploration samples, or with ``pass_k`` = 0 on one extra sample per
+example. ``tail_response_frac``: the fraction of those responses with a tail token (only with a known tail); at
+every sampled position of one response per example, from the model's temperature-1 distribution,
+``mass_outside_top10``, ``mass_outside_nucleus`` (p = 0.99), ``entropy_global`` (H = -sum pi log pi) and
+``entropy_tre`` (TRE-K, K = 2, rescaled by log V / log 2).
 
-A response succeeds when its score is ``>= task.success_threshold``; a task whose threshold is None (no notion
-of success, e.g. a reward model) gets rewards only. NaN / +inf logits raise ValueError (in the sampler).
+A response succeeds when its score is ``>= task.success_threshold``; a task whose threshold is None (e.g. a reward
+model) gets rewards only. NaN / +inf logits raise ValueError (in the sampler).
 """
 
 from __future__ import annotations
@@ -63,19 +62,10 @@ def _sample(model, tokenizer, prompts, sampling, batch_size, generator, progress
     has_tail: list[bool] = []
     sums: dict[str, float] = {}
     tokens = 0
-    starts: Any = range(0, len(prompts), batch_size)
-    if progress:
-        starts = tqdm(starts, desc=desc, leave=False)
-    for s in starts:
+    for s in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=not progress):
         ids = tokenizer(prompts[s : s + batch_size], add_special_tokens=False)["input_ids"]
-        ro = generate(
-            model,
-            ids,
-            sampling,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            generator=generator,
-        )
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        ro = generate(model, ids, sampling, eos_token_id=eos, pad_token_id=pad, generator=generator)
         texts += decode_responses(tokenizer, ro)
         if first is not None:
             has_tail += ((ro.response >= first) & ro.response_mask).any(-1).tolist()
@@ -108,91 +98,53 @@ def evaluate(
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``examples`` (see the module docstring for the passes and the keys).
 
-    Args:
-        model: a Hugging Face causal LM (the unwrapped actor); its training flag is restored after.
-        tokenizer: its tokenizer; prompts are encoded without special tokens, as in training.
-        task: a :class:`~tre_edu.tasks.base.Task` (``prompt``, ``reward``, ``success_threshold``).
-        examples: the held-out examples (the same list for every method of a comparison).
-        eval_cfg: a :class:`~tre_edu.config.EvalConfig` (``greedy``, ``sampled``, ``temperature``, ``top_p``,
-            ``batch_size``, ``pass_k``, ``tail_metrics``) or any object with those attributes.
-        style: prompt style; max_new_tokens: response budget.
-        seed: seeds the sampled and exploration passes (same seed, same samples).
-        greedy, sampled: run those passes (None: ``eval_cfg.greedy`` / ``eval_cfg.sampled``).
-        progress: a progress bar per pass.
-        tail_start: the first id of the tokenizer's vocabulary tail (every id from it on is a tail token; the tiny
-            model's :func:`~tre_edu.models.tiny.tail_start`), for ``tail_response_frac``; None: not counted.
-
-    Returns:
-        ``{"greedy_accuracy", "greedy_reward", "sampled_accuracy", "sampled_reward", "pass@1", ..., "pass@n",
-        "distinct_correct", "tail_response_frac", "mass_outside_top10", "mass_outside_nucleus",
-        "entropy_global", "entropy_tre"}``, each present when its pass ran (accuracies, pass@k and
-        distinct_correct only when the task has a success threshold). No examples: ``{}``.
+    ``eval_cfg``: a :class:`~tre_edu.config.EvalConfig` or any object with its attributes (``greedy``, ``sampled``,
+    ``temperature``, ``top_p``, ``batch_size``, ``pass_k``, ``tail_metrics``); ``greedy`` / ``sampled`` None: its
+    setting. ``seed`` seeds the sampled and exploration passes (same seed, same samples). ``tail_start``: the first
+    id of the vocabulary tail (the tiny model's :func:`~tre_edu.models.tiny.tail_start`), for
+    ``tail_response_frac``; None: not counted. Each key is present when its pass ran (accuracies, pass@k and
+    distinct_correct only when the task has a success threshold). No examples: ``{}``.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
     greedy = eval_cfg.greedy if greedy is None else greedy
     sampled = eval_cfg.sampled if sampled is None else sampled
-    n_pass = eval_cfg.pass_k
-    want_tail = eval_cfg.tail_metrics
+    n_pass, want_tail, bs = eval_cfg.pass_k, eval_cfg.tail_metrics, eval_cfg.batch_size
     threshold = task.success_threshold
-    bs = eval_cfg.batch_size
     examples = list(examples)
     if not examples:
         return {}
     prompts = [task.prompt(e, tokenizer, style) for e in examples]
     out: dict[str, float] = {}
 
-    def score(name: str, texts: list[str], exs: list[dict]) -> list[float]:
-        rewards = [float(r) for r in task.reward(texts, exs)]
-        out[f"{name}_reward"] = sum(rewards) / len(rewards)
-        if threshold is not None:
-            out[f"{name}_accuracy"] = sum(r >= threshold for r in rewards) / len(rewards)
-        return rewards
-
-    def tail(has_tail: list[bool] | None, metrics: dict[str, float]) -> None:
+    def run(desc: str, prompts: list[str], temperature: float, top_p=1.0, offset=None, tail=0) -> list[str]:
+        """One pass (seeded by ``seed + offset``; None: greedy); with ``tail`` > 0 it records the tail metrics."""
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        g = None if offset is None else torch.Generator().manual_seed(seed + offset)
+        first = tail_start if tail else None
+        texts, has_tail, metrics = _sample(model, tokenizer, prompts, cfg, bs, g, progress, desc, tail, first)
         out.update(metrics)
         if has_tail is not None:
             out["tail_response_frac"] = sum(has_tail) / len(has_tail)
+        return texts
+
+    def score(name: str, texts: list[str]) -> None:
+        rewards = [float(r) for r in task.reward(texts, examples)]
+        out[f"{name}_reward"] = sum(rewards) / len(rewards)
+        if threshold is not None:
+            out[f"{name}_accuracy"] = sum(r >= threshold for r in rewards) / len(rewards)
 
     with torch.no_grad():
         if greedy:
-            cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-            texts, _, _ = _sample(model, tokenizer, prompts, cfg, bs, None, progress, "eval greedy")
-            score("greedy", texts, examples)
+            score("greedy", run("eval greedy", prompts, 0.0))
         if sampled:
-            cfg = SamplingConfig(
-                max_new_tokens=max_new_tokens,
-                temperature=eval_cfg.temperature,
-                top_p=eval_cfg.top_p,
-            )
-            g = torch.Generator().manual_seed(seed)
-            texts, _, _ = _sample(model, tokenizer, prompts, cfg, bs, g, progress, "eval sampled")
-            score("sampled", texts, examples)
+            score("sampled", run("eval sampled", prompts, eval_cfg.temperature, eval_cfg.top_p, offset=0))
         if want_tail and n_pass == 0:  # one sample per example where the rollouts come from (top_p 1)
-            cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=eval_cfg.temperature)
-            g = torch.Generator().manual_seed(seed + 2)
-            _, has_tail, metrics = _sample(model, tokenizer, prompts, cfg, bs, g, progress, "eval tail", 1, tail_start)
-            tail(has_tail, metrics)
+            run("eval tail", prompts, eval_cfg.temperature, offset=2, tail=1)
         if n_pass > 0:
-            cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=eval_cfg.temperature)
-            g = torch.Generator().manual_seed(seed + 1)
             reps = [p for p in prompts for _ in range(n_pass)]
-            rep_ex = [e for e in examples for _ in range(n_pass)]
-            texts, has_tail, metrics = _sample(
-                model,
-                tokenizer,
-                reps,
-                cfg,
-                bs,
-                g,
-                progress,
-                f"eval pass@{n_pass}",
-                n_pass if want_tail else 0,
-                tail_start,
-            )
-            rewards = [float(r) for r in task.reward(texts, rep_ex)]
-            if want_tail:
-                tail(has_tail, metrics)
+            texts = run(f"eval pass@{n_pass}", reps, eval_cfg.temperature, offset=1, tail=n_pass if want_tail else 0)
+            rewards = [float(r) for r in task.reward(texts, [e for e in examples for _ in range(n_pass)])]
             if threshold is not None:
                 correct = [sum(r >= threshold for r in rewards[i : i + n_pass]) for i in range(0, len(rewards), n_pass)]
                 for k in sorted({2**i for i in range(n_pass.bit_length()) if 2**i <= n_pass} | {n_pass}):

@@ -1,34 +1,21 @@
 """The memory-lean LM head: per-token statistics of ``softmax((hidden @ weight.T + bias) / T)`` without the logits.
 
-PPO needs, per response token, only a few numbers of the next-token distribution: the log-prob of the taken token,
-maybe the global entropy or a trust-region entropy (the regulariser) and, without gradient, the tail metrics. The
-logits of a micro-batch, ``N x V`` floats (4 x 8,192 tokens x 152,064 = 19 GB in float32 for Qwen2.5-7B on MATH), are
-never needed whole. :func:`token_statistics` computes the statistics from the final hidden states and the LM head's
-weight in chunks of tokens: each chunk's logits (``chunk_tokens x V``) are formed, reduced to per-token numbers and
-dropped; the backward pass recomputes them chunk by chunk and forms the gradient w.r.t. the logits in place (the
-formulas of :mod:`tre_edu.entropy`), then the two gradient matmuls: ``d hidden = dz @ W``, ``d W += dz.T @ h``.
-Extra memory: a few ``chunk_tokens x V`` buffers (see :func:`head_buffer_bytes`), never ``N x V``. Cost: one more
-matmul than the materialised path (the recompute).
-
-Semantics are those of :mod:`tre_edu.entropy` exactly (the same operations on the same chunk of logits): the
-compute dtype (float32, float64 for float64 inputs), TRE's rescale (:func:`tre_edu.entropy.tre_rescale`), K = 1
-min-entropy, the nucleus rule and its float64 candidates, the 256-candidate cap, ``-inf`` logits; NaN / ``+inf``
-logits raise ``ValueError``. :func:`statistics_from_logits` is the same interface on materialised logits, built
-from :mod:`tre_edu.entropy`'s functions (the path used when the head is off, and the reference of the tests).
-
-Low precision. The matmuls run in the weight's dtype, or in the autocast dtype under ``torch.autocast`` (as an
-``nn.Linear`` would); the logits are divided by T in that dtype and then converted to the compute dtype (what the
-materialised path does to ``model(...).logits``). The weight's gradient is accumulated over chunks in float32.
-
-:class:`LeanHead` puts this inside a model: it takes the place of the model's output layer (same ``weight`` / ``bias``
-Parameters, so tying, state dicts and ``generate`` are unchanged) and, while a :meth:`LeanHead.computing` context is
-open, returns the packed per-token statistics instead of the logits; the statistics are thus computed inside the
-module's forward, where FSDP has the weight whole.
+PPO needs, per response token, a few numbers of the next-token distribution (the taken token's log-prob, maybe the
+global or trust-region entropy, the tail metrics without gradient); a micro-batch's ``N x V`` logits (4 x 8,192
+tokens x 152,064 = 19 GB in float32 for Qwen2.5-7B on MATH) are never needed whole. :func:`token_statistics` forms
+each chunk of tokens' logits, reduces them and drops them; backward recomputes each chunk, forms the logits' gradient
+in place, then ``d hidden = dz @ W``, ``d W += dz.T @ h`` (memory: a few chunk buffers, :func:`head_buffer_bytes`;
+cost: one more matmul). The results are :mod:`tre_edu.entropy`'s exactly (the same operations on the same chunk of
+logits); :func:`statistics_from_logits` computes them from materialised logits (the head off; the tests' reference).
+The matmuls run in the weight's dtype, or the autocast dtype (as an ``nn.Linear``); the logits are divided by T in
+it, then converted to the compute dtype; the weight's gradient is accumulated in float32. :class:`LeanHead` puts the
+head inside a model, where FSDP has the weight whole.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,18 +27,8 @@ from torch import Tensor, nn
 
 from tre_edu import entropy as ent
 
-__all__ = [
-    "LeanHead",
-    "StatsRequest",
-    "TokenStats",
-    "default_chunk_tokens",
-    "find_lean_head",
-    "head_buffer_bytes",
-    "install_lean_head",
-    "lean_head_exact",
-    "statistics_from_logits",
-    "token_statistics",
-]
+__all__ = ["LeanHead", "StatsRequest", "TokenStats", "default_chunk_tokens", "find_lean_head", "head_buffer_bytes"]
+__all__ += ["install_lean_head", "lean_head_exact", "statistics_from_logits", "token_statistics"]
 
 # Elements (tokens x V) per chunk of the head. CPU: 64 MiB float32 buffers; GPU: 256 MiB (fewer, larger kernels).
 CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 26}
@@ -79,14 +56,13 @@ class StatsRequest:
         for name in ("entropy", "tre", "rescale", "metrics"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"StatsRequest.{name} must be True or False, got {getattr(self, name)!r}")
-        if self.tre:
-            if (self.top_k is None) == (self.top_p is None):
-                raise ValueError("StatsRequest with tre=True needs exactly one of top_k (an integer >= 1) or top_p "
-                                 "(a float in (0, 1])")  # fmt: skip
-            if self.top_k is not None:
-                ent._check_int(self.top_k, "StatsRequest.top_k", 1)
-            else:
-                ent._check_p(self.top_p, "StatsRequest.top_p")
+        if self.tre and (self.top_k is None) == (self.top_p is None):
+            raise ValueError("StatsRequest with tre=True needs exactly one of top_k (an integer >= 1) or top_p (a "
+                             "float in (0, 1])")  # fmt: skip
+        if self.tre and self.top_k is not None:
+            ent._check_int(self.top_k, "StatsRequest.top_k", 1)
+        elif self.tre:
+            ent._check_p(self.top_p, "StatsRequest.top_p")
         if self.max_candidates is not None:
             ent._check_int(self.max_candidates, "StatsRequest.max_candidates", 1)
         ent._check_int(self.metrics_top_k, "StatsRequest.metrics_top_k", 1)
@@ -125,11 +101,9 @@ def default_chunk_tokens(vocab: int, device: torch.device | str = "cpu") -> int:
 
 
 def head_buffer_bytes(tokens: int, vocab: int, request: StatsRequest, *, matmul_bytes: int = 4) -> int:
-    """Peak bytes of the head's chunk buffers for ``tokens`` tokens per chunk (forward or backward, the larger):
-    forward: the chunk's logits in the matmul dtype (if not float32) + the float32 logits + two float32 scratch
-    buffers (s = z - max, e = exp s) + (metrics) the tail pass's two row buffers (at most 2^24 elements each, see
-    tre_edu.entropy); backward: the matmul-dtype buffer (recomputed logits, then the gradient cast to it), the float32
-    logits / gradient and e. The buffers are allocated once per call and re-used by every chunk."""
+    """Peak bytes of the head's chunk buffers (allocated once per call) for ``tokens`` tokens per chunk, the larger
+    of forward: the logits in the matmul dtype (if not float32) + float32 logits, s = z - max, e = exp s + (metrics)
+    the tail pass's two row buffers (<= 2^24 elements each); backward: the matmul-dtype buffer, float32 dz and e."""
     elems = tokens * vocab
     low = matmul_bytes if matmul_bytes != 4 else 0
     fwd = elems * (low + 3 * 4) + (2 * min(elems, 1 << 24) * 4 if request.metrics else 0)
@@ -151,26 +125,19 @@ def _check_temperature(temperature: object) -> float:
     return float(temperature)
 
 
-def _check_targets(targets: object, shape: tuple[int, ...], V: int) -> Tensor:
+def _check_inputs(
+    request: StatsRequest, targets: object, weights: object, shape: tuple[int, ...], V: int
+) -> tuple[Tensor, Tensor | None]:
+    """``targets`` (int64 token ids) and ``weights`` (the metrics' mask or None) of ``shape``, for a head of width V."""
     if not isinstance(targets, Tensor) or targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError("targets must be an integer tensor (the token ids)")
     if tuple(targets.shape) != shape:
         raise ValueError(f"targets must have shape {shape}, got {tuple(targets.shape)}")
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= V):
         raise ValueError(f"targets must be token ids in [0, {V - 1}] (V = the LM head's width); got values outside")
-    return targets.long()
-
-
-def _check_weights(weights: object, shape: tuple[int, ...]) -> Tensor | None:
-    if weights is None:
-        return None
-    if not isinstance(weights, Tensor) or tuple(weights.shape) != shape:
+    if weights is not None and (not isinstance(weights, Tensor) or tuple(weights.shape) != shape):
         got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
         raise ValueError(f"weights (the metrics' mask) must be a tensor of shape {shape}, got {got}")
-    return weights
-
-
-def _check_region(request: StatsRequest, V: int) -> None:
     if request.tre and request.top_k is not None and request.top_k > V:
         raise ValueError(f"StatsRequest.top_k must be an integer in [1, {V}] (V = the LM head's width), got "
                          f"{request.top_k}")  # fmt: skip
@@ -178,10 +145,13 @@ def _check_region(request: StatsRequest, V: int) -> None:
         for name, k in [("metrics_top_k", request.metrics_top_k)] + [("metrics_ks", k) for k in request.metrics_ks]:
             if k > V:
                 raise ValueError(f"StatsRequest.{name} must be <= V = {V}, got {k}")
+    return targets.long(), weights  # type: ignore[return-value]
 
 
-def _width(vocab_size: object, V: int) -> int:
-    return V if vocab_size is None else ent._check_int(vocab_size, "vocab_size", 2)
+def _tail_options(request: StatsRequest, vocab_size: int | None) -> dict[str, Any]:
+    """``request``'s keyword arguments of :func:`tre_edu.entropy.tail_metrics` (and of ``entropy._tail_rows``)."""
+    opts = dict(ks=request.metrics_ks, p=request.metrics_p, top_k=request.metrics_top_k, rescale=request.rescale)
+    return {**opts, "max_candidates": request.max_candidates, "vocab_size": vocab_size}
 
 
 # --------------------------------------------------------------------------------------------- reference path
@@ -197,33 +167,15 @@ def statistics_from_logits(
     :mod:`tre_edu.entropy`'s functions: the path when the head is off, and the reference of its tests."""
     request = _check_request(request)
     V = ent._check_logits(logits)
-    lead = tuple(logits.shape[:-1])
-    targets = _check_targets(targets, lead, V)
-    weights = _check_weights(weights, lead)
-    _check_region(request, V)
+    targets, weights = _check_inputs(request, targets, weights, tuple(logits.shape[:-1]), V)
     out = TokenStats(logprobs=ent.token_logprobs(logits, targets.to(logits.device)))
     if request.entropy:
         out.entropy = ent.global_entropy(logits)
     if request.tre:
-        out.tre = ent.trust_region_entropy(
-            logits,
-            top_k=request.top_k,
-            top_p=request.top_p,
-            rescale=request.rescale,
-            max_candidates=request.max_candidates,
-            vocab_size=vocab_size,
-        )
+        region = {k: getattr(request, k) for k in ("top_k", "top_p", "rescale", "max_candidates")}
+        out.tre = ent.trust_region_entropy(logits, **region, vocab_size=vocab_size)
     if request.metrics:
-        out.metrics = ent.tail_metrics(
-            logits.detach(),
-            weights,
-            ks=request.metrics_ks,
-            p=request.metrics_p,
-            top_k=request.metrics_top_k,
-            rescale=request.rescale,
-            max_candidates=request.max_candidates,
-            vocab_size=vocab_size,
-        )
+        out.metrics = ent.tail_metrics(logits.detach(), weights, **_tail_options(request, vocab_size))
         out.metrics_weight = float(weights.double().sum()) if weights is not None else float(targets.numel())
     return out
 
@@ -274,17 +226,6 @@ def _chunk_buffers(rows: int, V: int, cdt: torch.dtype, mm: torch.dtype, dev: to
     return bufs
 
 
-def _local_entropy(v: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Entropy of softmax(v) on ``keep`` (the arithmetic of entropy._LocalEntropy) and its gradient w.r.t. v."""
-    m = torch.where(keep, v, -math.inf).amax(-1, keepdim=True)
-    s = torch.where(keep, v - m, 0.0)
-    e = torch.where(keep, torch.exp(s), 0.0)
-    S = e.sum(-1, keepdim=True)
-    q = e / S
-    c = -(q * s).sum(-1, keepdim=True)
-    return (torch.log(S) + c).squeeze(-1), -q * (s + c)
-
-
 class _HeadFunction(torch.autograd.Function):
     """Chunked forward (statistics, saves per-token scalars and the small trust-region pieces); backward recomputes
     each chunk's logits and forms dz in place."""
@@ -298,21 +239,18 @@ class _HeadFunction(torch.autograd.Function):
         dev = hidden.device
         w = weight.to(plan.mm_dtype)
         b = None if bias is None else bias.to(plan.mm_dtype)
-        lp = torch.empty(N, dtype=cdt, device=dev)
-        m_all, S_all = torch.empty(N, dtype=cdt, device=dev), torch.empty(N, dtype=cdt, device=dev)
-        H = c_all = ninf = None
-        if req.entropy:
-            H, c_all = torch.empty(N, dtype=cdt, device=dev), torch.empty(N, dtype=cdt, device=dev)
-            ninf = torch.zeros(N, dtype=torch.bool, device=dev)
-        tre = torch.empty(N, dtype=cdt, device=dev) if req.tre else None
+        vec = functools.partial(torch.empty, N, dtype=cdt, device=dev)  # one number per token
+        lp, m_all, S_all = vec(), vec(), vec()
+        H, c_all = (vec(), vec()) if req.entropy else (None, None)
+        ninf = torch.zeros(N, dtype=torch.bool, device=dev) if req.entropy else None
+        tre = vec() if req.tre else None
         k1 = req.tre and req.top_k == 1
         top = torch.empty(N, dtype=torch.long, device=dev) if k1 else None
         regions: list[tuple[slice, Tensor, Tensor, Tensor | float]] = []  # (rows, idx, dv, rescale factor)
         metrics = None
         if plan.weights is not None:
             metrics = torch.zeros(len(req.metric_keys()), dtype=torch.float64, device=dev)
-            tail_opts = dict(ks=list(req.metrics_ks), p=req.metrics_p, top_k=req.metrics_top_k, rescale=req.rescale,
-                             max_candidates=req.max_candidates, vocab_size=plan.width)  # fmt: skip
+            tail_opts = _tail_options(req, plan.width)
         bufs = _chunk_buffers(min(N, plan.rows), V, cdt, plan.mm_dtype, dev, 3) if N else {}
         with _no_autocast(dev):
             for r0 in range(0, N, plan.rows):
@@ -321,8 +259,7 @@ class _HeadFunction(torch.autograd.Function):
                 m = z.amax(-1)
                 ent._raise_bad_rows(m, "logits (hidden @ weight.T + bias)")
                 m_all[sl] = m
-                t = targets[sl]
-                zt = z.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+                zt = z.gather(-1, targets[sl].unsqueeze(-1)).squeeze(-1)
                 vals = idx = None
                 if req.tre and not k1:
                     C = req.top_k if req.top_k is not None else min(V, 256 if req.max_candidates is None else
@@ -339,41 +276,32 @@ class _HeadFunction(torch.autograd.Function):
                     top[sl] = z.argmax(-1)  # type: ignore[index]
                     tre[sl] = -(m - lse)  # type: ignore[index]  # -log max pi, as entropy.min_entropy
                 if req.entropy:
-                    d = s.mul_(e).sum(-1)  # NaN only from 0 * (-inf)
-                    bad = torch.isnan(d)
-                    if bool(bad.any()):
-                        ninf[sl] = bad  # type: ignore[index]
-                        s2 = torch.sub(z[bad], m[bad].unsqueeze(-1)).clamp_(min=ent._SAFE_MIN)
-                        d[bad] = (s2.exp() * s2).sum(-1)
+                    d, ninf[sl] = ent._sum_es(z, m.unsqueeze(-1), s, e)  # type: ignore[index]
                     c = -d / S
                     c_all[sl] = c  # type: ignore[index]
                     H[sl] = torch.log(S) + c  # type: ignore[index]
-                del s
                 if req.tre and not k1:
                     if req.top_k is not None:
                         keep, factor = vals > -math.inf, ent.tre_rescale(plan.width, top_k=req.top_k)  # type: ignore[operator]
                         v = vals
                     else:
-                        T = e.scatter_(-1, idx, 0.0).sum(-1).double()  # the tail, summed directly
-                        e64 = torch.exp(vals.double() - vals[:, :1].double())  # type: ignore[index]
-                        S64 = e64.sum(-1) + T
-                        head = (vals, idx, e64, S64, T / S64)
+                        T = e.scatter_(-1, idx, 0.0).sum(-1)  # the tail, summed directly
+                        head = (vals, idx, *ent._head(z, vals, idx, T))  # type: ignore[arg-type]
                         idx, keep, _, _ = ent._nucleus(z, float(req.top_p), req.max_candidates, head=head)  # type: ignore[arg-type]
                         v = z.gather(-1, idx)
                         factor = ent.tre_rescale(plan.width, nucleus_size=keep.sum(-1), dtype=cdt)
-                    h, dv = _local_entropy(v, keep)
+                    h, q, s_q, c_q = ent._local_entropy(v, keep)
+                    dv = -q * (s_q + c_q)
                     if not req.rescale:
                         factor = 1.0
                     tre[sl] = h * factor  # type: ignore[index]
                     regions.append((sl, idx, dv, factor))  # type: ignore[arg-type]
-                del e
                 if metrics is not None:
                     wc = plan.weights[sl]  # type: ignore[index]
                     sel = (wc != 0).nonzero().squeeze(-1)
                     if sel.numel():
                         zs = z if sel.numel() == z.shape[0] else z.index_select(0, sel)
                         metrics += ent._tail_rows(zs, **tail_opts) @ wc[sel]
-                del z
         ctx.plan, ctx.regions, ctx.k1 = plan, regions, k1
         ctx.save_for_backward(hidden, weight, bias, targets, m_all, S_all, c_all, ninf, top)
         outs = [lp, H, tre, metrics]
@@ -391,22 +319,17 @@ class _HeadFunction(torch.autograd.Function):
             g_t = None
         if g_lp is None and g_h is None and g_t is None:
             return None, None, None, None, None
-        cdt = m_all.dtype
-        dev = hidden.device
+        cdt, dev = m_all.dtype, hidden.device
         # dz = e (A + B s) + scatter terms, e = exp(z - max z), S = sum e (see tre_edu.entropy for the formulas)
-        A = torch.zeros_like(S_all)
-        B = None
+        g_lp, g_h, g_t = (None if g is None else g.to(cdt) for g in (g_lp, g_h, g_t))
+        A, B = torch.zeros_like(S_all), None
         if g_lp is not None:
-            g_lp = g_lp.to(cdt)
             A -= g_lp / S_all
         if g_h is not None:
-            g_h = g_h.to(cdt)
             A -= g_h * c_all / S_all
             B = -g_h / S_all
-        if g_t is not None:
-            g_t = g_t.to(cdt)
-            if ctx.k1:
-                A += g_t / S_all
+        if g_t is not None and ctx.k1:
+            A += g_t / S_all
         mm = plan.mm_dtype
         w = weight.to(mm)
         b = None if bias is None else bias.to(mm)
@@ -431,40 +354,27 @@ class _HeadFunction(torch.autograd.Function):
                 e = torch.exp(s, out=bufs["a"][:r])
                 if B is None:
                     dz = e.mul_(A[sl].unsqueeze(-1))
-                    del s
                 else:
                     dz = s.mul_(B[sl].unsqueeze(-1)).add_(A[sl].unsqueeze(-1)).mul_(e)
-                    del e
                 if g_lp is not None:
                     dz.scatter_add_(-1, targets[sl].unsqueeze(-1), g_lp[sl].unsqueeze(-1))
-                if g_t is not None:
-                    if ctx.k1:
-                        dz.scatter_add_(-1, top[sl].unsqueeze(-1), -g_t[sl].unsqueeze(-1))
-                    else:
-                        idx, dv, factor = regions[r0]
-                        gt = g_t[sl] * factor
-                        dz.scatter_add_(-1, idx, dv * gt.unsqueeze(-1))
+                if g_t is not None and ctx.k1:
+                    dz.scatter_add_(-1, top[sl].unsqueeze(-1), -g_t[sl].unsqueeze(-1))
+                elif g_t is not None:
+                    idx, dv, factor = regions[r0]
+                    dz.scatter_add_(-1, idx, dv * (g_t[sl] * factor).unsqueeze(-1))
                 if plan.temperature != 1.0:
                     dz.div_(plan.temperature)
                 if gb is not None:
                     gb += dz.sum(0).to(gb.dtype)
                 dzm = dz if dz.dtype == mm else bufs["mm"][:r].copy_(dz)
-                del dz
-                if gh is not None:
-                    if gh.dtype == mm:
-                        torch.mm(dzm, w, out=gh[sl])
-                    else:
-                        gh[sl] = torch.mm(dzm, w).to(gh.dtype)
+                if gh is not None and gh.dtype == mm:
+                    torch.mm(dzm, w, out=gh[sl])
+                elif gh is not None:
+                    gh[sl] = torch.mm(dzm, w).to(gh.dtype)
                 if gw is not None:
                     _addmm_acc(gw, dzm.t(), h)
-                del dzm
-        return (
-            gh,
-            None if gw is None else gw.to(weight.dtype),
-            None if gb is None else gb.to(bias.dtype),
-            None,
-            None,
-        )
+        return gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype), None, None
 
 
 def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
@@ -481,13 +391,9 @@ def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-@contextlib.contextmanager
-def _no_autocast(device: torch.device) -> Iterator[None]:
-    if torch.is_autocast_enabled(device.type):
-        with torch.autocast(device.type, enabled=False):
-            yield
-    else:
-        yield
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    on = torch.is_autocast_enabled(device.type)
+    return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
 
 
 def token_statistics(
@@ -502,19 +408,13 @@ def token_statistics(
     vocab_size: int | None = None,
     chunk_tokens: int | None = None,
 ) -> TokenStats:
-    """Per-token statistics of ``softmax((hidden @ weight.T + bias) / temperature)`` for ``targets``, in chunks of
-    ``chunk_tokens`` tokens (default :func:`default_chunk_tokens`), never holding the ``(N, V)`` logits.
+    """Per-token statistics of ``softmax((hidden @ weight.T + bias) / temperature)`` for ``targets`` (N,), in chunks
+    of ``chunk_tokens`` tokens (default :func:`default_chunk_tokens`), never holding the ``(N, V)`` logits.
 
-    Args:
-        hidden: ``(N, H)`` final hidden states (after the final norm) of the positions that predict ``targets``.
-        weight: ``(V, H)`` the LM head's weight (tied embeddings: the embedding matrix); ``bias``: ``(V,)`` or None.
-        targets: ``(N,)`` token ids in ``[0, V)``.
-        request: which statistics (:class:`StatsRequest`; None = log-probs only).
-        weights: ``(N,)`` weights of the tail metrics (the response mask); None = all tokens.
-        vocab_size: V of TRE's rescale (default ``weight.shape[0]``).
-
-    Returns :class:`TokenStats` with ``(N,)`` tensors; gradients reach ``hidden``, ``weight`` and ``bias``.
-    """
+    ``hidden`` (N, H): the final hidden states (after the final norm) of the positions that predict ``targets``;
+    ``weight`` (V, H) / ``bias`` (V,): the LM head's (tied embeddings: the embedding matrix); ``request``: None =
+    log-probs only; ``weights`` (N,): the tail metrics' weights (the response mask; None = all tokens);
+    ``vocab_size``: V of TRE's rescale (default ``weight.shape[0]``). Gradients reach hidden, weight and bias."""
     request = _check_request(request)
     for name, x in (("hidden", hidden), ("weight", weight)):
         if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
@@ -528,10 +428,9 @@ def token_statistics(
                          f"{tuple(weight.shape)} on {weight.device}")  # fmt: skip
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (V,)):
         raise ValueError(f"bias must be None or a tensor of shape ({V},)")
-    targets = _check_targets(targets, (N,), V).to(hidden.device)
-    weights = _check_weights(weights, (N,))
-    _check_region(request, V)
-    width = _width(vocab_size, V)
+    targets, weights = _check_inputs(request, targets, weights, (N,), V)
+    targets = targets.to(hidden.device)
+    width = V if vocab_size is None else ent._check_int(vocab_size, "vocab_size", 2)
     T = _check_temperature(temperature)
     rows = default_chunk_tokens(V, hidden.device) if chunk_tokens is None else ent._check_int(
         chunk_tokens, "chunk_tokens", 1)  # fmt: skip
@@ -620,23 +519,11 @@ class LeanHead(nn.Linear):
         L = hidden.shape[1]
         h = hidden[:, L - R - 1 : L - 1].reshape(B * R, hidden.shape[-1])
         w = None if call.weights is None else call.weights.reshape(B * R)
-        stats = token_statistics(
-            h,
-            self.weight,
-            self.bias,
-            call.targets.reshape(B * R).to(hidden.device),
-            call.request,
-            temperature=call.temperature,
-            weights=w,
-            vocab_size=call.vocab_size,
-            chunk_tokens=call.chunk_tokens,
-        )
-        call.stats = stats
-        cols = [getattr(stats, name).reshape(B, R) for name in call.request.channels]
-        packed = torch.stack(cols, -1)
-        k = packed.shape[-1]
-        pad_front = packed.new_zeros(B, L - R - 1, k)
-        return torch.cat([pad_front, packed, packed.new_zeros(B, 1, k)], dim=1)
+        targets = call.targets.reshape(B * R).to(hidden.device)
+        opts = dict(temperature=call.temperature, vocab_size=call.vocab_size, chunk_tokens=call.chunk_tokens)
+        call.stats = stats = token_statistics(h, self.weight, self.bias, targets, call.request, weights=w, **opts)
+        packed = torch.stack([getattr(stats, name).reshape(B, R) for name in call.request.channels], -1)
+        return F.pad(packed, (0, 0, L - R - 1, 1))  # zeros at the positions that predict no target
 
     @staticmethod
     def unpack(packed: Tensor, call: _HeadCall) -> TokenStats:
@@ -665,21 +552,17 @@ def lean_head_exact(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
-    for name in _POST_HEAD_ATTRS:
-        value = getattr(config, name, None)
-        if value is not None and value != 1 and not isinstance(value, bool):
-            return False
-    return True
+    values = [getattr(config, name, None) for name in _POST_HEAD_ATTRS]
+    return all(value is None or value == 1 or isinstance(value, bool) for value in values)
 
 
 def find_lean_head(model: nn.Module) -> LeanHead | None:
     """The installed :class:`LeanHead` of a causal LM (through DDP / FSDP / compile wrappers), or None."""
     for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
         get = getattr(m, "get_output_embeddings", None)
-        if callable(get):
-            out = get()
-            if isinstance(out, LeanHead):
-                return out
+        out = get() if callable(get) else None
+        if isinstance(out, LeanHead):
+            return out
     return None
 
 
@@ -687,11 +570,8 @@ def install_lean_head(model: nn.Module) -> LeanHead | None:
     """Put a :class:`LeanHead` in place of ``model``'s output layer (same Parameters) if the head is exact for
     it (:func:`lean_head_exact`); returns the head (the existing one if already installed), or None. Install
     before wrapping the model in FSDP / DDP."""
-    found = find_lean_head(model)
-    if found is not None:
+    if (found := find_lean_head(model)) is not None or not lean_head_exact(model):
         return found
-    if not lean_head_exact(model):
-        return None
     head = LeanHead(model.get_output_embeddings())  # type: ignore[operator]
     model.set_output_embeddings(head)  # type: ignore[operator]
     return head

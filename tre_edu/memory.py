@@ -16,12 +16,9 @@ choose GPUs, micro-batch sizes, sharding and offload. Per process, P parameters,
     KV cache while sampling (hf)      2 L T d_kv x 2 bytes x rollout rows      (d_kv = h / heads x kv_heads)
 
 with b = ``ppo.micro_batch_size``, R = ``ppo.max_new_tokens``, T = prompt + R, V the vocabulary, L the layers, h
-the width, c = ``tre_edu.head.default_chunk_tokens(V, "cuda")`` (441 at V = 152,064). If the peak exceeds 90 % of
-the GPU, a note names the setting to change (the largest ``ppo.micro_batch_size`` / ``ppo.rollout_batch_size``
-that fits, or offload). A separate critic pays the parameter items too (no logits). ``offload=True`` moves master
-weights, gradients and moments to CPU rows ("(CPU)", not in the GPU total); with ``rollout_backend: vllm`` the KV
-cache row is vLLM's pool, ``vllm_gpu_memory_utilization`` x ``gpu_gib``. Example: ``estimate_memory(load_config(
-["configs/paper/math.yaml", "configs/paper/models/qwen2.5-7b.yaml"]), processes=8).report()``.
+the width, c = ``tre_edu.head.default_chunk_tokens(V, "cuda")`` (441 at V = 152,064). A separate critic pays the
+parameter items too (no logits). ``offload=True`` moves master weights, gradients and moments to CPU rows; with
+``rollout_backend: vllm`` the KV cache row is vLLM's pool, ``vllm_gpu_memory_utilization`` x ``gpu_gib``.
 """
 
 from __future__ import annotations
@@ -166,36 +163,35 @@ def estimate_memory(
     cpu = CPU_TAG if offload else ""
 
     rows: dict[str, float] = {}
-    rows["weights (compute copy)"] = models * P * compute_bytes / shard / GIB
-    if param_bytes == 4 and autocast:
-        rows["fp32 master weights" + cpu] = models * P * 4 / shard / GIB
-    rows[f"gradients ({'fp32' if param_bytes == 4 else 'bf16'})" + cpu] = models * P * param_bytes / shard / GIB
-    rows["AdamW moments (x2)" + cpu] = models * P * 2 * param_bytes / shard / GIB
     phase: dict[str, str] = {}
+
+    def add(key: str, nbytes: float, when: str | None = None) -> None:
+        rows[key] = nbytes / GIB
+        if when is not None:
+            phase[key] = when
+
+    add("weights (compute copy)", models * P * compute_bytes / shard)
+    if param_bytes == 4 and autocast:
+        add("fp32 master weights" + cpu, models * P * 4 / shard)
+    add(f"gradients ({'fp32' if param_bytes == 4 else 'bf16'})" + cpu, models * P * param_bytes / shard)
+    add("AdamW moments (x2)" + cpu, models * P * 2 * param_bytes / shard)
     if getattr(p, "lean_head", False):
         # the head's chunk buffers (tre_edu.head.head_buffer_bytes), never the (b R, V) logits
         c = min(b * R, default_chunk_tokens(V, "cuda"))
-        key = f"LM head, one chunk ({c} x {V}, ppo.lean_head)"
-        rows[key], phase[key] = (
-            head_buffer_bytes(c, V, StatsRequest(), matmul_bytes=2 if autocast else 4) / GIB,
-            "train",
-        )
+        nbytes = head_buffer_bytes(c, V, StatsRequest(), matmul_bytes=2 if autocast else 4)
+        add(f"LM head, one chunk ({c} x {V}, ppo.lean_head)", nbytes, "train")
         if autocast and compute_bytes == 2 and param_bytes == 4:
-            key = f"LM head weight in the autocast dtype ({V} x {h})"
-            rows[key], phase[key] = V * h * 2 / GIB, "train"
+            add(f"LM head weight in the autocast dtype ({V} x {h})", V * h * 2, "train")
         region = {"tre-k": cfg.regularizer.k, "tre-p": cfg.regularizer.max_candidates or 256}.get(cfg.regularizer.kind)
         if region and region > 1:
-            key = f"TRE trust regions ({b} x {R} x {region})"
-            rows[key], phase[key] = b * R * region * 12 / GIB, "train"
+            add(f"TRE trust regions ({b} x {R} x {region})", b * R * region * 12, "train")
     else:
-        key = f"logits of a micro-batch ({b} x {R} x {V})"
-        rows[key], phase[key] = b * R * V * 4 * 3 / GIB, "train"
+        add(f"logits of a micro-batch ({b} x {R} x {V})", b * R * V * 4 * 3, "train")
     act_rows = models * b * T * h * 2
     if cfg.model.gradient_checkpointing:
-        key, value = "activations (checkpointed)", (act_rows * L * 2 + act_rows * 16) / GIB
+        add("activations (checkpointed)", act_rows * L * 2 + act_rows * 16, "train")
     else:
-        key, value = "activations", act_rows * L * 16 / GIB
-    rows[key], phase[key] = value, "train"
+        add("activations", act_rows * L * 16, "train")
     local = p.prompts_per_step * p.samples_per_prompt // n
     notes = []
     if p.rollout_backend == "vllm":
@@ -203,11 +199,11 @@ def estimate_memory(
         notes.append(f"vLLM takes vllm_gpu_memory_utilization x {gpu_gib:g} GiB; training must fit in the rest")
     else:
         rows_at_once = min(local, p.rollout_batch_size) if p.rollout_batch_size > 0 else local
-        key = f"KV cache while sampling ({rows_at_once} rows x {T} tokens)"
-        rows[key], phase[key] = 2 * L * T * d_kv * 2 * rows_at_once / GIB, "sample"
+        add(
+            f"KV cache while sampling ({rows_at_once} rows x {T} tokens)", 2 * L * T * d_kv * 2 * rows_at_once, "sample"
+        )
         if sharded:
-            key = "whole actor gathered to sample (FSDP: distributed.full_parameters)"
-            rows[key], phase[key] = P * param_bytes / GIB, "sample"
+            add("whole actor gathered to sample (FSDP: distributed.full_parameters)", P * param_bytes, "sample")
     if sharded:
         notes.append("FSDP gathers one wrapped layer at a time while training")
     est = MemoryEstimate(params=P, processes=n, rows=rows, sharded=sharded, notes=notes, phase=phase)

@@ -19,9 +19,8 @@ from tre_edu import distributed
 class PPOOptimizers:
     """AdamW + constant-with-warm-up schedule for each non-empty parameter group (``"actor"``, ``"critic"``).
 
-    ``settings``: the ``ppo`` section (actor_lr, critic_lr, warmup_ratio, critic_warmup_ratio, weight_decay,
-    grad_clip); ``total_steps``: optimiser steps of the whole run (the warm-up fractions refer to it).
-    :meth:`prepare` wraps the policy and these optimisers for several processes."""
+    ``settings``: the ``ppo`` section; ``total_steps``: optimiser steps of the whole run (the warm-up fractions
+    refer to it)."""
 
     def __init__(self, actor: list[nn.Parameter], critic: list[nn.Parameter], settings: Any, total_steps: int):
         s = settings
@@ -77,9 +76,7 @@ class PPOOptimizers:
             sched.step()
         return {**norms, "train/skipped_updates": float(not finite)}
 
-    def state_dict(self) -> dict[str, Any]:
-        """The schedules and the skip count (the optimisers' own states are saved with the weights: sharded under
-        FSDP)."""
+    def state_dict(self) -> dict[str, Any]:  # the optimisers' own states go with the weights (sharded under FSDP)
         return {"schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

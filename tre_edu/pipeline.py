@@ -116,19 +116,14 @@ def build_components(cfg: TrainConfig, task: Task | None = None, actor: tuple[An
     already (e.g. by the warm start of the same job)."""
     task = task or build_task(cfg)
     tokenizer, model = actor or build_actor(cfg)
-    p = cfg.ppo
+    vocab, p = model.get_output_embeddings().weight.shape[0], cfg.ppo
     return Components(
         policy=build_policy(cfg, model),
         tokenizer=tokenizer,
         task=task,
         train_examples=task.load("train", n=cfg.task.train_size, seed=cfg.seed),
         eval_examples=task.load("test", n=cfg.task.eval_size, seed=cfg.seed),
-        regularizer=Regularizer(
-            cfg.regularizer,
-            clip_low=p.clip_low,
-            clip_high=p.clip_high,
-            vocab_size=model.get_output_embeddings().weight.shape[0],
-        ),
+        regularizer=Regularizer(cfg.regularizer, clip_low=p.clip_low, clip_high=p.clip_high, vocab_size=vocab),
         sampler=build_sampler(cfg, tokenizer, model),
     )
 
@@ -154,25 +149,12 @@ def build_trainer(
 
 def _warm_start(cfg: TrainConfig, task: Task, output_dir: Path, progress: bool, callback) -> tuple[Any, Any, dict]:
     tokenizer, actor = build_actor(cfg)
-    s = cfg.sft
     t0 = time.perf_counter()
-    history = warm_start(
-        actor,
-        tokenizer,
-        task,
-        task.load("train", n=s.examples, seed=cfg.seed),
-        eval_cfg=cfg.eval,
-        steps=s.steps,
-        seconds=s.seconds,
-        batch_size=s.batch_size,
-        lr=s.lr,
-        style=cfg.task.style,
-        seed=cfg.seed,
-        eval_examples=task.load("test", n=cfg.task.eval_size, seed=cfg.seed),
-        eval_every=s.eval_every,
-        progress=progress,
-        callback=callback,
-    )
+    train = task.load("train", n=cfg.sft.examples, seed=cfg.seed)
+    held_out = task.load("test", n=cfg.task.eval_size, seed=cfg.seed)
+    kw = {k: getattr(cfg.sft, k) for k in ("steps", "seconds", "batch_size", "lr", "eval_every")}
+    kw.update(style=cfg.task.style, seed=cfg.seed, progress=progress, callback=callback)
+    history = warm_start(actor, tokenizer, task, train, eval_cfg=cfg.eval, eval_examples=held_out, **kw)
     final = history[-1] if history else {}
     summary = {"output_dir": str(output_dir), "seconds": round(time.perf_counter() - t0, 1), "final": final}
     with checkpoint.atomic_folder(output_dir, "warm start") as tmp:  # complete (marked) or absent, never half
@@ -228,56 +210,52 @@ def run_training(
     ``output_dir`` is locked for the run (a second run into it is refused, naming this one's pid), and what the
     config, task and model can tell is checked before any work (:mod:`tre_edu.preflight`).
     """
-    lock = checkpoint.DirectoryLock(cfg.output_dir, "output_dir")
-    with lock if PartialState(cpu=cfg.device == "cpu").is_main_process else contextlib.nullcontext():
-        return _run_training(cfg, resume, overwrite, callbacks, progress, allow_config_change)
-
-
-def _run_training(cfg: TrainConfig, resume, overwrite, callbacks, progress, allow_config_change) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    prepare_output_dir(out, resume, overwrite)
-    t0 = time.perf_counter()
-    task, actor, sft_summary = build_task(cfg), None, None
-    warm_dir = out / "warm_start"
-    changes = preflight.check_resume(cfg, out, allow_config_change) if resume else []
-    warm = cfg.sft.enabled and cfg.init_from is None
-    checked = preflight.check_run(cfg, task, warm_start=warm and not checkpoint.warm_start_complete(warm_dir))
-    if warm:  # seeded once here; build_trainer then reuses the actor
-        setup_runtime(cfg)
-        if checkpoint.warm_start_complete(warm_dir):  # one cut short (no marker) is done again, never trusted
-            actor = build_actor(cfg, str(warm_dir))
-        else:
-            tokenizer, model, res = _warm_start(cfg, task, warm_dir, progress, None)
-            actor, sft_summary = (tokenizer, model), res["summary"]
-    checkpoint.write_config(out, cfg.to_yaml(), f"resumed with other settings: {'; '.join(changes)}" * bool(changes))
-    trainer = build_trainer(cfg, task=task, actor=actor, callbacks=callbacks, progress=progress)
-    if not checked:  # a hub model: checked now that it is loaded, before the first step
-        examples = trainer.train_examples + trainer.eval_examples
-        preflight.check_built(cfg, task, trainer.tokenizer, trainer.actor, examples)
-    has_checkpoint = bool(checkpoint.complete_checkpoints(out))
-    if resume and not has_checkpoint:
-        checkpoint.truncate_jsonl(trainer.metrics_file, -1)  # nothing to continue from: start the log afresh
-    t1 = time.perf_counter()
-    history = trainer.train(resume_from="latest" if resume and has_checkpoint else None)
-    summary = {
-        "output_dir": str(out),
-        "regularizer": cfg.regularizer.kind,
-        "coef": cfg.regularizer.coef,
-        "steps": trainer.step,
-        "skipped_updates": trainer.skipped_updates,
-        "seconds_total": round(time.perf_counter() - t0, 1),
-        "seconds_ppo": round(time.perf_counter() - t1, 1),
-        "eval_start": trainer.eval_history[0] if trainer.eval_history else {},
-        "eval_final": trainer.eval_history[-1] if trainer.eval_history else {},
-        "train_last10pct": summarize(
-            history, ["reward/mean", "tail/mass_outside_top10", "tail/top1_prob", "entropy/global"]
-        ),
-        "data_source": data_source(trainer.train_examples),
-    }
-    if sft_summary is not None:
-        summary["warm_start"] = sft_summary
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return {"summary": summary, "trainer": trainer, "history": history}
+    lock = checkpoint.DirectoryLock(out, "output_dir")
+    with lock if PartialState(cpu=cfg.device == "cpu").is_main_process else contextlib.nullcontext():
+        prepare_output_dir(out, resume, overwrite)
+        t0 = time.perf_counter()
+        task, actor, sft_summary = build_task(cfg), None, None
+        warm_dir = out / "warm_start"
+        changes = preflight.check_resume(cfg, out, allow_config_change) if resume else []
+        warm = cfg.sft.enabled and cfg.init_from is None
+        checked = preflight.check_run(cfg, task, warm_start=warm and not checkpoint.warm_start_complete(warm_dir))
+        if warm:  # seeded once here; build_trainer then reuses the actor
+            setup_runtime(cfg)
+            if checkpoint.warm_start_complete(warm_dir):  # one cut short (no marker) is done again, never trusted
+                actor = build_actor(cfg, str(warm_dir))
+            else:
+                tokenizer, model, res = _warm_start(cfg, task, warm_dir, progress, None)
+                actor, sft_summary = (tokenizer, model), res["summary"]
+        note = f"resumed with other settings: {'; '.join(changes)}" if changes else ""
+        checkpoint.write_config(out, cfg.to_yaml(), note)
+        trainer = build_trainer(cfg, task=task, actor=actor, callbacks=callbacks, progress=progress)
+        if not checked:  # a hub model: checked now that it is loaded, before the first step
+            examples = trainer.train_examples + trainer.eval_examples
+            preflight.check_built(cfg, task, trainer.tokenizer, trainer.actor, examples)
+        has_checkpoint = bool(checkpoint.complete_checkpoints(out))
+        if resume and not has_checkpoint:
+            checkpoint.truncate_jsonl(trainer.metrics_file, -1)  # nothing to continue from: start the log afresh
+        t1 = time.perf_counter()
+        history = trainer.train(resume_from="latest" if resume and has_checkpoint else None)
+        train_keys = ["reward/mean", "tail/mass_outside_top10", "tail/top1_prob", "entropy/global"]
+        summary = {
+            "output_dir": str(out),
+            "regularizer": cfg.regularizer.kind,
+            "coef": cfg.regularizer.coef,
+            "steps": trainer.step,
+            "skipped_updates": trainer.skipped_updates,
+            "seconds_total": round(time.perf_counter() - t0, 1),
+            "seconds_ppo": round(time.perf_counter() - t1, 1),
+            "eval_start": trainer.eval_history[0] if trainer.eval_history else {},
+            "eval_final": trainer.eval_history[-1] if trainer.eval_history else {},
+            "train_last10pct": summarize(history, train_keys),
+            "data_source": data_source(trainer.train_examples),
+        }
+        if sft_summary is not None:
+            summary["warm_start"] = sft_summary
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return {"summary": summary, "trainer": trainer, "history": history}
 
 
 def data_source(examples: list[dict]) -> str:

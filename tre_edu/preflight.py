@@ -1,18 +1,8 @@
-"""Checks before work starts: everything a config, its task and its model's shape can tell, refused in the words of
-the setting the user typed (one ``ConfigError``: ``tre-edu: error: ...``, exit 2), before a warm start or a PPO step
-has spent any time.
-
-- :func:`check_device`: ``device: cuda`` / ``cuda:N`` needs that CUDA device.
-- :func:`check_model`: the vocabulary holds ``regularizer.k`` tokens (TRE-K); the model's positions hold the longest
-  prompt plus ``ppo.max_new_tokens`` (and, for the warm start, the longest prompt plus reference response).
-- :func:`check_run`: both, for the model a run will build (the tiny model from its config; a saved or cached model
-  from its ``config.json`` and tokenizer, without loading weights), called by :func:`tre_edu.pipeline.run_training`.
-- :func:`check_resume`: ``--resume`` continues a run only with the settings it was trained with, unless the user
-  says otherwise (``allow_config_change``); the settings that differ are named.
-- :func:`check_model_dir`: a folder given as a model holds a config, weights and a tokenizer.
-
-Numeric bounds of single settings (a learning rate <= 1, a coefficient <= 1000) are declared with the setting in
-:mod:`tre_edu.config`.
+"""Checks before work starts: what a config, its task and its model's shape can tell, refused in the words of the
+setting the user typed (one ``ConfigError``: ``tre-edu: error: ...``, exit 2) before a warm start or a PPO step has
+spent any time: the device exists, the vocabulary holds ``regularizer.k`` tokens, the model's positions hold prompt
+plus response, ``--resume`` keeps the run's settings, a model folder is complete. Numeric bounds of single settings
+are declared with the setting in :mod:`tre_edu.config`.
 """
 
 from __future__ import annotations
@@ -26,29 +16,11 @@ from tre_edu import checkpoint
 from tre_edu.config import ConfigError, TrainConfig
 
 # Settings that may differ when a run is resumed: how long it runs, where and how it logs, what hardware runs it.
-RESUMABLE_CHANGES = (
-    "output_dir",
-    "ppo.steps",
-    "checkpoint_every",
-    "tensorboard",
-    "threads",
-    "device",
-    "notes",
-    "eval.every",
-    "eval.at_start",
-    "eval.batch_size",
-)
+RESUMABLE_CHANGES = ("output_dir", "ppo.steps", "checkpoint_every", "tensorboard", "threads", "device", "notes")
+RESUMABLE_CHANGES += ("eval.every", "eval.at_start", "eval.batch_size")
 # Settings that shape the weights a checkpoint holds: no resume can change them.
-SHAPE = (
-    "model.name",
-    "model.tail_tokens",
-    "model.n_embd",
-    "model.n_layer",
-    "model.n_head",
-    "model.n_positions",
-    "model.critic",
-    "ppo.advantage",  # grpo has no value head
-)
+SHAPE = tuple(f"model.{k}" for k in ("name", "tail_tokens", "n_embd", "n_layer", "n_head", "n_positions", "critic"))
+SHAPE += ("ppo.advantage",)  # grpo has no value head
 ALLOW_FLAG = "--allow-config-change"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
@@ -193,10 +165,8 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "options":
-            out.update(_flat(v, key + "."))
-        elif isinstance(v, dict):  # task.options: one entry per option
-            out.update({f"{key}.{o}": x for o, x in v.items()})
+        if isinstance(v, dict):  # task.options: one entry per option, not flattened further
+            out.update(_flat(v, key + ".") if k != "options" else {f"{key}.{o}": x for o, x in v.items()})
         else:
             out[key] = v
     return out
@@ -262,12 +232,10 @@ def check_model_dir(folder: str | Path, flag: str = "--model-dir") -> None:
     hint = "(a folder written by save_pretrained, e.g. <output_dir>/final or <output_dir>/warm_start of tre-edu train)"
     if not folder.is_dir():
         raise ConfigError(f"{flag} {folder}: not found {hint}")
-    missing = []
-    if not (folder / "config.json").is_file():
-        missing.append("the model config (config.json)")
-    if not any(any(folder.glob(g)) for g in WEIGHT_GLOBS):
-        missing.append("weights (*.safetensors / pytorch_model.bin)")
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        missing.append(f"tokenizer files ({' / '.join(TOKENIZER_FILES[:2])})")
-    if missing:
+    has = {
+        "the model config (config.json)": (folder / "config.json").is_file(),
+        "weights (*.safetensors / pytorch_model.bin)": any(any(folder.glob(g)) for g in WEIGHT_GLOBS),
+        f"tokenizer files ({' / '.join(TOKENIZER_FILES[:2])})": any((folder / f).is_file() for f in TOKENIZER_FILES),
+    }
+    if missing := [what for what, ok in has.items() if not ok]:
         raise ConfigError(f"{flag} {folder} has no {' and no '.join(missing)} {hint}")

@@ -1,9 +1,7 @@
 """Exploration regularisers and the paper's baselines behind one config: the only place that asks "which method?".
 
-A :class:`Regularizer` declares the per-token statistics of the next-token distribution it needs
-(:meth:`~Regularizer.request`: log-probs always; the global entropy for ``entropy`` and ``forking``; the trust-region
-entropy for ``tre-k`` / ``tre-p``), so the policy's head computes exactly those (without the ``(B, T, V)`` logits,
-see :mod:`tre_edu.head`). Given them, it returns the loss term and the policy-gradient mask that
+A :class:`Regularizer` declares the per-token statistics it needs (:meth:`~Regularizer.request`), which the policy's
+head computes without the ``(B, T, V)`` logits; given them, it returns the loss term and the policy-gradient mask that
 :func:`tre_edu.ppo.ppo_loss` composes with the PPO loss::
 
     out = policy(ids, attn, R, request=reg.request())                     # logprobs, entropy / tre as declared
@@ -13,14 +11,12 @@ Kinds (everything ``(B, T)``; ``mask`` marks valid response tokens), one small f
 
 - ``none``: vanilla PPO. loss 0, pg_mask 1.
 - ``entropy``: global entropy bonus, loss = -coef * agg(H(pi)). Pushes up every tail token (PAPER.md).
-- ``tre-k`` / ``tre-p``: Trust Region Entropy, loss = -coef * agg(H_TRE), the entropy of the distribution
-  renormalised over the top-K tokens / the nucleus of mass p, rescaled by log V / log |A_TR|. Zero gradient outside
-  the trust region.
-- ``forking``: "Beyond the 80/20 rule": the policy gradient only on the ``forking_ratio`` highest-entropy tokens
-  (pg_mask), token-mean over them; loss 0.
-- ``kl-cov``: KL-Cov: on the ``cov_ratio`` tokens with the largest Cov(A, log pi) add kl_cov_coef * |log pi -
-  log pi_old| to the per-token loss (on top of the clipped PPO loss, as in the TRE paper's runs).
-- ``clip-cov``: Clip-Cov: detach the policy gradient of a random subset of tokens whose Cov lies in a band (pg_mask 0).
+- ``tre-k`` / ``tre-p``: Trust Region Entropy, loss = -coef * agg(H_TRE), the entropy renormalised over the top-K
+  tokens / the nucleus of mass p, rescaled by log V / log |A_TR|. Zero gradient outside the trust region.
+- ``forking`` ("Beyond the 80/20 rule"): the policy gradient only on the ``forking_ratio`` highest-entropy tokens.
+- ``kl-cov``: on the ``cov_ratio`` tokens with the largest Cov(A, log pi) add kl_cov_coef * |log pi - log pi_old| to
+  the per-token loss (on top of the clipped PPO loss, as in the TRE paper's runs).
+- ``clip-cov``: detach the policy gradient of a random subset of tokens whose Cov lies in a band (pg_mask 0).
 
 Token-selecting kinds (forking, KL-Cov, Clip-Cov) rank the tokens of a micro-batch (``selection: microbatch``, the
 paper's code) or of the whole mini-batch (``selection: minibatch``: :meth:`Regularizer.minibatch_selection` runs the
@@ -35,48 +31,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Generator, Tensor
 
 from tre_edu import entropy as ent
-from tre_edu.config import AGG_MODES, KINDS, PRESETS, RegularizerConfig
+from tre_edu.config import KINDS, PRESETS, RegularizerConfig
 from tre_edu.head import StatsRequest, TokenStats
-from tre_edu.ppo import aggregate, masked_mean, masked_sum
+from tre_edu.ppo import LOG_RATIO_CLAMP, _as_bool, _check_agg, _check_shapes, aggregate, masked_mean, masked_sum
 
-__all__ = [
-    "KINDS",
-    "PRESETS",
-    "Regularizer",
-    "RegularizerOutput",
-    "ENTROPY_KINDS",
-    "KIND_SETTINGS",
-    "NEEDS",
-    "clip_cov_mask",
-    "effective_coef",
-    "forking_mask",
-    "select_top_fraction",
-    "token_covariance",
-]
+__all__ = ["KINDS", "PRESETS", "Regularizer", "RegularizerOutput", "ENTROPY_KINDS", "KIND_SETTINGS", "NEEDS"]
+__all__ += ["clip_cov_mask", "effective_coef", "forking_mask", "select_top_fraction", "token_covariance"]
 
 
 @dataclass
 class RegularizerOutput:
-    """What a regulariser returns for one batch.
+    """What a regulariser returns for one batch."""
 
-    loss: scalar tensor to ADD to the total loss (a graph-connected zero for kinds without a loss term).
-    pg_mask: ``(B, T)`` float, to multiply into the policy-loss mask (ones unless forking / clip-cov).
-    metrics: floats for logging, keys ``"reg/..."``.
-    dual_clip: whether the policy loss keeps PPO's dual clip (Clip-Cov's reference loss has none).
-    """
-
-    loss: Tensor
-    pg_mask: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
-    dual_clip: bool = True
+    loss: Tensor  # a scalar to ADD to the total loss (a graph-connected zero for kinds without a loss term)
+    pg_mask: Tensor  # (B, T) float, multiplied into the policy-loss mask
+    metrics: dict[str, float] = field(default_factory=dict)  # "reg/..."
+    dual_clip: bool = True  # whether the policy loss keeps PPO's dual clip (Clip-Cov's reference loss has none)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Token selection helpers (pure functions, usable on their own, e.g. to select over a whole mini-batch)
-# ------------------------------------------------------------------------------------------------------------
+# ---- Token selection helpers (pure functions, usable on their own) ------------------------------------------------
 def _n_selected(n_valid: int, ratio: float) -> int:
     """max(1, int(n_valid * ratio)) tokens (0 when there is no valid token): floor, but never nothing."""
     return 0 if n_valid == 0 else max(1, int(n_valid * ratio))
@@ -86,9 +62,8 @@ def _n_selected(n_valid: int, ratio: float) -> int:
 def select_top_fraction(scores: Tensor, mask: Tensor, ratio: float, group_rows: int | None = None) -> Tensor:
     """A ``(B, T)`` float mask with 1 on the top max(1, int(n * ratio)) valid tokens by ``scores``.
 
-    ``scores``, ``mask``: ``(B, T)``. n counts the valid tokens of a group; groups are blocks of
-    ``group_rows`` consecutive rows (None: the whole batch is one group). Ties keep the earlier token
-    (stable sort), so the count is exact and the result deterministic.
+    n counts the valid tokens of a group: blocks of ``group_rows`` consecutive rows (None: the whole batch). Ties
+    keep the earlier token (stable sort), so the count is exact and the result deterministic.
     """
     if scores.shape != mask.shape or scores.dim() != 2:
         raise ValueError(
@@ -96,30 +71,25 @@ def select_top_fraction(scores: Tensor, mask: Tensor, ratio: float, group_rows: 
         )
     if group_rows is not None and (isinstance(group_rows, bool) or not isinstance(group_rows, int) or group_rows < 1):
         raise ValueError(f"group_rows must be None or an int >= 1; got {group_rows!r}")
-    valid = mask if mask.dtype == torch.bool else mask != 0
+    valid = _as_bool(mask)
     selected = torch.zeros(scores.shape, dtype=torch.float32, device=scores.device)
     B = scores.shape[0]
     step = B if group_rows is None else group_rows
     for start in range(0, B, max(step, 1)):
-        block_valid = valid[start : start + step].reshape(-1)
-        idx = block_valid.nonzero(as_tuple=True)[0]  # flat indices of valid tokens in this block
+        idx = valid[start : start + step].reshape(-1).nonzero(as_tuple=True)[0]  # flat indices of valid tokens
         k = _n_selected(int(idx.numel()), ratio)
         if k == 0:
             continue
         vals = scores[start : start + step].reshape(-1)[idx].float()
         order = torch.sort(vals, descending=True, stable=True).indices[:k]
-        block = selected[start : start + step].reshape(-1)  # a view: writes go into `selected`
-        block[idx[order]] = 1.0
+        selected[start : start + step].reshape(-1)[idx[order]] = 1.0  # a view: writes go into `selected`
     return selected
 
 
 @torch.no_grad()
 def forking_mask(entropy: Tensor, mask: Tensor, ratio: float = 0.2, microbatch_size: int | None = None) -> Tensor:
-    """Forking tokens: 1 on the top ``ratio`` valid tokens by entropy, ``(B, T)`` float.
-
-    Counts are max(1, int(n * ratio)) per group: the whole batch when ``microbatch_size`` is None,
-    else blocks of ``microbatch_size`` rows (the official code selects within each micro-batch).
-    """
+    """Forking tokens: 1 on the top ``ratio`` valid tokens by entropy, per group of ``microbatch_size`` rows (None:
+    the whole batch; the official code selects within each micro-batch)."""
     return select_top_fraction(entropy, mask, ratio, group_rows=microbatch_size)
 
 
@@ -127,15 +97,12 @@ def forking_mask(entropy: Tensor, mask: Tensor, ratio: float = 0.2, microbatch_s
 def token_covariance(advantages: Tensor, logprobs: Tensor, mask: Tensor) -> Tensor:
     """Per-token centred product Cov_i = (A_i - mean A)(log pi_i - mean log pi), means over valid tokens.
 
-    Inputs ``(B, T)``; output ``(B, T)`` float32, detached, 0 at padding. Its mean over valid tokens is the
-    covariance between advantage and log-prob that drives entropy collapse (Cui et al. 2025).
+    Float32, detached, 0 at padding. Its mean over valid tokens is the covariance between advantage and log-prob
+    that drives entropy collapse (Cui et al. 2025).
     """
-    a = advantages.detach().float()
-    lp = logprobs.detach().float()
-    a_c = a - masked_mean(a, mask)
-    lp_c = lp - masked_mean(lp, mask)
-    valid = mask if mask.dtype == torch.bool else mask != 0
-    return torch.where(valid, a_c * lp_c, torch.zeros_like(a_c))
+    a, lp = advantages.detach().float(), logprobs.detach().float()
+    a_c, lp_c = a - masked_mean(a, mask), lp - masked_mean(lp, mask)
+    return torch.where(_as_bool(mask), a_c * lp_c, torch.zeros_like(a_c))
 
 
 @torch.no_grad()
@@ -145,7 +112,7 @@ def clip_cov_mask(
     ratio: float,
     lb: float,
     ub: float,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
     count_mask: Tensor | None = None,
 ) -> Tensor:
     """Clip-Cov: a ``(B, T)`` float mask, 0 on a random subset of the tokens of ``mask`` with lb <= Cov <= ub.
@@ -154,10 +121,9 @@ def clip_cov_mask(
     (default ``mask``; the regulariser passes the response mask there and leaves ratio-clipped tokens out of
     ``mask``, as verl). ``generator`` (a CPU ``torch.Generator``) makes the draw reproducible.
     """
-    valid = mask if mask.dtype == torch.bool else mask != 0
-    counted = valid if count_mask is None else (count_mask if count_mask.dtype == torch.bool else count_mask != 0)
+    valid = _as_bool(mask)
     keep = torch.ones(cov.shape, dtype=torch.float32, device=cov.device)
-    n_detach = _n_selected(int(counted.sum()), ratio)
+    n_detach = _n_selected(int((valid if count_mask is None else _as_bool(count_mask)).sum()), ratio)
     candidates = (valid & (cov >= lb) & (cov <= ub)).reshape(-1).nonzero(as_tuple=True)[0]
     n = min(n_detach, int(candidates.numel()))
     if n > 0:
@@ -166,9 +132,7 @@ def clip_cov_mask(
     return keep
 
 
-# ------------------------------------------------------------------------------------------------------------
-# What each kind needs, and its coefficient in common units
-# ------------------------------------------------------------------------------------------------------------
+# ---- What each kind needs, and its coefficient in common units ----------------------------------------------------
 # the per-token statistics each kind reads besides the log-probs (see tre_edu.head.StatsRequest)
 NEEDS: dict[str, frozenset[str]] = {
     "none": frozenset(),
@@ -209,12 +173,9 @@ def effective_coef(config: RegularizerConfig, vocab_size: int, nucleus_size: int
     return config.coef * ent.tre_rescale(vocab_size, nucleus_size=2 if nucleus_size is None else nucleus_size)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# The kinds: one function each, (reg, stats, old_logprobs, advantages, mask, agg, selected) -> RegularizerOutput
-# ------------------------------------------------------------------------------------------------------------
+# ---- The kinds: one function each, (reg, stats, old_logprobs, advantages, mask, agg, selected) -> output -----------
 def _none(reg, stats, old_logprobs, advantages, mask, agg, sel) -> RegularizerOutput:
-    ones = torch.ones(mask.shape, dtype=torch.float32, device=stats.logprobs.device)
-    return RegularizerOutput(_zero_loss(stats.logprobs), ones, {"reg/loss": 0.0})
+    return RegularizerOutput(_zero_loss(stats.logprobs), _ones(mask, stats.logprobs), {"reg/loss": 0.0})
 
 
 def _entropy_bonus(reg, stats, old_logprobs, advantages, mask, agg, sel) -> RegularizerOutput:
@@ -227,8 +188,7 @@ def _entropy_bonus(reg, stats, old_logprobs, advantages, mask, agg, sel) -> Regu
     }
     if reg.kind != "tre-p" and reg.vocab_size is not None:
         metrics["reg/effective_coef"] = reg.effective_coef(reg.vocab_size)
-    ones = torch.ones(mask.shape, dtype=torch.float32, device=h.device)
-    return RegularizerOutput(loss, ones, metrics)
+    return RegularizerOutput(loss, _ones(mask, h), metrics)
 
 
 def _forking(reg, stats, old_logprobs, advantages, mask, agg, sel) -> RegularizerOutput:
@@ -241,14 +201,12 @@ def _forking(reg, stats, old_logprobs, advantages, mask, agg, sel) -> Regularize
 
 def _kl_cov(reg, stats, old_logprobs, advantages, mask, agg, sel) -> RegularizerOutput:
     """On the selected tokens only, the per-token penalty kl_cov_coef * |log pi - log pi_old|."""
-    logprobs = stats.logprobs
-    abs_kl = (logprobs - old_logprobs.detach()).abs()
-    per_token = torch.where(sel.bool(), reg.kl_cov_coef * abs_kl, torch.zeros_like(abs_kl))
-    loss = aggregate(per_token, mask, agg)
+    abs_kl = (stats.logprobs - old_logprobs.detach()).abs()
+    loss = aggregate(torch.where(sel.bool(), reg.kl_cov_coef * abs_kl, torch.zeros_like(abs_kl)), mask, agg)
     metrics = {
         "reg/loss": float(loss.detach()),
         "reg/selected_frac": _frac(sel, mask),
-        "reg/cov_mean": float(masked_mean(token_covariance(advantages, logprobs, mask), mask)),
+        "reg/cov_mean": float(masked_mean(token_covariance(advantages, stats.logprobs, mask), mask)),
         "reg/abs_kl_selected": float(masked_mean(abs_kl.detach(), sel)),
     }
     return RegularizerOutput(loss, reg.pg_mask(sel), metrics)
@@ -259,7 +217,7 @@ def _clip_cov(reg, stats, old_logprobs, advantages, mask, agg, sel) -> Regulariz
     Difference kept (documented): the masked tokens also leave the token-mean's denominator, a factor (N - n) / N
     with n ~ 0.02 % of N."""
     cov = token_covariance(advantages, stats.logprobs, mask)
-    valid = mask if mask.dtype == torch.bool else mask != 0
+    valid = _as_bool(mask)
     n_valid = max(int(valid.sum()), 1)
     in_band = valid & (cov >= reg.clip_cov_lb) & (cov <= reg.clip_cov_ub)
     metrics = {
@@ -276,21 +234,30 @@ _KIND_FN = {"none": _none, "entropy": _entropy_bonus, "tre-k": _entropy_bonus, "
 
 
 def _frac(sel: Tensor, mask: Tensor) -> float:
-    valid = mask if mask.dtype == torch.bool else mask != 0
-    return float(masked_sum(sel, mask)) / max(int(valid.sum()), 1)
+    return float(masked_sum(sel, mask)) / max(int(_as_bool(mask).sum()), 1)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# The regulariser
-# ------------------------------------------------------------------------------------------------------------
+def _ones(mask: Tensor, like: Tensor) -> Tensor:  # an all-ones float32 pg_mask of mask's shape on like's device
+    return torch.ones(mask.shape, dtype=torch.float32, device=like.device)
+
+
+def _zero_loss(anchor: Tensor) -> Tensor:
+    """A float32 scalar 0 on ``anchor``'s device, connected to its graph when it has one (so backward works).
+
+    Built from one element through ``torch.where`` (not ``0 * x``) so an inf in ``anchor`` cannot make NaN.
+    """
+    one = anchor.reshape(-1)[:1]
+    return torch.where(torch.zeros_like(one, dtype=torch.bool), one, torch.zeros_like(one)).sum().float()
+
+
+# ---- The regulariser ----------------------------------------------------------------------------------------------
 class Regularizer:
-    """One regulariser / baseline, built from a :class:`~tre_edu.config.RegularizerConfig` (plain settings).
+    """One regulariser / baseline: ``Regularizer(cfg.regularizer)``, ``Regularizer(kind="tre-k", coef=0.001)`` or
+    ``Regularizer.preset("kl-cov")``.
 
-    ``Regularizer(cfg.regularizer)``, ``Regularizer(kind="tre-k", coef=0.001)`` or ``Regularizer.preset("kl-cov")``.
-    ``clip_low`` / ``clip_high`` are PPO's ratio clip (Clip-Cov leaves tokens the ratio already clipped alone);
-    ``vocab_size`` (the LM head's width) lets the metrics report the effective coefficient. The Clip-Cov draw uses a
-    generator seeded by ``config.seed`` (or torch's global RNG when None); its state is part of :meth:`state_dict`
-    so a resumed run draws what an uninterrupted one would.
+    ``clip_low`` / ``clip_high``: PPO's ratio clip (Clip-Cov leaves tokens it already clips alone); ``vocab_size``
+    lets the metrics report the effective coefficient. The Clip-Cov draw uses a generator seeded by ``config.seed``
+    (torch's global RNG when None), saved by :meth:`state_dict` so a resumed run draws what an uninterrupted one would.
     """
 
     def __init__(
@@ -321,24 +288,19 @@ class Regularizer:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> Regularizer:
-        """A named setting of the papers (:data:`tre_edu.config.PRESETS`), optionally with overrides.
-
-        ``"kl-cov"``: KL-Cov as run in the TRE paper (0.2 %, coef 1); ``"kl-cov-original"``: the KL-Cov paper's
-        (0.02 %, 0.1); ``"tre-k"`` / ``"tre-p"``: alpha 0.001, K = 2 / p = 0.99.
-        """
+        """A named setting of the papers (:data:`tre_edu.config.PRESETS`), e.g. ``"kl-cov"`` as run in the TRE paper
+        (0.2 %, coef 1) or ``"kl-cov-original"`` (0.02 %, 0.1), optionally with overrides."""
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {name!r}")
         return cls(**{**PRESETS[name], **overrides})
 
     # ---- facts about the setting --------------------------------------------------------------------------
     @property
-    def needs(self) -> frozenset[str]:
-        """The per-token statistics this kind reads besides the log-probs: ``entropy``, ``tre`` or nothing."""
+    def needs(self) -> frozenset[str]:  # the per-token statistics this kind reads besides the log-probs
         return NEEDS[self.kind]
 
     @property
-    def selects_tokens(self) -> bool:
-        """Whether the method selects tokens (forking, KL-Cov, Clip-Cov): see :meth:`select`."""
+    def selects_tokens(self) -> bool:  # forking, KL-Cov, Clip-Cov: see select()
         return self.kind in SELECTING_KINDS
 
     def request(self, metrics: bool = False) -> StatsRequest:
@@ -390,21 +352,14 @@ class Regularizer:
     # ---- token selection ----------------------------------------------------------------------------------
     @torch.no_grad()
     def select(
-        self,
-        stats: Any,
-        old_logprobs: Tensor,
-        advantages: Tensor,
-        mask: Tensor,
-        *,
-        generator: torch.Generator | None = None,
+        self, stats: Any, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, generator: Generator | None = None
     ) -> Tensor:
         """The ``(B, T)`` float token selection of forking / KL-Cov / Clip-Cov over the batch given.
 
         forking: 1 on the top ``forking_ratio`` tokens by entropy (they keep their policy gradient).
-        kl-cov: 1 on the top ``cov_ratio`` tokens by Cov_i = (A_i - mean A)(log pi_i - mean log pi) (penalised).
+        kl-cov: 1 on the top ``cov_ratio`` tokens by Cov_i (:func:`token_covariance`; they are penalised).
         clip-cov: 0 on a random ``clip_cov_ratio`` of the tokens with lb <= Cov <= ub that the PPO ratio clip does
-        not already clip (verl's candidates), 1 elsewhere. ``stats``: anything with ``logprobs`` (and ``entropy``
-        for forking), e.g. a :class:`~tre_edu.head.TokenStats`.
+        not already clip (verl's candidates), 1 elsewhere. ``generator`` overrides the seeded one.
         """
         kind, logprobs = self.kind, stats.logprobs
         if kind == "forking":
@@ -413,12 +368,12 @@ class Regularizer:
         if kind == "kl-cov":
             return select_top_fraction(cov, mask, self.cov_ratio)
         if kind == "clip-cov":
-            ratio = torch.exp((logprobs.detach() - old_logprobs).clamp(-20.0, 20.0))
+            ratio = torch.exp((logprobs.detach() - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
             a = advantages.detach()
             clipped = -a * ratio.clamp(1 - self.clip_low, 1 + self.clip_high) > -a * ratio
-            valid = (mask if mask.dtype == torch.bool else mask != 0) & ~clipped
             gen = generator if generator is not None else self.generator
-            return clip_cov_mask(cov, valid, self.clip_cov_ratio, self.clip_cov_lb, self.clip_cov_ub, gen, mask)
+            return clip_cov_mask(cov, _as_bool(mask) & ~clipped, self.clip_cov_ratio, self.clip_cov_lb,
+                                 self.clip_cov_ub, gen, mask)  # fmt: skip
         raise ValueError(f"regularizer kind {kind!r} selects no tokens")
 
     def pg_mask(self, selected: Tensor) -> Tensor:
@@ -430,10 +385,9 @@ class Regularizer:
     def minibatch_selection(
         self, statistics: Callable[[StatsRequest], Any], old_logprobs: Tensor, advantages: Tensor, mask: Tensor
     ) -> Tensor | None:
-        """``selection: minibatch``: select over the whole mini-batch before its micro-steps, from a no-grad pre-pass
-        ``statistics(request)`` (the log-probs, and entropies for forking, at the current weights, over all of the
-        mini-batch's rows). None when the method selects nothing or selects per micro-batch (then :meth:`__call__`
-        selects within each micro-batch)."""
+        """``selection: minibatch``: :meth:`select` over the whole mini-batch before its micro-steps, from a no-grad
+        pre-pass ``statistics(request)`` over all its rows at the current weights. None when the method selects
+        nothing or selects per micro-batch (then :meth:`__call__` selects within each micro-batch)."""
         if not self.selects_tokens or self.selection != "minibatch":
             return None
         return self.select(statistics(self.request()), old_logprobs, advantages, mask)
@@ -448,20 +402,13 @@ class Regularizer:
         agg: str = "token-mean",
         *,
         selected: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generator | None = None,
     ) -> RegularizerOutput:
         """Loss term, policy-gradient mask and metrics for one batch.
 
-        Args:
-            stats: the per-token statistics (a :class:`~tre_edu.head.TokenStats`, the policy's output or
-                :meth:`statistics`): ``logprobs`` ``(B, T)`` log pi(a_t) under the current policy (with grad), and
-                ``entropy`` / ``tre`` ``(B, T)`` as :attr:`needs` says.
-            old_logprobs: ``(B, T)`` rollout-time log-probs. advantages: ``(B, T)``. mask: ``(B, T)`` valid tokens.
-            agg: loss aggregation (see :func:`tre_edu.ppo.aggregate`), the same as the policy loss's.
-            selected: a precomputed :meth:`select` result for these rows (whole-mini-batch selection);
-                None selects within this batch.
-            generator: CPU generator for the Clip-Cov draw (overrides the seeded one).
-        """
+        ``stats``: ``logprobs`` under the current policy (with grad) and ``entropy`` / ``tre`` as :attr:`needs` says
+        (a :class:`~tre_edu.head.TokenStats`, the policy's output or :meth:`statistics`). ``selected``: a precomputed
+        :meth:`select` result for these rows; None selects within this batch."""
         inputs = {"logprobs": stats.logprobs, "old_logprobs": old_logprobs, "advantages": advantages, "mask": mask}
         inputs.update({name: getattr(stats, name, None) for name in sorted(self.needs)})
         for name, t in inputs.items():
@@ -470,21 +417,9 @@ class Regularizer:
             if not isinstance(t, Tensor) or t.dim() != 2:
                 shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"{name} must be a (B, T) tensor; got {shape}")
-        if len({tuple(t.shape) for t in inputs.values()}) > 1:
-            listed = ", ".join(f"{n} {tuple(t.shape)}" for n, t in inputs.items())
-            raise ValueError(f"regularizer inputs must share the shape (B, T); got {listed}")
-        if agg not in AGG_MODES:
-            raise ValueError(f"agg must be one of {', '.join(AGG_MODES)}; got {agg!r}")
+        _check_shapes("regularizer inputs", **inputs)
+        _check_agg(agg)
         if self.selects_tokens and selected is None:
             selected = self.select(stats, old_logprobs, advantages, mask, generator=generator)
         sel = None if selected is None else selected.to(device=stats.logprobs.device, dtype=torch.float32)
         return _KIND_FN[self.kind](self, stats, old_logprobs, advantages, mask, agg, sel)
-
-
-def _zero_loss(anchor: Tensor) -> Tensor:
-    """A float32 scalar 0 on ``anchor``'s device, connected to its graph when it has one (so backward works).
-
-    Built from one element through ``torch.where`` (not ``0 * x``) so an inf in ``anchor`` cannot make NaN.
-    """
-    one = anchor.reshape(-1)[:1]
-    return torch.where(torch.zeros_like(one, dtype=torch.bool), one, torch.zeros_like(one)).sum().float()

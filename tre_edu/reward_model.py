@@ -1,17 +1,15 @@
 """Scalar reward models for the HH task: scoring, training with TRL's ``RewardTrainer``, a tiny CPU model.
 
 A reward model is any Hugging Face ``AutoModelForSequenceClassification`` with ``num_labels=1`` (a causal-LM
-checkpoint loads as base + a fresh linear head). It reads the hidden state of the last non-pad token and returns one
-number per sequence: r(x, y).
+checkpoint loads as base + a fresh linear head): r(x, y) is read at the last non-pad token.
 
 Training (the paper: TRL ``RewardTrainer``, 3 epochs, lr 1e-5, warm-up 0.1, ``center_rewards_coefficient`` 0.01)
 minimises, over pairs (x, y_c, y_r), the Bradley-Terry loss plus the centring term (Eisenstein et al. 2023, eq. 2)
 
     L = -mean log sigmoid(r(x, y_c) - r(x, y_r)) + c * mean((r(x, y_c) + r(x, y_r))^2).
 
-Text of a (prompt, response) pair: the tokenizer's chat template when it has one, else ``prompt + " " + response +
-eos``; training and scoring see the same ids (:meth:`RewardModel.encode`). Sequences longer than ``max_length`` keep
-their LAST tokens: the score is read at the last token, so the end of the response must survive.
+Training and scoring see the same ids (:meth:`RewardModel.encode`); sequences longer than ``max_length`` keep their
+LAST tokens by default: the score is read at the last token, so the end of the response must survive.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from typing import Any
 import datasets
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from torch.nn.utils.rnn import pad_sequence
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -142,11 +141,9 @@ class RewardModel:
         try:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                width = max(len(seqs[i]) for i in idx)
-                ids = torch.full((len(idx), width), self.tokenizer.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    ids[row, : len(seqs[i])], mask[row, : len(seqs[i])] = torch.tensor(seqs[i]), 1
+                rows = [torch.tensor(seqs[i], dtype=torch.long) for i in idx]
+                ids = pad_sequence(rows, batch_first=True, padding_value=self.tokenizer.pad_token_id)
+                mask = (torch.arange(ids.shape[1]) < torch.tensor([len(r) for r in rows])[:, None]).long()
                 logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
                 for i, r in zip(idx, logits[:, 0].float().cpu().tolist()):
                     out[i] = r
@@ -164,8 +161,7 @@ def _check_pairs(pairs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     if not pairs:
         raise ValueError("pairs must be a non-empty list of {'prompt', 'chosen', 'rejected'} dicts")
     for i, p in enumerate(pairs):
-        missing = [k for k in ("prompt", "chosen", "rejected") if k not in p]
-        if missing:
+        if missing := [k for k in ("prompt", "chosen", "rejected") if k not in p]:
             raise ValueError(f"pairs[{i}] is missing field(s) {missing}; need 'prompt', 'chosen', 'rejected'")
     return pairs
 
@@ -213,12 +209,8 @@ def reward_trainer(rm: RewardModel, pairs: Sequence[dict[str, Any]], cfg: Any, o
         from trl import RewardConfig, RewardTrainer  # optional heavy dependency (pip install tre_edu[rm])
     except ImportError as err:
         raise ImportError("TRL is not installed: `pip install tre_edu[rm]` (or `pip install trl`)") from err
-    data = datasets.Dataset.from_dict(
-        {
-            "chosen_ids": [rm.encode(p["prompt"], p["chosen"]) for p in pairs],
-            "rejected_ids": [rm.encode(p["prompt"], p["rejected"]) for p in pairs],
-        }
-    )
+    ids = {f"{side}_ids": [rm.encode(p["prompt"], p[side]) for p in pairs] for side in ("chosen", "rejected")}
+    data = datasets.Dataset.from_dict(ids)
     names = {f.name for f in dataclasses.fields(RewardConfig)}  # transformers < 5 still has warmup_ratio
     args = RewardConfig(
         **{"warmup_ratio" if "warmup_ratio" in names else "warmup_steps": cfg.warmup_ratio},

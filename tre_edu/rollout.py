@@ -3,16 +3,14 @@
 One loop, written out (no ``model.generate``), so every detail PPO depends on is visible:
 
 - prompts are **left-padded** so all rows end at the same column and the next token is always the last column;
-- **position ids** come from the attention mask (:func:`tre_edu.policy.position_ids_from_mask`), in sampling
-  and in the training forward alike, so padding never changes a log-prob;
-- with the **KV cache** each step feeds one new token per row and reuses the keys / values of all earlier ones
-  (``use_cache=False`` recomputes the whole sequence every step: same tokens, much slower; kept for the
-  benchmark);
-- a row **stops at EOS**: the EOS token is part of the response (mask 1, it gets the final reward), every
-  later column is ``pad`` with mask 0; the loop ends as soon as every row is done;
-- the stored ``logprobs`` are ``log softmax(z / T)[token]``: the policy at the sampling temperature T (no top-k /
-  top-p filtering, as the paper's code), the same quantity the training forward computes
-  (:func:`tre_edu.policy.response_logprobs` with the same T); filtering only shapes *sampling*;
+- **position ids** come from the attention mask, in sampling and in the training forward alike, so padding never
+  changes a log-prob;
+- the **KV cache** feeds one new token per row per step (``use_cache=False`` recomputes the whole sequence every
+  step: same tokens, much slower; kept for the benchmark);
+- a row **stops at EOS**: the EOS token is part of the response (mask 1, it gets the final reward), every later
+  column is ``pad`` with mask 0; the loop ends as soon as every row is done;
+- the stored ``logprobs`` are ``log softmax(z / T)[token]``, the policy at the sampling temperature T without top-k /
+  top-p filtering (as the paper's code): the quantity the training forward computes; filtering only shapes sampling;
 - logits with NaN or +inf, or a row that is ``-inf`` for every token, stop sampling with a ValueError (a broken
   model never reads as a wrong answer).
 """
@@ -29,29 +27,13 @@ from tqdm.auto import tqdm
 
 from tre_edu.policy import lm_forward_kwargs, output_cache, position_ids_from_mask
 
-__all__ = [
-    "Rollout",
-    "SamplingConfig",
-    "decode_responses",
-    "filter_logits",
-    "generate",
-    "pad_prompts",
-    "sample_tokens",
-]
+__all__ = ["Rollout", "SamplingConfig", "decode_responses", "filter_logits", "generate", "pad_prompts", "sample_tokens"]
 
 
 @dataclass
 class SamplingConfig:
-    """How to sample responses.
-
-    max_new_tokens: response budget ``R_max >= 1``.
-    temperature: ``>= 0``; logits are divided by it before sampling; ``0`` means greedy (argmax, filters
-        ignored).
-    top_p: nucleus threshold in ``(0, 1]``; keep the smallest set of most likely tokens whose mass reaches
-        ``top_p`` (rank ``i`` is kept iff the mass strictly before it is ``< top_p``); ``1`` = off.
-    top_k: keep the ``top_k`` most likely tokens, ``0`` = off.
-    use_cache: reuse keys / values across steps (KV cache); ``False`` recomputes the whole prefix every step.
-    """
+    """How to sample responses: ``temperature`` 0 is greedy (argmax, filters ignored); ``top_p`` 1 and ``top_k`` 0
+    are off (see :func:`filter_logits`); ``use_cache=False`` recomputes the whole prefix every step."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -60,13 +42,9 @@ class SamplingConfig:
     use_cache: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1; got {self.max_new_tokens!r}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1; got {self.max_new_tokens!r}")
-        if not (
-            isinstance(self.temperature, (int, float)) and self.temperature >= 0 and self.temperature < float("inf")
-        ):
+        if not (isinstance(self.temperature, int | float) and 0 <= self.temperature < float("inf")):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1] (1 = off); got {self.top_p!r}")
@@ -80,25 +58,16 @@ class SamplingConfig:
 
 @dataclass
 class Rollout:
-    """A batch of sampled responses; ``P`` = padded prompt length, ``R`` = response columns (``<=
-    max_new_tokens``; fewer when every row stopped early).
+    """A batch of sampled responses; ``P`` = padded prompt length, ``R`` = response columns (``<= max_new_tokens``;
+    fewer when every row stopped early)."""
 
-    input_ids: ``(B, P+R)`` long, ``[left-padded prompt | response]``; feed it to ``ActorCritic(..., R)``.
-    attention_mask: ``(B, P+R)`` long, 1 on real prompt tokens and valid response tokens.
-    prompt_len: ``P``.
-    response: ``(B, R)`` long, the sampled tokens (``pad`` after EOS).
-    response_mask: ``(B, R)`` bool, 1 up to and including EOS.
-    logprobs: ``(B, R)`` float32 ``log softmax(z_t / T)[a_t]`` (T = 1 when greedy); 0 where masked.
-    outside_topk: ``(B, R)`` bool, the sampled token is not among the 2 most likely tokens of the model.
-    """
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    prompt_len: int
-    response: Tensor
-    response_mask: Tensor
-    logprobs: Tensor
-    outside_topk: Tensor
+    input_ids: Tensor  # (B, P+R) long, [left-padded prompt | response]; feed it to ActorCritic(..., R)
+    attention_mask: Tensor  # (B, P+R) long, 1 on real prompt tokens and valid response tokens
+    prompt_len: int  # P
+    response: Tensor  # (B, R) long, the sampled tokens (pad after EOS)
+    response_mask: Tensor  # (B, R) bool, 1 up to and including EOS
+    logprobs: Tensor  # (B, R) float32 log softmax(z_t / T)[a_t] (T = 1 when greedy); 0 where masked
+    outside_topk: Tensor  # (B, R) bool, the sampled token is not among the model's 2 most likely tokens
 
     @property
     def response_len(self) -> int:
@@ -194,13 +163,6 @@ def _check_logits(z: Tensor, t: int) -> None:
         )
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def generate(
     actor: torch.nn.Module,
@@ -213,22 +175,13 @@ def generate(
     progress: bool = False,
     chunk_size: int = 0,
 ) -> Rollout:
-    """Sample a response for every prompt (``chunk_size`` > 0: that many rows at a time, to bound the KV cache; the
-    chunks are padded to a common prompt / response length and concatenated).
+    """Sample a response for every prompt (token ids, no padding) with a Hugging Face causal LM, in eval mode (its
+    training flag is restored after); returns a :class:`Rollout` on the model's device.
 
-    Args:
-        actor: a Hugging Face causal LM (put in eval mode while sampling; its training flag is restored
-            after).
-        prompts: token ids of each prompt (no padding), ``B`` lists of length ``>= 1``.
-        cfg: :class:`SamplingConfig`.
-        eos_token_id: a row stops after emitting it, or any of several ids (a chat model's end-of-turn and
-            end-of-text); ``None``: never stop early, always ``max_new_tokens``.
-        pad_token_id: id used for left padding of prompts and for the columns after EOS.
-        generator: ``torch.Generator`` for reproducible sampling.
-        progress: show a tqdm bar over the decoding steps.
-
-    Returns:
-        :class:`Rollout` (tensors on the model's device).
+    ``eos_token_id``: a row stops after emitting it, or any of several ids (a chat model's end-of-turn and
+    end-of-text); None: never stop early. ``pad_token_id`` pads the prompts on the left and the responses after
+    EOS. ``chunk_size`` > 0: that many rows at a time, to bound the KV cache (the chunks are padded to a common
+    prompt / response length and concatenated). ``progress``: a tqdm bar over the decoding steps.
     """
     if not isinstance(cfg, SamplingConfig):
         raise ValueError(f"cfg must be a SamplingConfig; got {type(cfg).__name__}")
@@ -237,51 +190,38 @@ def generate(
         parts = [generate(actor, prompts[s : s + chunk_size], cfg, **kw) for s in range(0, len(prompts), chunk_size)]
         return concat_rollouts(parts, pad_token_id)
     eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if any(isinstance(e, bool) or not isinstance(e, int) for e in eos_ids) or (
-        eos_token_id is not None and not eos_ids
-    ):
+    bad = [e for e in eos_ids if isinstance(e, bool) or not isinstance(e, int)]
+    if bad or (eos_token_id is not None and not eos_ids):
         raise ValueError(f"eos_token_id must be an int token id, a list of them, or None; got {eos_token_id!r}")
-    device = _model_device(actor)
+    device = next((p.device for p in actor.parameters()), torch.device("cpu"))
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    prompt_ids, prompt_mask = pad_prompts(prompts, pad_token_id, device)
-    B, P = prompt_ids.shape
+    ids, mask = pad_prompts(prompts, pad_token_id, device)
+    B, P = ids.shape
     R = cfg.max_new_tokens
-
     response = torch.full((B, R), pad_token_id, dtype=torch.long, device=device)
     response_mask = torch.zeros((B, R), dtype=torch.bool, device=device)
     logprobs = torch.zeros((B, R), dtype=torch.float32, device=device)
     outside = torch.zeros((B, R), dtype=torch.bool, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     temperature = cfg.temperature if cfg.temperature > 0 else 1.0
-
-    ids, mask = prompt_ids, prompt_mask
     cache: Any = None
     steps = 0
     was_training = actor.training
     actor.eval()
     try:
         for t in tqdm(range(R), desc="sampling", leave=False, disable=not progress):
-            position_ids = position_ids_from_mask(mask)
+            # With a cache, every step after the first feeds only the newest token (the cache holds the rest); the
+            # attention mask always covers cache + new tokens.
+            new = slice(None) if cache is None else slice(-1, None)
+            out = actor(
+                input_ids=ids[:, new],
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask)[:, new],
+                use_cache=cfg.use_cache,
+                **lm_forward_kwargs(actor, logits_to_keep=1, cache=cache),
+            )
             if cfg.use_cache:
-                # First step: the whole prompt; later steps: only the newest token, the cache holds the rest.
-                # The attention mask always covers cache + new tokens.
-                step_ids, step_pos = (ids, position_ids) if cache is None else (ids[:, -1:], position_ids[:, -1:])
-                out = actor(
-                    input_ids=step_ids,
-                    attention_mask=mask,
-                    position_ids=step_pos,
-                    use_cache=True,
-                    **lm_forward_kwargs(actor, logits_to_keep=1, cache=cache),
-                )
                 cache = output_cache(out)
-            else:
-                out = actor(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                    **lm_forward_kwargs(actor, logits_to_keep=1),
-                )
             z = out.logits[:, -1].float()  # (B, V) logits of the next token at temperature 1
             _check_logits(z, t)
             token = sample_tokens(z, cfg, generator)
@@ -290,7 +230,6 @@ def generate(
             lp = zt.gather(-1, token[:, None]).squeeze(-1) - torch.logsumexp(zt, dim=-1)
             # outside the top-2 <=> at least two tokens have a strictly larger logit
             n_above = (z > z.gather(-1, token[:, None])).sum(-1)
-
             valid = ~done
             token = torch.where(valid, token, torch.full_like(token, pad_token_id))
             response[:, t] = token
@@ -306,17 +245,8 @@ def generate(
                 break
     finally:
         actor.train(was_training)
-
-    response, response_mask = response[:, :steps], response_mask[:, :steps]
-    return Rollout(
-        input_ids=ids,
-        attention_mask=mask,
-        prompt_len=P,
-        response=response,
-        response_mask=response_mask,
-        logprobs=logprobs[:, :steps],
-        outside_topk=outside[:, :steps],
-    )
+    cut = [x[:, :steps] for x in (response, response_mask, logprobs, outside)]
+    return Rollout(ids, mask, P, *cut)
 
 
 def decode_responses(tokenizer: Any, rollout: Rollout) -> list[str]:
@@ -326,36 +256,26 @@ def decode_responses(tokenizer: Any, rollout: Rollout) -> list[str]:
 
 
 def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
-    """Concatenate rollouts sampled in chunks: prompts are left-padded and responses right-padded to the
-    longest (``P`` = max prompt length, ``R`` = max response length); padding has mask 0, log-prob 0.
-    The ``(B, ...)`` tensors of all parts are stacked in order on the first part's device."""
+    """Concatenate rollouts sampled in chunks, on the first part's device: prompts are left-padded and responses
+    right-padded to the longest (``P`` = max prompt length, ``R`` = max response length); padding has mask 0,
+    log-prob 0."""
     P = max(r.prompt_len for r in parts)
     R = max(r.response_len for r in parts)
     dev = parts[0].input_ids.device
 
-    def pad(x: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
+    def pad(x: Tensor, left: int, right: int, value) -> Tensor:
         return torch.nn.functional.pad(x.to(dev), (left, right), value=value)
 
-    ids, attn, resp, rmask, lps, outs = [], [], [], [], [], []
-    for r in parts:
-        left, right, n = P - r.prompt_len, R - r.response_len, r.prompt_len
-        prompt = pad(r.input_ids[:, :n], left, 0, pad_token_id)
-        ids.append(torch.cat([prompt, pad(r.input_ids[:, n:], 0, right, pad_token_id)], 1))
-        am = r.attention_mask
-        attn.append(torch.cat([pad(am[:, :n], left, 0, 0), pad(am[:, n:], 0, right, 0)], 1))
-        resp.append(pad(r.response, 0, right, pad_token_id))
-        rmask.append(pad(r.response_mask, 0, right, False))
-        lps.append(pad(r.logprobs, 0, right, 0.0))
-        outs.append(pad(r.outside_topk, 0, right, False))
-    return Rollout(
-        input_ids=torch.cat(ids),
-        attention_mask=torch.cat(attn),
-        prompt_len=P,
-        response=torch.cat(resp),
-        response_mask=torch.cat(rmask),
-        logprobs=torch.cat(lps),
-        outside_topk=torch.cat(outs),
-    )
+    def sequences(name: str, value) -> Tensor:  # [prompt | response]: the prompt padded on the left, the response right
+        rows = []
+        for r in parts:
+            x, n = getattr(r, name), r.prompt_len
+            rows.append(torch.cat([pad(x[:, :n], P - n, 0, value), pad(x[:, n:], 0, R - r.response_len, value)], 1))
+        return torch.cat(rows)
+
+    fills = {"response": pad_token_id, "response_mask": False, "logprobs": 0.0, "outside_topk": False}
+    responses = [torch.cat([pad(getattr(r, k), 0, R - r.response_len, v) for r in parts]) for k, v in fills.items()]
+    return Rollout(sequences("input_ids", pad_token_id), sequences("attention_mask", 0), P, *responses)
 
 
 def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int] | None:

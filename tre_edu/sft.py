@@ -7,9 +7,7 @@ with the cross-entropy on the response tokens only:
 
     loss = - (1 / N) * sum_{b, t: response token} log pi(y_{b,t} | prompt_b, y_{b,<t})      (token mean)
 
-It stops after ``steps`` optimiser steps or ``seconds`` of training time (whichever comes first), and measures
-the held-out greedy accuracy every ``eval_every`` steps, so a notebook can stop at a policy with headroom for
-PPO.
+The held-out greedy accuracy, measured as it trains, lets a notebook stop at a policy with headroom for PPO.
 """
 
 from __future__ import annotations
@@ -35,35 +33,26 @@ def make_sft_example(
     think: bool | None = None,
     style: str = "compact",
 ) -> dict[str, str]:
-    """``{"prompt": text, "response": text}`` for one example: the task's prompt and its reference response.
-
-    The response is exactly what the reward checker accepts (``task.score(response, example) == 1``); for
-    Countdown it is ``<think>[trace]</think><answer>EQ</answer>`` (``think`` None: the task's setting). The
-    end of sequence is added at encoding time (:func:`encode_sft_example`), not in the text.
-    """
+    """``{"prompt": text, "response": text}`` for one example: the task's prompt and its reference response, exactly
+    what the reward checker accepts (Countdown: ``<think>[trace]</think><answer>EQ</answer>``; ``think`` None: the
+    task's setting). The end of sequence is added at encoding time (:func:`encode_sft_example`), not in the text."""
     if not hasattr(task, "reference_response"):
         raise ValueError(f"task {getattr(task, 'name', task)!r} has no reference responses for a warm start")
-    return {
-        "prompt": task.prompt(example, tokenizer, style),
-        "response": task.reference_response(example, think),
-    }
+    return {"prompt": task.prompt(example, tokenizer, style), "response": task.reference_response(example, think)}
 
 
 def encode_sft_example(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids + [eos]); no special tokens are added to the prompt (as in the PPO
-    rollouts)."""
+    """(prompt ids, response ids + [eos]); no special tokens are added to the prompt (as in the PPO rollouts)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt_ids, response_ids
 
 
 def collate(pairs: list[tuple[list[int], list[int]]], pad_token_id: int) -> tuple[torch.Tensor, ...]:
-    """Left-pad ``prompt + response`` so that every response ends at the last position.
-
-    Returns ``input_ids`` (B, L), ``attention_mask`` (B, L), ``labels`` (B, R) = the last R tokens and
-    ``label_mask`` (B, R) float, 1 on response tokens; R is the longest response, so the logits needed are the
-    last R + 1 positions only (positions come from the mask, as in the rollouts and PPO).
-    """
+    """Left-pad ``prompt + response`` so that every response ends at the last position: ``input_ids`` (B, L),
+    ``attention_mask`` (B, L), ``labels`` (B, R) = the last R tokens and ``label_mask`` (B, R) float, 1 on response
+    tokens; R is the longest response, so the logits needed are the last R + 1 positions only (positions come from
+    the mask, as in the rollouts and PPO)."""
     seqs = [p + r for p, r in pairs]
     length = max(len(s) for s in seqs)
     resp_len = max(len(r) for _, r in pairs)
@@ -111,20 +100,14 @@ def warm_start(
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place on ``task``'s reference responses for ``examples``; return the history.
 
-    Args:
-        steps / seconds: stop after ``steps`` optimiser steps or ``seconds`` of training time (evaluation time
-            excluded), whichever comes first; at least one must be given.
-        batch_size, lr, weight_decay, warmup_steps, grad_clip: AdamW with a linear warm-up, then a constant
-        rate.
-        think: reference responses with a worked trace (None: the task's setting).
-        eval_examples: held-out examples; greedy accuracy every ``eval_every`` steps and at the end (with
-            ``eval_cfg``'s batch size; default :class:`~tre_edu.config.EvalConfig`).
-        callback: called with each history record as it is made (live plots).
+    Stops after ``steps`` optimiser steps or ``seconds`` of training time (evaluation excluded), whichever comes
+    first; at least one must be given. AdamW with a linear warm-up over ``warmup_steps``, then a constant rate.
+    With ``eval_examples``: the held-out greedy accuracy every ``eval_every`` steps and at the end (``eval_cfg``'s
+    batch size). ``callback`` gets each history record as it is made (live plots).
 
-    Returns:
-        A list of records ``{"step", "seconds" (training time), "wall_seconds", "loss"}``; evaluation records
-        also have ``"accuracy"`` and ``"mean_reward"`` (held-out greedy). The last record is the final state
-        (with ``"accuracy"`` whenever ``eval_examples`` is given). The model is left in eval mode.
+    Returns records ``{"step", "seconds" (training time), "wall_seconds", "loss"}``; evaluation records also have
+    ``"accuracy"`` and ``"mean_reward"``. The last record is the final state (with ``"accuracy"`` whenever
+    ``eval_examples`` is given). The model is left in eval mode.
     """
     if steps is None and seconds is None:
         raise ValueError("steps and seconds must not both be None: give a step count, a time budget or both")
@@ -137,7 +120,6 @@ def warm_start(
             raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0; got {lr!r}")
-
     pairs = []
     for example in examples:
         try:
@@ -148,38 +130,29 @@ def warm_start(
     if not pairs:
         raise ValueError("examples must contain at least one example with a reference response; got none")
     max_new_tokens = max(len(r) for _, r in pairs) + 8  # evaluation budget: a little more than the longest answer
-
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     history: list[dict[str, Any]] = []
     model.train()
     order = torch.randperm(len(pairs), generator=gen).tolist()
-    cursor = 0
-    train_time = 0.0
-    wall_start = time.perf_counter()
+    cursor, step, train_time, wall_start = 0, 0, 0.0, time.perf_counter()
     bar = tqdm(total=steps, desc="warm start", unit="step", disable=not progress)
     eval_cfg = eval_cfg or EvalConfig()
 
     def record(step: int, loss: float | None, evaluate_now: bool) -> None:
-        rec: dict[str, Any] = {
-            "step": step,
-            "seconds": round(train_time, 3),
-            "wall_seconds": round(time.perf_counter() - wall_start, 3),
-            "loss": loss,
-        }
+        wall = round(time.perf_counter() - wall_start, 3)
+        rec: dict[str, Any] = {"step": step, "seconds": round(train_time, 3), "wall_seconds": wall, "loss": loss}
         if evaluate_now and eval_examples:
             res = evaluate(model, tokenizer, task, eval_examples, eval_cfg, style=style,
                            max_new_tokens=max_new_tokens, seed=seed, greedy=True, sampled=False)  # fmt: skip
             model.train()
-            rec["accuracy"] = res["greedy_accuracy"]
-            rec["mean_reward"] = res["greedy_reward"]
+            rec |= {"accuracy": res["greedy_accuracy"], "mean_reward": res["greedy_reward"]}
             rec["wall_seconds"] = round(time.perf_counter() - wall_start, 3)
         history.append(rec)
         bar.set_postfix({k: rec[k] for k in ("loss", "accuracy") if rec.get(k) is not None})
         if callback is not None:
             callback(rec)
 
-    step = 0
     loss_value: float | None = None  # None until the first step
     running: list[float] = []
     try:
@@ -188,9 +161,8 @@ def warm_start(
             if cursor + batch_size > len(order):  # a new epoch: reshuffle
                 order = torch.randperm(len(pairs), generator=gen).tolist()
                 cursor = 0
-            idx = order[cursor : cursor + batch_size]
+            batch = collate([pairs[i] for i in order[cursor : cursor + batch_size]], tokenizer.pad_token_id)
             cursor += batch_size
-            batch = collate([pairs[i] for i in idx], tokenizer.pad_token_id)
             for group in optimizer.param_groups:  # linear warm-up, then constant
                 group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup_steps))
             loss = sft_loss(model, batch)

@@ -6,24 +6,19 @@ A study file (``configs/studies/<name>.yaml``)::
     configs: [../countdown_tiny.yaml] # the base config files (relative to the study file), merged left to right
     set: {threads: 1, ppo.steps: 60}  # dotted overrides for every run
     horizons:                         # named sets of overrides for the "horizon" axis
-      compact: {ppo.max_new_tokens: 32}
       think: {task.options.think: true, ppo.max_new_tokens: 64}
     grids:                            # each grid is the product of its axes; cells repeated across grids run once
       - axes: {method: [entropy, tre-k], coefficient: [0.001, 0.01], tail: [20000], horizon: [think], seed: [0, 1, 2]}
       - axes: {method: [none, forking, kl-cov], tail: [20000], horizon: [think], seed: [0, 1, 2]}
 
-Axes: ``method`` (a regularizer kind or preset name: its fields), ``coefficient`` (``regularizer.coef``, paper
-units; ignored by methods without an entropy term), ``tail`` (``model.tail_tokens``), ``horizon`` (a named set of
-overrides), ``seed``, and any dotted config field (``ppo.actor_lr: [1e-4, 3e-4]``).
+Axes: ``method`` (a regularizer kind or preset name), ``coefficient`` (``regularizer.coef``, paper units; ignored by
+methods without an entropy term), ``tail`` (``model.tail_tokens``), ``horizon``, ``seed``, and any dotted config
+field (``ppo.actor_lr: [1e-4, 3e-4]``). Runs that share ``model``, ``sft``, ``task`` and the seed share a warm start.
 
-Runs that share their warm-start settings (``model``, ``sft``, ``task`` sections and the seed) share one warm start.
-Resumption: a finished cell is a complete file ``<cell>.jsonl`` in the results folder (:func:`read_cell`) and is
-skipped; a cell stopped midway left ``<cell>.jsonl.part`` and is rerun from the start; a cell file that is not complete
-(empty, a line cut short, a line that is no record, records missing) is set aside as ``<cell>.jsonl.bad`` (never
-deleted) and the cell is run again. One ``study run`` at a time holds the results folder (a lock; a second one is
-refused, naming the first one's pid). Each evaluation of a cell is one JSON line: the cell's axes,
-method, coefficient and effective coefficient, seed, step, the eval metrics, training-batch metrics of that step,
-the resolved config and the code version.
+Resumption: a finished cell is a complete ``<cell>.jsonl`` (:func:`read_cell`) and is skipped; a cell stopped midway
+left ``<cell>.jsonl.part`` and reruns; an incomplete cell file is set aside as ``<cell>.jsonl.bad`` (never deleted)
+and the cell reruns. One ``study run`` at a time holds the results folder (a lock naming its pid). Each evaluation
+is one JSON line: axes, coefficients, seed, step, eval and training-batch metrics, resolved config, code version.
 
 The report gives, for every cell without its seed, the mean over seeds and a 95 % Student-t interval,
 ``mean +- t_{0.975, n-1} * s / sqrt(n)``, of the final evaluation, as a markdown table and plotly figures.
@@ -86,14 +81,12 @@ def load_study(path: str | Path) -> dict[str, Any]:
     axis values, in grid order, duplicates removed)."""
     path = Path(path)
     spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - {"name", "configs", "set", "horizons", "methods", "grids", "description"}
-    if unknown:
+    if unknown := set(spec) - {"name", "configs", "set", "horizons", "methods", "grids", "description"}:
         raise ValueError(f"{path}: unknown study keys {sorted(unknown)}")
     spec.setdefault("name", path.stem)
     spec["configs"] = [str((path.parent / c).resolve()) for c in spec.get("configs", [])]
-    spec.setdefault("set", {})
-    spec.setdefault("horizons", {})
-    spec.setdefault("methods", {})
+    for key in ("set", "horizons", "methods"):
+        spec.setdefault(key, {})
     if not spec.get("grids"):
         raise ValueError(f"{path}: a study needs `grids:` (a list of {{axes: {{name: [values]}}}})")
     cells: list[dict] = []
@@ -105,9 +98,8 @@ def load_study(path: str | Path) -> dict[str, Any]:
             raise ValueError(
                 f"{path}: grids[{i}]: unknown axis {bad!r} (use {', '.join(NAMED_AXES)} or a dotted field)"
             )
-        for h in axes.get("horizon", []):
-            if h not in spec["horizons"]:
-                raise ValueError(f"{path}: horizon {h!r} is not defined under `horizons:`")
+        for h in [h for h in axes.get("horizon", []) if h not in spec["horizons"]]:
+            raise ValueError(f"{path}: horizon {h!r} is not defined under `horizons:`")
         for values in itertools.product(*axes.values()):
             cell = dict(zip(axes, values))
             if "coefficient" in cell and _method(cell) not in ENTROPY_KINDS:
@@ -127,8 +119,7 @@ def _method(cell: dict) -> str:
 
 def cell_id(cell: dict) -> str:
     """A file-name-safe id from the axis values: ``method-entropy_coefficient-0.01_tail-20000_seed-0``."""
-    parts = [f"{k}-{v}" for k, v in cell.items()]
-    return "_".join(parts).replace("/", "-").replace(" ", "")
+    return "_".join(f"{k}-{v}" for k, v in cell.items()).replace("/", "-").replace(" ", "")
 
 
 def cell_config(spec: dict, cell: dict) -> TrainConfig:
@@ -139,20 +130,16 @@ def cell_config(spec: dict, cell: dict) -> TrainConfig:
     if "method" in cell:
         m = cell["method"]
         if m in spec["methods"]:
-            fields = spec["methods"][m]
+            over.update(spec["methods"][m])
         elif m in PRESETS:
-            fields = {f"regularizer.{k}": v for k, v in PRESETS[m].items()}
+            over.update({f"regularizer.{k}": v for k, v in PRESETS[m].items()})
         elif m in KINDS:
-            fields = {"regularizer.kind": m}
+            over["regularizer.kind"] = m
         else:
             raise ValueError(f"method {m!r} is neither a regularizer kind ({', '.join(KINDS)}) nor a preset")
-        over.update(fields)
     if cell.get("coefficient") is not None:
         over["regularizer.coef"] = float(cell["coefficient"])
-    if "tail" in cell:
-        over["model.tail_tokens"] = int(cell["tail"])
-    if "seed" in cell:
-        over["seed"] = int(cell["seed"])
+    over.update({field: int(cell[a]) for a, field in (("tail", "model.tail_tokens"), ("seed", "seed")) if a in cell})
     over.update({k: v for k, v in cell.items() if "." in k})
     return load_config(spec["configs"], over)
 
@@ -167,12 +154,10 @@ def warm_key(cfg: TrainConfig) -> str:
 def code_version(root: str | Path | None = None) -> str:
     """``git describe --always --dirty`` of the checkout, "unknown" outside git."""
     try:
-        root = root or repo_root()
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True, timeout=10
-        )
+        cmd = ["git", "describe", "--always", "--dirty"]
+        out = subprocess.run(cmd, cwd=root or repo_root(), capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError, FileNotFoundError):
+    except (OSError, subprocess.SubprocessError):  # FileNotFoundError (no checkout, no git) is an OSError
         return "unknown"
 
 
@@ -269,8 +254,7 @@ def _cell_job(cfg_dict: dict, result: str, meta: dict) -> dict:
     cfg, result_p = TrainConfig.from_dict(cfg_dict), Path(result)
     part = result_p.with_name(result_p.name + ".part")
     part.unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    start = None
+    t0, start = time.perf_counter(), None
     if cfg.init_from and getattr(cfg.eval, "at_start", True) is False:
         start = _warm_eval(cfg)
         meta = {**meta, "warm_start": {"key": Path(cfg.init_from).name, "sha256": warm_fingerprint(cfg.init_from)}}
@@ -283,9 +267,8 @@ def _select(cells: list[dict], only: dict[str, list] | None) -> list[dict]:
     if not only:
         return cells
     axes = {k for c in cells for k in c}
-    for axis in only:
-        if axis not in axes:
-            raise ValueError(f"only: unknown axis {axis!r}; this study's axes: {', '.join(sorted(axes))}")
+    for axis in [a for a in only if a not in axes]:
+        raise ValueError(f"only: unknown axis {axis!r}; this study's axes: {', '.join(sorted(axes))}")
     want = {axis: {str(v) for v in values} for axis, values in only.items()}
     return [c for c in cells if all(str(c.get(a)) in vs for a, vs in want.items())]
 
@@ -298,19 +281,16 @@ def run_study(
     progress: bool = True,
     only: dict[str, list] | None = None,
 ) -> dict[str, Any]:
-    """Run every unfinished cell of the study at ``path`` (warm starts first), ``workers`` processes at a time.
-    ``only`` = ``{axis: [values]}`` runs just the cells whose axes take one of those values (e.g. one seed or one
-    tail size first: its warm starts only); the others are left for a later call.
+    """Run every unfinished cell of the study at ``path`` (warm starts first), ``workers`` processes at a time (1:
+    in this process). ``only`` = ``{axis: [values]}`` runs just the cells whose axes take one of those values (e.g.
+    one seed first); the others are left for a later call. Results: ``results_dir`` (default ``data/results/<name>/``);
+    models and logs: ``runs_dir`` (default ``runs/studies/<name>/``, git-ignored).
+    Returns ``{"done": [...], "skipped": [...], "failed": {cell: error}}`` (and ``"set_aside"`` when any).
 
-    Results: ``results_dir`` (default ``data/results/<name>/``), one ``<cell>.jsonl`` per finished cell; models
-    and logs: ``runs_dir`` (default ``runs/studies/<name>/``, git-ignored). ``workers`` = 1 runs in this process.
-    Returns ``{"done": [...], "skipped": [...], "failed": {cell: error}}``.
-
-    Every method of a seed must start from the same warm start, or the paired differences mean nothing. Warm starts
-    live in the git-ignored ``runs_dir``; one retrained later (a fresh machine) need not match the recorded cells'
-    bit for bit, so a cell is run only when its warm start is the one its recorded siblings started from (their
-    ``warm_start.sha256``, or for older lines their step-0 evaluation, which errs on the safe side: evaluated on
-    another CPU even the same weights may score differently); otherwise it is reported as failed.
+    Every method of a seed must start from the same warm start, or the paired differences mean nothing. A warm start
+    retrained later (a fresh machine) need not match bit for bit, so a cell runs only when its warm start is the one
+    its recorded siblings started from (their ``warm_start.sha256``, or for older lines their step-0 evaluation,
+    which errs on the safe side: on another CPU even the same weights may score differently); else it fails.
     """
     spec = load_study(path)
     if not isinstance(workers, int) or workers < 1:
@@ -327,16 +307,14 @@ def _run_study(spec, workers, results: Path, runs: Path, root: Path, progress: b
     todo, skipped, warm, recorded, set_aside = [], [], {}, {}, {}
     finished: dict[str, list[dict]] = {}
     for cell in spec["cells"]:  # the finished cells of every warm start, to check that a resumed one is the same
-        f = results / f"{cell_id(cell)}.jsonl"
-        if f.is_file():
+        cid = cell_id(cell)
+        if (results / f"{cid}.jsonl").is_file():
             try:
-                finished[cell_id(cell)] = read_cell(f)
+                finished[cid] = read_cell(results / f"{cid}.jsonl")
             except ValueError as err:  # not complete: the cell is not done (set aside below when selected)
-                set_aside[cell_id(cell)] = str(err)
-                continue
-            recorded.setdefault(warm_key(cell_config(spec, cell)), []).append(
-                (cell_id(cell), finished[cell_id(cell)][0])
-            )
+                set_aside[cid] = str(err)
+            else:
+                recorded.setdefault(warm_key(cell_config(spec, cell)), []).append((cid, finished[cid][0]))
     for cell in _select(spec["cells"], only):
         cid = cell_id(cell)
         if cid in finished:
@@ -347,70 +325,50 @@ def _run_study(spec, workers, results: Path, runs: Path, root: Path, progress: b
             set_aside[cid] = f"{set_aside[cid]}; kept as {kept.name}, the cell runs again"
             warnings.warn(f"study cell {set_aside[cid]}", stacklevel=2)
         cfg = cell_config(spec, cell)
-        key = warm_key(cfg)
-        warm_dir = runs / "warm" / key
-        if cfg.sft.enabled:
-            warm.setdefault(key, (cfg, warm_dir))
-        todo.append((cell, cid, cfg, warm_dir if cfg.sft.enabled else None))
+        warm_dir = runs / "warm" / warm_key(cfg) if cfg.sft.enabled else None
+        if warm_dir is not None:
+            warm.setdefault(warm_dir.name, (cfg, warm_dir))
+        todo.append((cell, cid, cfg, warm_dir))
     failed: dict[str, str] = {}
     done: list[str] = []
-    pool = (
-        ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) if workers > 1 else None
-    )
+    spawn = get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker) if workers > 1 else None
 
     def run_all(jobs: list[tuple[str, Any, tuple]], desc: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        bar = tqdm(total=len(jobs), desc=desc, disable=not progress or not jobs)
         futures = {name: pool.submit(fn, *args) for name, fn, args in jobs} if pool else {}
-        for name, fn, args in jobs:
+        for name, fn, args in tqdm(jobs, desc=desc, disable=not progress or not jobs):
             try:
                 out[name] = futures[name].result() if pool else fn(*args)
             except Exception as err:  # one broken cell must not stop the study
                 failed[name] = f"{type(err).__name__}: {err}"
-            bar.update(1)
-        bar.close()
         return out
 
     try:
         # seed-major: every cell of the first seed (its warm starts, then its cells) before the next seed, so that a
         # study stopped early leaves complete seeds behind
         for seed in sorted({cfg.seed for _, _, cfg, _ in todo}):
-            jobs = [
-                (f"warm/{k}", _warm_job, (c.to_dict(), str(d)))
-                for k, (c, d) in warm.items()
-                if c.seed == seed and not d.is_dir()
-            ]
+            mine = {k: (c, d) for k, (c, d) in warm.items() if c.seed == seed}
+            jobs = [(f"warm/{k}", _warm_job, (c.to_dict(), str(d))) for k, (c, d) in mine.items() if not d.is_dir()]
             run_all(jobs, f"warm starts, seed {seed}")
             mismatch = {
-                k: _warm_mismatch(d, recorded[k], c)
-                for k, (c, d) in warm.items()
-                if c.seed == seed and k in recorded and d.is_dir()
+                k: _warm_mismatch(d, recorded[k], c) for k, (c, d) in mine.items() if k in recorded and d.is_dir()
             }
             jobs = []
             for cell, cid, cfg, warm_dir in (t for t in todo if t[2].seed == seed):
-                if warm_dir is not None and f"warm/{warm_dir.name}" in failed:
-                    failed[cid] = f"warm start {warm_dir.name} failed"
-                    continue
-                if warm_dir is not None and mismatch.get(warm_dir.name):
-                    failed[cid] = mismatch[warm_dir.name]
+                name = warm_dir and warm_dir.name
+                if name and (f"warm/{name}" in failed or mismatch.get(name)):
+                    failed[cid] = f"warm start {name} failed" if f"warm/{name}" in failed else mismatch[name]
                     continue
                 over = {"output_dir": str(runs / "cells" / cid)}
                 if warm_dir is not None:  # evaluate the shared warm start once, not once per cell
                     over.update({"init_from": str(warm_dir), "sft.enabled": False, "eval.at_start": False})
                 cfg = cfg.replace(over)
-                meta = {
-                    "study": spec["name"],
-                    "cell": cid,
-                    "axes": cell,
-                    "method": cell.get("method", cfg.regularizer.kind),
-                    "kind": cfg.regularizer.kind,
-                    "coefficient": cell.get("coefficient"),
-                    "seed": cfg.seed,
-                    "tail": cfg.model.tail_tokens,
-                    "horizon": cell.get("horizon"),
-                    "code_version": version,
-                    "config": cfg.to_dict(),
-                }
+                kind = cfg.regularizer.kind
+                meta = {"study": spec["name"], "cell": cid, "axes": cell, "method": cell.get("method", kind)}
+                meta |= {"kind": kind, "coefficient": cell.get("coefficient"), "seed": cfg.seed}
+                meta |= {"tail": cfg.model.tail_tokens, "horizon": cell.get("horizon"), "code_version": version}
+                meta["config"] = cfg.to_dict()
                 jobs.append((cid, _cell_job, (cfg.to_dict(), str(results / f"{cid}.jsonl"), meta)))
             done += list(run_all(jobs, f"study {spec['name']}, seed {seed}"))
     finally:
@@ -516,30 +474,14 @@ def aggregate(lines: list[dict]) -> list[dict]:
     """One row per cell without its seed: axes, effective coefficient, seeds, and for every eval metric
     ``start`` (step 0) and ``final`` (last evaluation) as (mean, 95 % half-width) over seeds, plus the mean over
     seeds of the training-batch mass outside the top 10, ``tail_curve = [(step, mean), ...]``."""
-    by_cell: dict[str, list[dict]] = defaultdict(list)
-    for line in lines:
-        by_cell[line["cell"]].append(line)
-    groups: dict[tuple, list[list[dict]]] = defaultdict(list)
-    for cell_lines in by_cell.values():
-        cell_lines.sort(key=lambda r: r["step"])
-        groups[_group_key(cell_lines[0])].append(cell_lines)
+    cells = [sorted(ls, key=lambda r: r["step"]) for ls in _by(lines, lambda line: line["cell"]).values()]
     rows = []
-    for runs in groups.values():
+    for runs in _by(cells, lambda r: _group_key(r[0])).values():
         first = runs[0][0]
-        row = {
-            **{k: v for k, v in first["axes"].items() if k != "seed"},
-            "method": first["method"],
-            "kind": first["kind"],
-            "coefficient": first["coefficient"],
-            "effective_coef": first["effective_coef"],
-            "tail": first["tail"],
-            "vocab_size": first.get("vocab_size"),
-            "horizon": first["horizon"],
-            "seeds": sorted(r[0]["seed"] for r in runs),
-            "steps": runs[0][-1]["step"],
-            "start": {},
-            "final": {},
-        }
+        row = {k: v for k, v in first["axes"].items() if k != "seed"}
+        row |= {k: first[k] for k in ("method", "kind", "coefficient", "effective_coef", "tail")}
+        row |= {"vocab_size": first.get("vocab_size"), "horizon": first["horizon"]}
+        row |= {"seeds": sorted(r[0]["seed"] for r in runs), "steps": runs[0][-1]["step"], "start": {}, "final": {}}
         for key in sorted({k for r in runs for line in r for k in line["eval"]}):
             for which, pick in (("start", 0), ("final", -1)):
                 vals = [r[pick]["eval"][key] for r in runs if key in r[pick]["eval"]]
@@ -608,16 +550,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         coef = "–" if r["coefficient"] is None else f"{r['coefficient']:g}"
         eff = "–" if not r["effective_coef"] else f"{r['effective_coef']:.3g}"
-        cells = [
-            f"{r['tail']:,}",
-            str(r["horizon"] or "–"),
-            r["method"],
-            coef,
-            eff,
-            str(len(r["seeds"])),
-            str(r["steps"]),
-            _fmt(r["start"].get("greedy_accuracy"), 100),
-        ]
+        cells = [f"{r['tail']:,}", str(r["horizon"] or "–"), r["method"], coef, eff, str(len(r["seeds"]))]
+        cells += [str(r["steps"]), _fmt(r["start"].get("greedy_accuracy"), 100)]
         cells += [_fmt(r["final"].get(k), s) for k, _, s in columns]
         delta = r.get("delta", {}).get("greedy_accuracy")
         cells.insert(9, "–" if delta is None else ("+" if delta[0] >= 0 else "") + _fmt(delta, 100))
@@ -681,13 +615,9 @@ def _lines_figure(lines: dict, x: str, key: str, scale: float, title: str, xtitl
     fig = go.Figure()
     for name, rs in lines.items():
         ys = [_bar(r, key, scale) for r in rs]
-        fig.add_scatter(
-            x=[r[x] or r["tail"] for r in rs] if x == "vocab_size" else [r[x] for r in rs],
-            y=[y for y, _ in ys],
-            error_y={"array": [e for _, e in ys]},
-            name=name,
-            mode="lines+markers",
-        )
+        xs = [r[x] or r["tail"] for r in rs] if x == "vocab_size" else [r[x] for r in rs]
+        err = {"array": [e for _, e in ys]}
+        fig.add_scatter(x=xs, y=[y for y, _ in ys], error_y=err, name=name, mode="lines+markers")
     fig.update_layout(
         template="plotly_white",
         title=title,
@@ -783,19 +713,15 @@ def report(path: str | Path, figures_dir: str | Path | None = None) -> str:
     ``figures_dir``, the figures written there (PNG, or HTML where static export is unavailable)."""
     problems: dict[str, str] = {}
     lines = load_results(path, problems)
+    skipped = "; ".join(problems.values())
     if not lines:
-        raise ValueError(
-            f"no finished cells in {path} (no complete *.jsonl files with evaluation lines"
-            + (f"; skipped: {'; '.join(problems.values())})" if problems else ")")
-        )
+        why = f"; skipped: {skipped}" if problems else ""
+        raise ValueError(f"no finished cells in {path} (no complete *.jsonl files with evaluation lines{why})")
     rows = aggregate(lines)
     versions = sorted({str(line.get("code_version", "unknown")) for line in lines})
     text = table(rows) + f"\n\n{len({line['cell'] for line in lines})} cells; code version {', '.join(versions)}."
     if problems:
-        text += (
-            f"\n\nSkipped {len(problems)} incomplete cell file(s) (`tre-edu study run` runs them again): "
-            + "; ".join(problems.values())
-        )
+        text += f"\n\nSkipped {len(problems)} incomplete cell file(s) (`tre-edu study run` runs them again): {skipped}"
     if figures_dir is not None:
         files = save_figures(figures(rows), figures_dir)
         text += "\n\nFigures: " + ", ".join(str(p) for p in files)

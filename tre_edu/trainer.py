@@ -17,10 +17,8 @@ states, without the ``(B, T, V)`` logits). One PPO step, top to bottom::
                 (global / TRE entropy, top-1 probability, mass outside top-2 / top-10, nucleus size, ...)
 
 The old log-probs are recomputed with the training forward (as the paper's code), so with one mini-batch and one
-epoch the ratio is exactly 1 in every precision; the sampler's own log-probs are kept only as a diagnostic.
-
-Multi-GPU: the trainer runs under Accelerate (``accelerate launch``); each process samples its share of the prompts,
-DDP / FSDP average the gradients, and metrics are averaged over processes.
+epoch the ratio is exactly 1 in every precision; the sampler's own log-probs are only a diagnostic. Multi-GPU: under
+Accelerate each process samples its share of the prompts, DDP / FSDP average the gradients, and metrics are averaged.
 """
 
 from __future__ import annotations
@@ -42,21 +40,11 @@ from accelerate import Accelerator
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tre_edu import checkpoint, distributed
+from tre_edu import checkpoint, distributed, ppo
 from tre_edu.config import TrainConfig
 from tre_edu.evaluation import evaluate
 from tre_edu.optim import PPOOptimizers
 from tre_edu.policy import ActorCritic
-from tre_edu.ppo import (
-    add_kl_to_rewards,
-    compute_advantages,
-    kl_estimate,
-    masked_mean,
-    masked_whiten,
-    micro_batches,
-    ppo_loss,
-    terminal_rewards,
-)
 from tre_edu.regularizers import Regularizer
 from tre_edu.rollout import Rollout, SamplingConfig, decode_responses, eos_token_ids, generate
 
@@ -152,12 +140,8 @@ def encode_prompts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 @dataclass
 class RolloutBatch:
-    """One PPO step's data, ``(B, R)`` tensors on the CPU (``B`` responses, ``R`` response columns).
-
-    mask: float, 1 on valid response tokens. old_logprobs / old_values: the training forward's, no grad.
-    advantages: GAE (or group-mean) advantages, whitened when ``ppo.whiten_advantages``; returns: the critic's
-    targets. ref_logprobs: the reference policy's (only with ``ppo.kl_coef > 0``).
-    """
+    """One PPO step's data, ``(B, R)`` tensors on the CPU (``B`` responses, ``R`` response columns); advantages
+    whitened when ``ppo.whiten_advantages``; ref_logprobs only with ``ppo.kl_coef > 0``."""
 
     input_ids: Tensor
     attention_mask: Tensor
@@ -178,9 +162,8 @@ class RolloutBatch:
     def rows(self, idx: Tensor, device: Any) -> dict[str, Tensor | None]:
         """The per-token tensors of rows ``idx`` on ``device`` (None for what this batch lacks)."""
         names = ("input_ids", "attention_mask", "mask", "old_logprobs", "old_values", "advantages", "returns")
-        out = {n: getattr(self, n)[idx].to(device) for n in names}
-        out["ref_logprobs"] = None if self.ref_logprobs is None else self.ref_logprobs[idx].to(device)
-        return out
+        tensors = {n: getattr(self, n) for n in (*names, "ref_logprobs")}
+        return {n: None if t is None else t[idx].to(device) for n, t in tensors.items()}
 
 
 _PER_TOKEN = ("logprobs", "values", "entropy", "tre")  # the (B, R) outputs of a policy forward
@@ -189,12 +172,10 @@ _PER_TOKEN = ("logprobs", "values", "entropy", "tre")  # the (B, R) outputs of a
 class PPOTrainer:
     """PPO for a causal LM with a chosen exploration regulariser; :func:`tre_edu.pipeline.build_trainer` builds it.
 
-    ``config``: the run's :class:`~tre_edu.config.TrainConfig`; ``policy``: an :class:`~tre_edu.policy.ActorCritic`
-    (with a value head for ``ppo.advantage: gae``, without for ``grpo``); ``task`` with its train / eval examples;
-    ``regularizer``: a :class:`~tre_edu.regularizers.Regularizer`; ``sampler``: None (the library's sampler) or an
-    object with ``sync_weights(actor)`` and ``generate(prompt_ids, SamplingConfig) -> Rollout`` (vLLM);
-    ``callbacks``: :class:`Callback` objects (loggers, live plots); ``tail_start``: the
-    first tail-token id of the tokenizer (the tiny model's vocabulary tail), for evaluation's tail-token counts.
+    ``policy``: an :class:`~tre_edu.policy.ActorCritic`, with a value head for ``ppo.advantage: gae``, without for
+    ``grpo``; ``sampler``: None (the library's sampler) or an object with ``sync_weights(actor)`` and
+    ``generate(prompt_ids, SamplingConfig) -> Rollout`` (vLLM); ``tail_start``: the first tail-token id of the
+    tokenizer (the tiny model's vocabulary tail), for evaluation's tail-token counts.
     """
 
     def __init__(
@@ -258,8 +239,7 @@ class PPOTrainer:
         return self.unwrapped.actor
 
     @property
-    def skipped_updates(self) -> int:
-        """Optimiser steps skipped for a non-finite gradient norm so far."""
+    def skipped_updates(self) -> int:  # optimiser steps skipped for a non-finite gradient norm so far
         return self.optim.skipped
 
     def optimizer_steps_per_ppo_step(self) -> int:
@@ -294,17 +274,17 @@ class PPOTrainer:
         mask, critic = ro.response_mask.float().cpu(), self.unwrapped.value_head is not None
         old = self._no_grad_pass(self.unwrapped, ro.input_ids, ro.attention_mask, mask.shape[1], values=critic)
         old_logprobs, values = old.logprobs.cpu() * mask, None if old.values is None else old.values.cpu() * mask
-        rewards, metrics, ref_lp = terminal_rewards(scores, mask), {}, None
+        rewards, metrics, ref_lp = ppo.terminal_rewards(scores, mask), {}, None
         if self.ref is not None:
             ref_lp = self._no_grad_pass(self.ref, ro.input_ids, ro.attention_mask, mask.shape[1]).logprobs.cpu()
-            kl = kl_estimate(old_logprobs, ref_lp, p.kl_kind)
-            metrics["kl/ref"] = float(masked_mean(kl, mask))
+            kl = ppo.kl_estimate(old_logprobs, ref_lp, p.kl_kind)
+            metrics["kl/ref"] = float(ppo.masked_mean(kl, mask))
             if p.kl_in_reward:
-                rewards = add_kl_to_rewards(rewards, kl, p.kl_coef, mask)
-        adv, returns = compute_advantages(p.advantage, scores=scores, rewards=rewards, values=values, mask=mask,
-                                          gamma=p.gamma, lam=p.lam, group_size=p.samples_per_prompt)  # fmt: skip
+                rewards = ppo.add_kl_to_rewards(rewards, kl, p.kl_coef, mask)
+        adv, returns = ppo.compute_advantages(p.advantage, scores=scores, rewards=rewards, values=values, mask=mask,
+                                              gamma=p.gamma, lam=p.lam, group_size=p.samples_per_prompt)  # fmt: skip
         if p.whiten_advantages:
-            adv = masked_whiten(adv, mask)
+            adv = ppo.masked_whiten(adv, mask)
         timer.lap("time/values")
         lengths = mask.sum(1)
         metrics.update({
@@ -312,7 +292,7 @@ class PPOTrainer:
             "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
             "response/length_mean": float(lengths.mean()),
             "response/truncated_frac": float((lengths >= p.max_new_tokens).float().mean()),
-            "tail/sampled_outside_top2": float(masked_mean(ro.outside_topk.float().cpu(), mask)),
+            "tail/sampled_outside_top2": float(ppo.masked_mean(ro.outside_topk.float().cpu(), mask)),
             # the sampler's log-probs against the training forward's: 0 up to kernel round-off in fp32
             "rollout/logprob_gap": float(((ro.logprobs.float().cpu() - old_logprobs).abs() * mask).max()),
             **self.task.last_reward_stats, **timer.laps,
@@ -338,9 +318,8 @@ class PPOTrainer:
         return SimpleNamespace(**{k: torch.cat(parts[k]) if k in parts else None for k in _PER_TOKEN})
 
     def _generate(self, prompt_ids: list[list[int]]) -> Rollout:
-        """Sample one response per prompt: with ``sampler`` (vLLM; its weights synced whenever they changed), or
-        with the library's sampler, ``ppo.rollout_batch_size`` rows at a time (0: all at once) to bound the KV
-        cache; the chunks are padded to a common prompt / response length and concatenated."""
+        """Sample one response per prompt: with ``sampler`` (vLLM; weights synced whenever they changed), or with the
+        library's sampler, ``ppo.rollout_batch_size`` rows at a time (0: all at once) to bound the KV cache."""
         p = self.config.ppo
         sampling = SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p,
                                   top_k=p.top_k)  # fmt: skip
@@ -371,7 +350,7 @@ class PPOTrainer:
                 )
                 selected = reg.minibatch_selection(stats, t["old_logprobs"], t["advantages"], t["mask"])
                 pg_mask = None if selected is None else reg.pg_mask(selected).cpu()
-                for part, w, w_pg in micro_batches(batch.mask[mb], p.micro_batch_size, p.agg, pg_mask):
+                for part, w, w_pg in ppo.micro_batches(batch.mask[mb], p.micro_batch_size, p.agg, pg_mask):
                     sel = None if selected is None else selected[part]
                     mean.add(self._micro_step(batch.rows(mb[part], self.device), w, w_pg, sel))
                 mean.add(self.optim.step(self.accelerator.clip_grad_norm_, f"PPO step {self.step + 1}"))
@@ -385,7 +364,7 @@ class PPOTrainer:
             out = self.policy(t["input_ids"], t["attention_mask"], t["mask"].shape[1], mask=t["mask"],
                               request=request, compute_values=critic, temperature=p.temperature)  # fmt: skip
             r = reg(out, t["old_logprobs"], t["advantages"], t["mask"], p.agg, selected=selected)
-            loss, metrics = ppo_loss(
+            loss, metrics = ppo.ppo_loss(
                 logprobs=out.logprobs, old_logprobs=t["old_logprobs"], advantages=t["advantages"], mask=t["mask"],
                 pg_mask=r.pg_mask, reg_loss=r.loss, settings=p, dual_clip=r.dual_clip, weight=weight,
                 pg_weight=pg_weight, values=out.values, old_values=t["old_values"], returns=t["returns"],
@@ -404,8 +383,7 @@ class PPOTrainer:
         timer.lap("time/collect")
         upd = self.update(batch)
         timer.lap("time/update")
-        metrics = {**batch.metrics, **upd, **timer.laps, "time/step": timer.total}
-        metrics["lr/actor"] = self.optim.actor_lr
+        metrics = {**batch.metrics, **upd, **timer.laps, "time/step": timer.total, "lr/actor": self.optim.actor_lr}
         self.step += 1
         metrics = self._reduce(metrics)
         self.history.append(metrics)
@@ -432,9 +410,7 @@ class PPOTrainer:
     # ---- the loop -----------------------------------------------------------------------------------------------
     def train(self, steps: int | None = None, resume_from: str | Path | None = None) -> list[dict[str, float]]:
         """Run PPO until ``steps`` (default ``config.ppo.steps``) steps are done; evaluate and checkpoint on the way.
-
-        ``resume_from``: a checkpoint folder, or ``"latest"`` for the newest complete one under ``output_dir``.
-        """
+        ``resume_from``: a checkpoint folder, or ``"latest"`` for the newest complete one under ``output_dir``."""
         cfg = self.config
         if resume_from is not None:
             self.load_checkpoint(resume_from)
@@ -469,8 +445,7 @@ class PPOTrainer:
         return checkpoint.save_trainer(self, Path(path) if path is not None else self.checkpoint_dir())
 
     def load_checkpoint(self, path: str | Path) -> Path:
-        """Restore a checkpoint folder (``"latest"``: the newest complete one) and cut ``metrics.jsonl`` back to its
-        step, so every step is logged once (:func:`tre_edu.checkpoint.load_trainer`). Returns the folder."""
+        """Restore a checkpoint (``"latest"``: the newest complete one): :func:`tre_edu.checkpoint.load_trainer`."""
         return checkpoint.load_trainer(self, path)
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -488,37 +463,33 @@ class PPOTrainer:
 
 
 class _MeanOf:
-    """Running means of metric dicts (a key's mean over the dicts that have it)."""
+    """Means of metric dicts (a key's mean over the dicts that have it)."""
 
     def __init__(self):
-        self.sums: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, int] = defaultdict(int)
+        self.values: dict[str, list[float]] = defaultdict(list)
 
     def add(self, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
-            self.sums[k] += v
-            self.counts[k] += 1
+            self.values[k].append(v)
 
     def result(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+        return {k: sum(v) / len(v) for k, v in self.values.items()}
 
 
 class _Timer:
     """Wall-clock laps: ``lap(name)`` records the seconds since the previous lap."""
 
     def __init__(self):
-        self._clock = time.perf_counter
-        self.start = self.last = self._clock()
+        self.start = self.last = time.perf_counter()
         self.laps: dict[str, float] = {}
 
     def lap(self, name: str) -> None:
-        now = self._clock()
-        self.laps[name] = now - self.last
-        self.last = now
+        now = time.perf_counter()
+        self.laps[name], self.last = now - self.last, now
 
     @property
     def total(self) -> float:
-        return self._clock() - self.start
+        return time.perf_counter() - self.start
 
 
 def summarize(history: list[dict[str, float]], keys: list[str] | None = None) -> dict[str, float]:

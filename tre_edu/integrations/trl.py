@@ -6,13 +6,11 @@
     trainer = TREGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset)
     trainer.train()
 
-How it plugs in. TRL adds its entropy bonus in ``GRPOTrainer._compute_loss`` as ``loss - entropy_coef * mean(H)``,
-where ``H`` is the per-token entropy returned by ``_get_per_token_logps_and_entropies(..., compute_entropy=True)``.
-:class:`TREGRPOTrainer` overrides only that method, and only when ``compute_entropy=True`` (the training loss; TRL's
-other calls, e.g. the old / reference log-probs, keep TRL's fused LM head). There it returns ``log pi(token)`` and
-``H_TRE`` (or the global ``H``) from :mod:`tre_edu.entropy`, so TRL's coefficient (``entropy_coef``, in the paper's
-units), its adaptive controller (``use_adaptive_entropy``, then steering ``H_TRE``), gradient accumulation and
-logging work unchanged:
+TRL adds its entropy bonus in ``GRPOTrainer._compute_loss`` as ``loss - entropy_coef * mean(H)``, ``H`` coming from
+``_get_per_token_logps_and_entropies(..., compute_entropy=True)``. :class:`TREGRPOTrainer` overrides only that call
+(TRL's other calls, e.g. the old / reference log-probs, keep its fused LM head) and returns ``H_TRE`` (or the global
+``H``) from :mod:`tre_edu.entropy`, so TRL's coefficient (paper units), adaptive controller, gradient accumulation
+and logging work unchanged:
 
     H_TR  = -sum_{a in A_TR} q_a log q_a,   q = softmax(z / temperature) renormalised on the trust region A_TR
     H_TRE = H_TR * log V / log |A_TR|       (tre_rescale; V = the LM head's width)
@@ -20,21 +18,8 @@ logging work unchanged:
 
 TRE-K: A_TR = the ``tre_k`` largest logits; TRE-P: the nucleus of mass ``tre_p`` among the top
 ``tre_max_candidates``; ``tre_kind="entropy"``: TRL's global entropy through the same path (a control run that logs
-the same tail metrics). TRL's metric ``entropy`` then shows the entropy in the loss (``H_TRE`` for TRE).
-
-Logged through TRL's own metrics (so in TensorBoard / W&B / ``trainer.state.log_history``), means over completion
-tokens, with the names :mod:`tre_edu` uses: ``entropy/global``, ``entropy/tre_k``, ``entropy/tre_p``,
-``tail/top1_prob``, ``tail/mass_outside_top{k}``, ``tail/nucleus_size_p{100p}``, ``tail/mass_outside_nucleus_p{100p}``
-and the fraction of sampled tokens outside the trust region, ``tail/sampled_outside_top{K}`` and
-``tail/sampled_outside_nucleus_p{100p}`` (measured against the policy being trained). :func:`task_reward` turns a
-:mod:`tre_edu.tasks` task into a TRL reward function that also logs ``tail/response_frac`` (completions holding a
-tail token of the tiny model).
-
-Cost: by default the training forward computes the ``(B, T, V)`` logits of the completion tokens (TRL's fused head
-avoids them), as TRL itself did before its fused head. ``tre_lean_head=True`` computes the same log-probs, entropies
-and tail metrics with tre_edu's memory-lean LM head (:mod:`tre_edu.head`: chunks of tokens, no ``(B, T, V)`` tensor;
-not for models with logit soft-capping or scaling; the sampled-outside metric needs the logits and is not logged).
-Vision-language inputs are not supported (a clear error says so).
+the same tail metrics). The tail metrics (token means, tre_edu's names, through TRL's logger), the cost of the
+default path (the ``(B, T, V)`` completion logits) and ``tre_lean_head``: README.md, "Use TRE in TRL".
 """
 
 from __future__ import annotations
@@ -53,6 +38,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("tre_edu.integrations.trl needs TRL: pip install -e '.[trl]' (tested with trl 1.16)") from exc
 
+from tre_edu import entropy as ent
 from tre_edu.entropy import global_entropy, tail_metrics, token_logprobs, tre_rescale, trust_region_entropy
 from tre_edu.head import LeanHead, StatsRequest, install_lean_head
 
@@ -104,19 +90,12 @@ class TREGRPOConfig(GRPOConfig):
     """TRL's ``GRPOConfig`` plus the trust-region settings. TRL's ``entropy_coef`` is the coefficient (paper units:
     TRE's paper uses 0.001 with K = 2 or p = 0.99); :meth:`effective_coef` converts it to un-rescaled units."""
 
-    tre_kind: str = field(
-        default="tre-k",
-        metadata={"help": "entropy in the bonus: tre-k (top-K trust region), tre-p (nucleus), entropy (global)"},
-    )
+    tre_kind: str = field(default="tre-k", metadata={"help": "tre-k (top-K region), tre-p (nucleus), entropy (global)"})
     tre_k: int = field(default=2, metadata={"help": "TRE-K: trust-region size K (1: min-entropy -log max pi)"})
     tre_p: float = field(default=0.99, metadata={"help": "TRE-P: nucleus mass p in (0, 1]"})
-    tre_max_candidates: int | None = field(
-        default=256, metadata={"help": "TRE-P searches the top this many tokens (None: the whole vocabulary)"}
-    )
+    tre_max_candidates: int | None = field(default=256, metadata={"help": "TRE-P: top tokens searched (None: all)"})
     tre_rescale: bool = field(default=True, metadata={"help": "multiply H_TR by log V / log |A_TR| (paper: on)"})
-    tre_log_metrics: bool = field(
-        default=True, metadata={"help": "log the global / trust-region entropies and the tail metrics"}
-    )
+    tre_log_metrics: bool = field(default=True, metadata={"help": "log the entropies and the tail metrics"})
     tre_lean_head: bool = field(
         default=False,
         metadata={"help": "compute log-probs, H_TRE and the metrics with tre_edu's memory-lean LM head (chunks "
@@ -126,10 +105,8 @@ class TREGRPOConfig(GRPOConfig):
     def __post_init__(self):
         if self.tre_kind not in TRE_KINDS:
             raise ValueError(f"tre_kind must be one of {', '.join(TRE_KINDS)}; got {self.tre_kind!r}")
-        if isinstance(self.tre_k, bool) or not isinstance(self.tre_k, int) or self.tre_k < 1:
-            raise ValueError(f"tre_k must be an integer >= 1; got {self.tre_k!r}")
-        if isinstance(self.tre_p, bool) or not isinstance(self.tre_p, int | float) or not 0 < self.tre_p <= 1:
-            raise ValueError(f"tre_p must be a float in (0, 1]; got {self.tre_p!r}")
+        ent._check_int(self.tre_k, "tre_k", 1)
+        ent._check_p(self.tre_p, "tre_p")
         mc = self.tre_max_candidates
         if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
             raise ValueError(f"tre_max_candidates must be None or an integer >= 1; got {mc!r}")
@@ -148,11 +125,6 @@ class TREGRPOConfig(GRPOConfig):
         if self.tre_kind == "tre-k":
             return coef * tre_rescale(vocab_size, top_k=self.tre_k)
         return coef * tre_rescale(vocab_size, nucleus_size=2 if nucleus_size is None else nucleus_size)
-
-
-def _pct_name(p: float) -> str:  # 0.99 -> "p99", as tre_edu.entropy.tail_metrics names it
-    pct = p * 100
-    return f"p{int(round(pct))}" if abs(pct - round(pct)) < 1e-9 else f"p{pct:g}"
 
 
 class TREGRPOTrainer(GRPOTrainer):
@@ -193,8 +165,7 @@ class TREGRPOTrainer(GRPOTrainer):
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **multimodal,
             )  # fmt: skip
-        given = sorted(k for k, v in multimodal.items() if v is not None)
-        if given:
+        if given := sorted(k for k, v in multimodal.items() if v is not None):
             raise ValueError(f"TREGRPOTrainer supports text-only models; got vision inputs {given}")
         batch_size = batch_size or input_ids.size(0)
         logps, entropies, aux_losses = [], [], []
@@ -229,8 +200,7 @@ class TREGRPOTrainer(GRPOTrainer):
         if self.args.tre_log_metrics:
             self._log_accumulated()
         aux = torch.stack(aux_losses).mean() if compute_aux_loss else None
-        dtype = logps[0].dtype
-        return torch.cat(logps), torch.cat(entropies).to(dtype), aux
+        return torch.cat(logps), torch.cat(entropies).to(logps[0].dtype), aux
 
     def _bonus_entropy(self, logits: Tensor) -> Tensor:
         a = self.args
@@ -281,7 +251,7 @@ class TREGRPOTrainer(GRPOTrainer):
             outside = {f"tail/sampled_outside_top{K}": above.sum(-1) >= K}
             if a.tre_kind == "tre-p":
                 mass_above = (torch.softmax(z.float(), -1) * above).sum(-1)
-                outside[f"tail/sampled_outside_nucleus_{_pct_name(a.tre_p)}"] = mass_above >= a.tre_p
+                outside[f"tail/sampled_outside_nucleus_{ent._metric_name_p(a.tre_p)}"] = mass_above >= a.tre_p
             for key, flag in outside.items():
                 stats[key] = float((flag.to(torch.float64) * w).sum()) / max(n, 1.0)
         self._add_metrics(stats, n)
@@ -291,12 +261,10 @@ class TREGRPOTrainer(GRPOTrainer):
         buf, self._tre_metric_sums = getattr(self, "_tre_metric_sums", None), None
         if not buf:
             return
-        keys = list(buf)
-        device = self.accelerator.device
-        local = torch.tensor([[buf[k][0], buf[k][1]] for k in keys], dtype=torch.float64, device=device)
+        local = torch.tensor(list(buf.values()), dtype=torch.float64, device=self.accelerator.device)  # (keys, 2)
         total = self.accelerator.reduce(local, reduction="sum")
         mode = "train" if self.model.training else "eval"
-        for key, (s, c) in zip(keys, total.tolist()):
+        for key, (s, c) in zip(buf, total.tolist()):
             self._metrics[mode][key].append(s / c if c > 0 else math.nan)
 
 

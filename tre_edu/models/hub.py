@@ -1,8 +1,7 @@
-"""Pretrained Hugging Face models (Qwen2.5, any causal LM): the one loader, :func:`load_pretrained`.
-
-It takes a hub id, a local directory, or a named model (``smollm2-135m-instruct``: :mod:`.smollm2`). A path that
-does not exist fails with "not found: PATH"; with ``HF_HUB_OFFLINE=1`` (or no network) a hub id that is not in the
-local cache fails fast with a message that says so and how to point at a local copy.
+"""Pretrained Hugging Face models (Qwen2.5, any causal LM): the one loader, :func:`load_pretrained`, for a hub id, a
+local directory or a named model (``smollm2-135m-instruct``: :mod:`.smollm2`). A missing path fails with "not found:
+PATH"; with ``HF_HUB_OFFLINE=1`` (or no network) a hub id not in the local cache fails fast, saying how to point at a
+local copy.
 """
 
 from __future__ import annotations

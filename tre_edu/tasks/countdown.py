@@ -1,16 +1,13 @@
 """Countdown: reach a target with + - * / using each given number exactly once.
 
 The paper's third task (data: ``Jiayi-Pan/Countdown-Tasks-3to4-Unique``, rows 0-7,499 train, 7,500-12,499 test;
-offline: :func:`generate`'s reproducible, solvable puzzles). :func:`solve` is an exhaustive exact solver,
-:func:`think_trace` writes a solution's steps ("3*7=21 21+20=41") for the longer-horizon variant.
+offline: :func:`generate`'s reproducible, solvable puzzles).
 
 Reward (:func:`score`, the paper's 0/1): 1.0 iff the response, without trailing whitespace and end-of-sequence
 markers (:data:`EOS_MARKERS`), **ends with** ``<think> ANYTHING </think> <answer> EQ </answer>`` (whitespace allowed
-between the tags, any text before ``<think>``), and EQ
-
-- contains only ASCII digits, ``+ - * / ( )`` and spaces (no ``**``, ``//``, unary signs, decimals or names),
-- uses exactly the given multiset of numbers (each once),
-- evaluates (exact rational arithmetic, parsed with :mod:`ast`, never ``eval``) to the target within 1e-5.
+between the tags, any text before ``<think>``), and EQ has only ASCII digits, ``+ - * / ( )`` and spaces (no ``**``,
+``//``, unary signs, decimals or names), uses exactly the given multiset of numbers and evaluates (exact rational
+arithmetic, parsed with :mod:`ast`, never ``eval``) to the target within 1e-5.
 
 The tiny model's compact format: prompt ``"3 7 20->41:"``, response ``"<think></think><answer>3*7+20</answer>"``
 (``think=True``: ``"<think>3*7=21 21+20=41</think><answer>3*7+20</answer>"``).
@@ -25,11 +22,11 @@ import os
 import random
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 
-from tre_edu.tasks.base import Task, check_options, load_or_fallback
+from tre_edu.tasks.base import Task, check_choice, check_options, load_or_fallback
 
 HUB_ID = "Jiayi-Pan/Countdown-Tasks-3to4-Unique"
 SPLIT_ROWS = {"train": (0, 7500), "test": (7500, 12500)}  # the paper's rows [start, stop) of the hub's train split
@@ -60,9 +57,6 @@ _APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 
-# ---- reward ----
-
-
 def extract_answer(response: str) -> str | None:
     """The EQ of a response that ends with ``<think>...</think> <answer>EQ</answer>``, else None (linear time)."""
     if not isinstance(response, str) or len(response) > MAX_RESPONSE_CHARS:
@@ -70,24 +64,26 @@ def extract_answer(response: str) -> str | None:
     text = response.rstrip()
     while marker := next((m for m in EOS_MARKERS if text.endswith(m)), None):
         text = text[: -len(marker)].rstrip()
-    if not text.endswith(ANSWER_CLOSE):
+    body = text.removesuffix(ANSWER_CLOSE)
+    if body == text or (start := body.rfind(ANSWER_OPEN)) < 0:
         return None
-    body_end = len(text) - len(ANSWER_CLOSE)
-    start = text.rfind(ANSWER_OPEN, 0, body_end)
-    if start < 0:
+    before = body[:start].rstrip()
+    if not before.endswith(THINK_CLOSE) or THINK_OPEN not in before[: -len(THINK_CLOSE)]:
         return None
-    before = text[:start].rstrip()
-    if not before.endswith(THINK_CLOSE) or before.rfind(THINK_OPEN, 0, len(before) - len(THINK_CLOSE)) < 0:
-        return None
-    return text[start + len(ANSWER_OPEN) : body_end]
+    return body[start + len(ANSWER_OPEN) :]
 
 
-def _eval_node(node: ast.AST, literals: list[int]) -> Fraction:
-    """Exact value of an allowed expression node; raises ValueError (or ZeroDivisionError) on anything else."""
+def _eval_node(node: ast.AST, literals: list[int], steps: list[str] | None = None) -> Fraction:
+    """Exact value of an allowed expression node (each operation appended to ``steps`` as ``"3*7=21"``); raises
+    ValueError (or ZeroDivisionError) on anything else."""
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        value = _APPLY[_OPS[type(node.op)]](_eval_node(node.left, literals), _eval_node(node.right, literals))
+        op = _OPS[type(node.op)]
+        left, right = _eval_node(node.left, literals, steps), _eval_node(node.right, literals, steps)
+        value = _APPLY[op](left, right)
         if abs(value.numerator) > MAX_MAGNITUDE or value.denominator > MAX_MAGNITUDE:
             raise ValueError("intermediate value too large")
+        if steps is not None:
+            steps.append(f"{left}{op}{right}={value}")  # a Fraction prints as "21" or "8/3"
         return value
     if isinstance(node, ast.Constant) and type(node.value) is int and node.value >= 0:
         literals.append(node.value)
@@ -98,23 +94,15 @@ def _eval_node(node: ast.AST, literals: list[int]) -> Fraction:
 
 
 def evaluate_equation(equation: str) -> tuple[Fraction, list[int]] | None:
-    """Exact value and integer literals of a valid Countdown equation, else None.
-
-    Valid: only :data:`_ALLOWED_CHARS`, at most :data:`MAX_EQUATION_CHARS` characters and :data:`MAX_PAREN_DEPTH`
-    nested parentheses (checked before the parser sees the string), binary ``+ - * /`` on non-negative integer
-    literals, no division by zero, |intermediate values| <= :data:`MAX_MAGNITUDE`.
-    """
+    """Exact value and integer literals of a valid Countdown equation, else None; length, characters and nesting
+    depth are checked before the parser sees the string."""
     if not isinstance(equation, str):
         return None
     eq = equation.strip()
     if not eq or len(eq) > MAX_EQUATION_CHARS or not set(eq) <= _ALLOWED_CHARS or "**" in eq or "//" in eq:
         return None
-    depth = 0
-    for ch in eq:
-        depth += (ch == "(") - (ch == ")")
-        if not 0 <= depth <= MAX_PAREN_DEPTH:
-            return None
-    if depth != 0:
+    depths = list(itertools.accumulate((ch == "(") - (ch == ")") for ch in eq))
+    if depths[-1] != 0 or not all(0 <= d <= MAX_PAREN_DEPTH for d in depths):
         return None
     try:
         literals: list[int] = []
@@ -125,45 +113,32 @@ def evaluate_equation(equation: str) -> tuple[Fraction, list[int]] | None:
 
 
 def score(response: str, numbers: Any = None, target: Any = None, **_: Any) -> float:
-    """The paper's reward: 1.0 for a correct, well-formatted answer, else 0.0; ``score(response, **example)`` works.
-    Never raises."""
+    """The paper's reward (never raises); ``score(response, **example)`` works."""
     try:
-        equation = extract_answer(response)
-        result = None if equation is None else evaluate_equation(equation)
-        if result is None:
-            return 0.0
-        value, literals = result
-        if any(int(n) != n for n in numbers) or sorted(literals) != sorted(int(n) for n in numbers):
+        result = evaluate_equation(extract_answer(response))
+        if result is None or any(int(n) != n for n in numbers) or sorted(result[1]) != sorted(map(int, numbers)):
             return 0.0
         target_value = Fraction(target) if isinstance(target, (int, float)) else Fraction(int(target))
-        return 1.0 if abs(float(value - target_value)) <= TOLERANCE else 0.0
+        return float(abs(float(result[0] - target_value)) <= TOLERANCE)
     except Exception:  # malformed numbers / target (or anything unforeseen): never raise from a reward
         return 0.0
 
 
-# ---- solver and traces ----
+class _Expr(NamedTuple):
+    """A node of a solution tree: a number (``op`` None) or ``left op right``; ``value`` is exact."""
 
-
-class _Expr:
-    """A node of a solution tree: a leaf number or ``left op right``; ``value`` is exact."""
-
-    __slots__ = ("value", "op", "left", "right")
-
-    def __init__(self, value: Fraction, op: str | None = None, left=None, right=None):
-        self.value, self.op, self.left, self.right = value, op, left, right
-
-    def prec(self) -> int:
-        return 3 if self.op is None else _PREC[self.op]
+    value: Fraction
+    op: str | None = None
+    left: _Expr | None = None
+    right: _Expr | None = None
 
     def __str__(self) -> str:
         if self.op is None:
-            return str(self.value.numerator)
-        left, right = str(self.left), str(self.right)
-        if self.left.prec() < self.prec():
-            left = f"({left})"
+            return str(self.value)
+        prec, left_prec, right_prec = (_PREC.get(e.op, 3) for e in (self, self.left, self.right))  # a number: 3
         # a - (b + c) and a / (b * c) need parentheses; a + (b - c) and a * (b / c) do not (exact arithmetic)
-        if self.right.prec() < self.prec() or (self.right.prec() == self.prec() and self.op in "-/"):
-            right = f"({right})"
+        left = f"({self.left})" if left_prec < prec else str(self.left)
+        right = f"({self.right})" if right_prec < prec or (right_prec == prec and self.op in "-/") else str(self.right)
         return f"{left}{self.op}{right}"
 
 
@@ -193,8 +168,7 @@ def solve(numbers: list[int], target: int | float) -> str | None:
     """An equation using each of ``numbers`` once that equals ``target``, or None if there is none.
 
     Exhaustive over binary trees and operators with exact fractions, in three passes so the answer is deterministic
-    and simple: non-negative integer intermediate values, then integers, then fractions (``8/(3-8/3)``).
-    """
+    and simple: non-negative integer intermediate values, then integers, then fractions (``8/(3-8/3)``)."""
     nums = [int(n) for n in numbers]
     if not nums or any(n < 0 for n in nums):
         raise ValueError(f"numbers must be a non-empty list of non-negative integers; got {numbers!r}")
@@ -205,35 +179,17 @@ def solve(numbers: list[int], target: int | float) -> str | None:
     return None
 
 
-def _fmt(value: Fraction) -> str:
-    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
-
-
 def think_trace(numbers: list[int], target: int | float, solution: str) -> str:
-    """The steps of ``solution`` in evaluation order, fractions as ``p/q``: ``"3*7=21 21+20=41"``.
-
-    Raises ValueError if ``solution`` does not use exactly ``numbers`` or does not equal ``target``.
-    """
+    """The steps of ``solution`` in evaluation order, fractions as ``p/q``: ``"3*7=21 21+20=41"``; ValueError if
+    ``solution`` does not use exactly ``numbers`` or does not equal ``target``."""
     result = evaluate_equation(solution)
     if result is None or sorted(result[1]) != sorted(int(n) for n in numbers):
         raise ValueError(f"solution must be a valid equation using exactly {list(numbers)}; got {solution!r}")
     if abs(float(result[0] - Fraction(target))) > TOLERANCE:
         raise ValueError(f"solution {solution!r} does not equal target {target!r}")
     steps: list[str] = []
-
-    def walk(node: ast.AST) -> Fraction:
-        if isinstance(node, ast.Constant):
-            return Fraction(node.value)
-        left, right, op = walk(node.left), walk(node.right), _OPS[type(node.op)]
-        value = _APPLY[op](left, right)
-        steps.append(f"{_fmt(left)}{op}{_fmt(right)}={_fmt(value)}")
-        return value
-
-    walk(ast.parse(solution.strip(), mode="eval").body)
+    _eval_node(ast.parse(solution.strip(), mode="eval").body, [], steps)
     return " ".join(steps)
-
-
-# ---- puzzles ----
 
 
 def generate(
@@ -247,9 +203,7 @@ def generate(
     """``n`` random solvable puzzles ``{numbers, target, solution, source="generated"}``, reproducible for a seed.
 
     ``num_count`` numbers uniform in ``number_range`` are combined in a random binary tree with random operators
-    (integer arithmetic only); an integer result inside ``target_range`` is the target. ``solution`` is
-    :func:`solve`'s (simplest) solution.
-    """
+    (integer arithmetic only); an integer result inside ``target_range`` is the target, :func:`solve` the solution."""
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an integer >= 0; got {n!r}")
     check_options("countdown", dict(num_count=num_count, number_range=number_range, target_range=target_range), "")
@@ -266,14 +220,11 @@ def generate(
                 op = rng.choice("+-*/")
                 if op == "/" and (b == 0 or (a / b).denominator != 1):
                     op = rng.choice("+*")
-                value = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else a}[op]
-                values = [v for k, v in enumerate(values) if k not in (i, j)] + [value]
+                values = [v for k, v in enumerate(values) if k not in (i, j)] + [_APPLY[op](a, b)]
             target = values[0]
-            if target.denominator == 1 and tlo <= target <= thi:
-                solution = solve(numbers, int(target))
-                if solution is not None:
-                    out.append({"numbers": numbers, "target": int(target), "solution": solution, "source": "generated"})
-                    break
+            if target.denominator == 1 and tlo <= target <= thi and (solution := solve(numbers, int(target))):
+                out.append({"numbers": numbers, "target": int(target), "solution": solution, "source": "generated"})
+                break
         else:
             raise ValueError(
                 f"could not generate a puzzle with number_range={number_range} and target_range={target_range} "
@@ -307,8 +258,7 @@ def load(
     (``solution=None``: solved on demand). Offline (``HF_DATASETS_OFFLINE=1`` or any load failure), with
     ``offline_ok``: :func:`generate`'s puzzles (``n``, default 7,500 / 5,000; the generator options only apply here)
     with a split-dependent seed, so train and test differ."""
-    if split not in SPLIT_ROWS:
-        raise ValueError(f"split must be one of {', '.join(SPLIT_ROWS)}; got {split!r}")
+    check_choice("split", split, SPLIT_ROWS)
     if n is not None and (not isinstance(n, int) or n < 0):
         raise ValueError(f"n must be None or an integer >= 0; got {n!r}")
     start, stop = SPLIT_ROWS[split]
@@ -321,9 +271,6 @@ def load(
         lambda: generate(count, split_seed, num_count, number_range, target_range),
         offline_ok,
     )
-
-
-# ---- task ----
 
 
 @dataclass(eq=False)
@@ -346,7 +293,6 @@ class CountdownTask(Task):
         self.number_range, self.target_range = tuple(self.number_range), tuple(self.target_range)
 
     def generate(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
-        """``n`` generated puzzles with this task's settings (see :func:`generate`)."""
         return generate(n, seed, self.num_count, self.number_range, self.target_range)
 
     def load(
@@ -363,12 +309,10 @@ class CountdownTask(Task):
     def sample_metrics(self, texts: list[str], rewards: list[float], n: int) -> dict[str, float]:
         """``distinct_correct``: the mean, over examples with a correct sample, of the number of distinct correct
         equations (spaces ignored) among its ``n`` samples."""
-        threshold = self.success_threshold
         counts = []
         for i in range(0, len(texts), n):
             pairs = zip(texts[i : i + n], rewards[i : i + n], strict=True)
-            answers = {(extract_answer(t) or "").replace(" ", "") for t, r in pairs if r >= threshold}
-            if answers:
+            if answers := {(extract_answer(t) or "").replace(" ", "") for t, r in pairs if r >= self.success_threshold}:
                 counts.append(len(answers))
         return {"distinct_correct": sum(counts) / len(counts) if counts else 0.0}
 
@@ -386,21 +330,4 @@ class CountdownTask(Task):
         return f"{THINK_OPEN}{trace}{THINK_CLOSE}{ANSWER_OPEN}{solution}{ANSWER_CLOSE}"
 
 
-make_task = CountdownTask  # tre_edu.tasks.get_task(name, **options) calls tre_edu.tasks.<name>.make_task(**options)
-
-
-__all__ = [
-    "COMPACT_PROMPT",
-    "CountdownTask",
-    "HUB_ID",
-    "PROMPT",
-    "SPLIT_ROWS",
-    "evaluate_equation",
-    "extract_answer",
-    "generate",
-    "load",
-    "make_task",
-    "score",
-    "solve",
-    "think_trace",
-]
+make_task = CountdownTask  # what tre_edu.tasks.get_task("countdown", **options) calls

@@ -10,8 +10,7 @@ Two data sources (``source=``); every example and :meth:`HHTask.describe` say wh
 
 Example: ``{"prompt": messages ending with a user turn, "prompt_text": str, "chosen": str, "rejected": str,
 "source": hub id or "bundled", "dataset": "ultrafeedback" | "hh-rlhf"}``; offline, small bundled samples.
-Reward: a scalar reward model r(prompt, response) (:class:`tre_edu.reward_model.RewardModel`, or any object with
-``score(prompts, responses) -> list[float]``), scored in batches; :func:`tre_edu.pipeline.train_reward_model` makes one.
+Reward: a scalar reward model r(prompt, response); :func:`tre_edu.pipeline.train_reward_model` makes one.
 """
 
 from __future__ import annotations
@@ -27,21 +26,15 @@ from typing import Any
 import datasets
 
 from tre_edu.reward_model import RewardModel, valid_text
-from tre_edu.tasks.base import Task, check_batch, check_options, load_or_fallback, read_jsonl, subsample
+from tre_edu.tasks.base import Task, check_batch, check_choice, check_options, load_or_fallback, read_jsonl, subsample
 
 SOURCES = {"ultrafeedback": "trl-lib/ultrafeedback_binarized", "hh-rlhf": "Anthropic/hh-rlhf"}
 BUNDLED_FILES = {"ultrafeedback": "ultrafeedback_sample.jsonl", "hh-rlhf": "hh_sample.jsonl"}
-# The paper's UltraFeedback split: hub train split, shuffled (seed 42); first 7,500 train, next 5,000 test.
-ULTRAFEEDBACK_SHUFFLE_SEED = 42
+ULTRAFEEDBACK_SHUFFLE_SEED = 42  # the paper's split (module docstring)
 ULTRAFEEDBACK_N_TRAIN = 7500
 ULTRAFEEDBACK_N_TEST = 5000
-
-HUMAN = "\n\nHuman:"
-ASSISTANT = "\n\nAssistant:"
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 _TURN = re.compile(r"\n\n(Human|Assistant):")
-
-
-# ---- transcripts ----
 
 
 def split_transcript(text: str) -> tuple[str, str]:
@@ -51,13 +44,10 @@ def split_transcript(text: str) -> tuple[str, str]:
         raise ValueError(f"transcript must be a string; got {type(text).__name__}")
     cut = text.rfind(ASSISTANT)
     if cut < 0:
-        raise ValueError(f"malformed transcript: no '\\n\\nAssistant:' turn in {text[:80]!r}")
+        raise ValueError(f"malformed transcript: no {ASSISTANT!r} turn in {text[:80]!r}")
     if text.find(HUMAN, 0, cut) < 0:
-        raise ValueError(
-            f"malformed transcript: no '\\n\\nHuman:' turn before the last Assistant turn in {text[:80]!r}"
-        )
-    end = cut + len(ASSISTANT)
-    return text[:end], text[end:].strip()
+        raise ValueError(f"malformed transcript: no {HUMAN!r} turn before the last Assistant turn in {text[:80]!r}")
+    return text[: cut + len(ASSISTANT)], text[cut + len(ASSISTANT) :].strip()
 
 
 def transcript_to_messages(prompt: str) -> list[dict[str, str]]:
@@ -81,9 +71,6 @@ def transcript_to_messages(prompt: str) -> list[dict[str, str]]:
 def prompt_as_text(prompt: str | Sequence[dict[str, str]]) -> str:
     """Plain text of a prompt given as text or as a message list (contents joined by blank lines)."""
     return prompt if isinstance(prompt, str) else "\n\n".join(str(m.get("content", "")) for m in prompt)
-
-
-# ---- row -> example ----
 
 
 def _hh_side(transcript: Any, field: str) -> tuple[list[dict[str, str]], str, str]:
@@ -125,9 +112,6 @@ def _convert(rows: Any, source_key: str, source: str) -> list[dict[str, Any]]:
     return out
 
 
-# ---- loading ----
-
-
 def bundled_examples(source: str, split: str | None = None) -> list[dict[str, Any]]:
     """The hand-written sample for ``source`` (optionally one split); ``source="bundled"`` in each example."""
     check_options("hh", {"source": source}, prefix="")
@@ -148,11 +132,10 @@ def load(
     n_test: int = ULTRAFEEDBACK_N_TEST,
 ) -> list[dict[str, Any]]:
     """HH preference examples of ``split`` ("train" / "test"), a seeded random subset of ``n`` of them (``None``:
-    all). ``hub_id``: another hub id, or a local directory / JSONL file (rows as on the hub); ``shuffle_seed``,
-    ``n_train``, ``n_test``: the UltraFeedback split. On a loading failure, with ``offline_ok``: the bundled sample."""
+    all). ``hub_id``: another hub id, or a local directory / JSONL file (rows as on the hub); on a loading failure,
+    with ``offline_ok``: the bundled sample."""
     check_options("hh", dict(source=source, shuffle_seed=shuffle_seed, n_train=n_train, n_test=n_test), prefix="")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be one of train, test; got {split!r}")
+    check_choice("split", split, ("train", "test"))
     hub, uf = hub_id or SOURCES[source], source == "ultrafeedback"
     local = None
     if Path(hub).is_file():  # a local JSONL file: its errors name the file and line; hh-rlhf rows carry "split"
@@ -181,9 +164,6 @@ def load(
     return subsample(examples, n, seed)
 
 
-# ---- task ----
-
-
 def _resolve_reward_model(reward_model: Any, max_length: int) -> Any:
     if isinstance(reward_model, str):  # FileNotFoundError "reward model not found: PATH; make it with ..."
         return RewardModel.from_pretrained(reward_model, max_length=max_length)
@@ -209,8 +189,7 @@ class HHTask(Task):
 
     ``reward_model``: a :class:`~tre_edu.reward_model.RewardModel`, an object with ``score(prompts, responses)``
     (prompts are message lists), a callable with that signature, or a path / hub id (loaded with ``rm_max_length``
-    tokens); may be set later. ``batch_size``: responses per reward-model call; the rest is passed to :func:`load`.
-    """
+    tokens); may be set later. ``batch_size``: responses per reward-model call; the rest is passed to :func:`load`."""
 
     source: str = "ultrafeedback"
     reward_model: Any = None
@@ -239,15 +218,13 @@ class HHTask(Task):
         self.loaded_from = examples[0]["source"]
         return examples
 
-    def prompt(self, example: dict[str, Any], tokenizer: Any = None, style: str | None = None) -> str:
-        """``"chat"``: the prompt turns in the tokenizer's chat template; else (or without a template)
-        ``example["prompt_text"]``."""
-        style = self.check_style(style or self.style)
+    def user_text(self, example: dict[str, Any], style: str) -> str:
         if "prompt_text" not in example or "prompt" not in example:
             raise ValueError("example must have 'prompt' (messages) and 'prompt_text' fields (see tre_edu.tasks.hh)")
-        if style == "chat" and getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True)
         return example["prompt_text"]
+
+    def messages(self, example: dict[str, Any], user_text: str) -> list[dict[str, str]]:
+        return example["prompt"]  # the whole conversation
 
     def reward(self, responses: list[str], examples: list[dict[str, Any]]) -> list[float]:
         """Reward-model scores, ``batch_size`` responses per call (a non-str response is scored as "", text UTF-8
@@ -256,12 +233,11 @@ class HHTask(Task):
         if self.reward_model is None:
             raise ValueError(
                 "HHTask needs a reward model: make_task(reward_model=PATH or RewardModel) or set task.reward_model "
-                "(train one with tre_edu.tasks.hh.train_reward_model)"
+                "(train one with tre_edu.pipeline.train_reward_model)"
             )
         if not responses:
             return []
-        missing = [i for i, e in enumerate(examples) if not isinstance(e, dict) or "prompt" not in e]
-        if missing:
+        if missing := [i for i, e in enumerate(examples) if not isinstance(e, dict) or "prompt" not in e]:
             raise ValueError(f"HH example {missing[0]} has no 'prompt' field (messages or text; see tre_edu.tasks.hh)")
         prompts = [e["prompt"] for e in examples]
         texts = [valid_text(r) if isinstance(r, str) else "" for r in responses]
@@ -301,18 +277,4 @@ def score(response: str, reward_model: Any = None, **example: Any) -> float:
     return HHTask(source=example.get("dataset", "ultrafeedback"), reward_model=reward_model).score(response, example)
 
 
-make_task = HHTask  # tre_edu.tasks.get_task(name, **options) calls tre_edu.tasks.<name>.make_task(**options)
-
-
-__all__ = [
-    "SOURCES",
-    "HHTask",
-    "bundled_examples",
-    "corpus",
-    "load",
-    "make_task",
-    "prompt_as_text",
-    "score",
-    "split_transcript",
-    "transcript_to_messages",
-]
+make_task = HHTask  # what tre_edu.tasks.get_task("hh", **options) calls

@@ -9,11 +9,7 @@ plain numbers (``1/2 == \\frac12 == 0.5``); (3) only for a :func:`well_formed` a
 such as ``7 + ???`` as ``7``): ``math_verify.parse`` + ``verify`` in worker processes (:class:`GraderPool`), bounded
 by ``timeout_s`` per answer in every thread and ``batch_timeout_s`` per batch; the timeouts are counted in
 ``MathTask.last_reward_stats``. :func:`score` never raises: malformed, hostile or huge output scores ``0.0``.
-
-Edge cases, decided: the answer is the last *outermost* box, and a box that wraps nothing but another box is
-unwrapped (``\\boxed{\\boxed{5}}`` is ``5``, scores 1 against ``5``; ``\\boxed{5 \\boxed{6}}`` is neither 5 nor 6).
-An answer that denotes no number, ``nan`` or a division by zero (``\\frac{1}{0}``, ``1/0``, ``1 \\div 0``), scores 0
-even against the identical text, and so does every answer against such a reference (:func:`denotes_no_value`);
+Edge cases, decided: see :func:`last_boxed` (nested boxes) and :func:`denotes_no_value` (``\\frac{1}{0}``);
 ``\\infty`` and text answers (``\\text{undefined}``) are ordinary answers.
 """
 
@@ -24,7 +20,6 @@ import json
 import os
 import re
 import select
-import subprocess
 import sys
 import threading
 import time
@@ -32,11 +27,12 @@ import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from subprocess import DEVNULL, PIPE, Popen
 from typing import Any
 
 import datasets
 
-from tre_edu.tasks.base import Task, check_batch, check_options, load_or_fallback, read_jsonl, subsample
+from tre_edu.tasks.base import Task, check_batch, check_choice, check_options, load_or_fallback, read_jsonl, subsample
 
 PROMPT = "{problem} Let's think step by step and output the final answer within \\boxed{{}}."  # the paper's
 
@@ -53,48 +49,33 @@ BATCH_TIMEOUT_S = 60.0  # seconds of symbolic checking per reward() batch; answe
 WORKERS = 2  # worker processes a reward() batch uses
 START_TIMEOUT_S = 60.0  # a worker that is not ready (imports done) after this long is killed
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
-
-
-# ---- answer extraction ----
+_BRACE_OR_ESCAPE = re.compile(r"[{}]|\\.", re.DOTALL)
 
 
 def _matching_brace(text: str, open_idx: int) -> int:
     """Index of the ``}`` closing the ``{`` at ``open_idx`` (-1 if unbalanced); skips escaped ``\\{`` ``\\}``."""
-    depth, i = 0, open_idx
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            i += 1
-        elif c in "{}":
-            depth += 1 if c == "{" else -1
+    depth = 0
+    for m in _BRACE_OR_ESCAPE.finditer(text, open_idx):
+        if m.group() in ("{", "}"):
+            depth += 1 if m.group() == "{" else -1
             if depth == 0:
-                return i
-        i += 1
+                return m.start()
     return -1
 
 
-def _box_at(text: str, start: int) -> tuple[str | None, int] | None:
-    """The box command at ``start``: ``(content, end)``; content None when its ``{`` is never closed (end =
+_BOX = re.compile(r"\\(?:boxed|fbox)([ \t]*)")  # "\boxed {5}" and "\boxed 5" both allowed
+
+
+def _box_at(text: str, box: re.Match) -> tuple[str | None, int] | None:
+    """The box command matched by ``box``: ``(content, end)``; content None when its ``{`` is never closed (end =
     ``len(text)``); None when the command is not followed by ``{`` or by a space and a bare token."""
-    rest_idx = start + len(next(c for c in _BOX_COMMANDS if text.startswith(c, start)))
-    j = rest_idx
-    while j < len(text) and text[j] in " \t":  # "\boxed {5}" and "\boxed 5" both allowed
-        j += 1
-    if j < len(text) and text[j] == "{":
+    j = box.end()
+    if text.startswith("{", j):
         end = _matching_brace(text, j)
         return (text[j + 1 : end], end + 1) if end >= 0 else (None, len(text))
-    if j > rest_idx and (m := re.match(r"[^\s$]+", text[j : j + MAX_ANSWER_CHARS + 1])):
+    if box.group(1) and (m := re.match(r"[^\s$]+", text[j : j + MAX_ANSWER_CHARS + 1])):
         return m.group(0), j + m.end()
     return None
-
-
-_BOX = re.compile("|".join(re.escape(c) for c in _BOX_COMMANDS))
-
-
-def _next_box(text: str, pos: int) -> int:
-    m = _BOX.search(text, pos)
-    return m.start() if m else -1
 
 
 def last_boxed(text: str) -> str | None:
@@ -108,23 +89,16 @@ def last_boxed(text: str) -> str | None:
         return None
     text = text[-MAX_RESPONSE_CHARS:]
     content, pos = None, 0
-    while (start := _next_box(text, pos)) >= 0:
-        box = _box_at(text, start)
-        if box is None:  # "\boxed" not followed by an argument: not a box
-            pos = start + 1
-            continue
-        content, pos = box
+    while m := _BOX.search(text, pos):
+        content, pos = _box_at(text, m) or (content, m.start() + 1)  # "\boxed" without an argument: not a box
     while content is not None and len(content) <= MAX_ANSWER_CHARS:  # \boxed{\boxed{5}} -> 5
         inner = content.strip()
-        start = _next_box(inner, 0)
-        box = _box_at(inner, start) if start == 0 else None
-        if box is None or box[0] is None or box[1] != len(inner):
+        box = (m := _BOX.match(inner)) and _box_at(inner, m)
+        if not box or box[0] is None or box[1] != len(inner):
             break
         content = box[0]
     return None if content is None or len(content) > MAX_ANSWER_CHARS else content.strip()
 
-
-# ---- normalisation ----
 
 _SPACING = re.compile(r"\\q?quad|(?<!\\)\\[!,;: ]|~")  # \quad \! \, \; \: "\ " ~ (not the row break \\)
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm|mathbf)\s*\{([^{}]*)\}")
@@ -159,19 +133,16 @@ def _cosmetic(s: str) -> str:
 
 
 def normalize_answer(answer: str) -> str:
-    """A canonical string, so that most equal answers compare equal: :func:`_cosmetic`, then a text-only answer
-    loses its ``\\text{}`` (``\\text{(A)}`` -> ``(A)``), a single-variable prefix (``x = 3`` -> ``3``), one trailing
-    ``.`` and all spaces go, and ``\\frac12`` -> ``\\frac{1}{2}``, ``\\sqrt2`` -> ``\\sqrt{2}``, ``1,000`` -> ``1000``,
-    ``.5`` -> ``0.5``, ``1e3`` / ``1\\times10^{3}`` -> ``1000`` (``2e-3`` -> ``1/500``). ``""`` for non-strings.
-    """
+    """A canonical string, so that most equal answers compare equal (``\\text{(A)}`` -> ``(A)``, ``x = 3`` -> ``3``,
+    ``1,000`` -> ``1000``, ``.5`` -> ``0.5``, ``1\\times10^{3}`` -> ``1000``); ``""`` for non-strings."""
     if not isinstance(answer, str):
         return ""
     if len(answer) > MAX_ANSWER_CHARS:
         return answer.strip()
     s = _cosmetic(answer)
-    if m := _TEXT_CMD.fullmatch(s):
+    if m := _TEXT_CMD.fullmatch(s):  # a text-only answer
         s = m.group(1)
-    if s.count("=") == 1:
+    if s.count("=") == 1:  # a single-variable prefix
         s = _VAR_PREFIX.sub("", s)
     s = re.sub(r"\s+", "", s.removesuffix(".").strip())
     # \frac12 -> \frac{1}{2}; \frac{a}2 -> \frac{a}{2}; \frac1{b} -> \frac{1}{b}
@@ -182,9 +153,8 @@ def normalize_answer(answer: str) -> str:
     if _THOUSANDS.match(s):
         s = s.replace(",", "")
     s = re.sub(r"(^|[^\d])\.(\d)", r"\g<1>0.\2", s)
-    if m := _SCIENTIFIC.match(s):
-        q = Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
-        s = str(q.numerator) if q.denominator == 1 else f"{q.numerator}/{q.denominator}"
+    if m := _SCIENTIFIC.match(s):  # 1e3 -> 1000, 2e-3 -> 1/500
+        s = str(Fraction(m.group(1)) * Fraction(10) ** int(m.group(2)))
     return s
 
 
@@ -205,8 +175,6 @@ def _as_rational(s: str) -> Fraction | None:
     sign, num, den = m.groups() if len(m.groups()) == 3 else ("", *m.groups())
     return None if int(den) == 0 else (-1 if sign == "-" else 1) * Fraction(int(num), int(den))
 
-
-# ---- well-formed answers (the only ones math-verify sees) ----
 
 _ALLOWED_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 +-*/^_=<>()[]{}|,.!'\\&:")
 _GREEK = (
@@ -242,12 +210,10 @@ def well_formed(answer: str, reference: str = "") -> bool:
     """Whether ``answer`` is a complete mathematical expression worth a symbolic check.
 
     math-verify reads the longest prefix it can parse, so junk around a number would pass as the number
-    (``7 + ???``, ``7 @``, ``\\not 7``, ``7 \\neq``, ``\\in 7``, ``7)``, ``7 \\text{ or } 8``). Rejected:
-    characters outside letters, digits and ``+-*/^_=<>()[]{}|,.!'\\&:``; commands outside a list of math commands
-    (text commands included: text answers are compared as strings); unbalanced brackets; a leading or trailing
-    operator or relation; two numbers separated by a space only; ``&`` or ``\\\\`` outside a matrix; and, when
-    ``reference`` has no relation, any relation other than a leading ``x =`` / ``x \\in``.
-    """
+    (``7 + ???``, ``7 @``, ``\\not 7``, ``7 \\neq``, ``\\in 7``, ``7)``, ``7 \\text{ or } 8``). Rejected: other
+    characters or commands (text commands included: text answers are compared as strings); unbalanced brackets; a
+    leading or trailing operator or relation; two numbers separated by a space only; ``&`` or ``\\\\`` outside a
+    matrix; and, when ``reference`` has no relation, any relation other than a leading ``x =`` / ``x \\in``."""
     s = _cosmetic(answer)
     if not s or not set(s) <= _ALLOWED_CHARS or not _balanced(s):
         return False
@@ -268,9 +234,8 @@ def well_formed(answer: str, reference: str = "") -> bool:
     return not (re.search(f"(?:{ends})$", body) or re.match(f"(?:{ends.replace('+', '')})", body.lstrip("-+")))
 
 
-# ---- symbolic check in worker processes ----
-
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+_WORKER_COMMAND = [sys.executable, "-m", "tre_edu.tasks.math_worker"]
 
 
 class _Worker:
@@ -278,16 +243,9 @@ class _Worker:
 
     def __init__(self) -> None:
         path = os.pathsep.join(p for p in (_PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tre_edu.tasks.math_worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": path},
-        )
-        self.fd = self.proc.stdout.fileno()
-        self.buffer = b""
-        self.ready = False
+        env = {**os.environ, "PYTHONPATH": path}
+        self.proc = Popen(_WORKER_COMMAND, stdin=PIPE, stdout=PIPE, stderr=DEVNULL, env=env)
+        self.fd, self.buffer, self.ready = self.proc.stdout.fileno(), b"", False
         self.since = time.monotonic()  # start of the process, then of the current answer
 
     def send(self, answer: str, reference: str, timeout_s: float) -> None:
@@ -314,12 +272,10 @@ class GraderPool:
 
     An answer still running after ``timeout_s`` has its worker killed (a process can be stopped where a thread
     holding the GIL cannot) and replaced on demand; a call stops at ``budget_s``. Thread-safe: every call uses its
-    own workers, taken from and returned to the idle list.
-    """
+    own workers, taken from and returned to the idle list."""
 
     def __init__(self, start_timeout_s: float = START_TIMEOUT_S, max_idle: int = 8):
-        self.start_timeout_s = start_timeout_s
-        self.max_idle = max_idle
+        self.start_timeout_s, self.max_idle = start_timeout_s, max_idle
         self.broken: str | None = None  # why workers cannot start (e.g. math-verify missing)
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
@@ -420,12 +376,8 @@ def symbolic_check(
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.clear()
     _CACHE.update((p, v) for p, v in zip(todo, found) if v is not None)
-    skipped = sum(v is None for v in found)
-    stats = {"reward/grader_timeouts": float(timeouts), "reward/grader_skipped": float(skipped)}
+    stats = {"reward/grader_timeouts": float(timeouts), "reward/grader_skipped": float(found.count(None))}
     return [_CACHE.get(p, False) for p in pairs], stats
-
-
-# ---- equivalence and the reward ----
 
 
 # A value that is no number: NaN, or a division by zero (\frac{1}{0}, 1/0, 1 \div 0), after normalize_answer.
@@ -480,22 +432,13 @@ def is_equivalent(
 
 
 def score(
-    response: str,
-    answer: str | None = None,
-    *,
-    use_math_verify: bool = True,
-    timeout_s: float = VERIFY_TIMEOUT_S,
-    **example: Any,
+    response: str, answer: str | None = None, *, use_math_verify: bool = True, timeout_s: float = VERIFY_TIMEOUT_S, **_
 ) -> float:
-    """The paper's reward: 1.0 if the last ``\\boxed{}`` of ``response`` is equivalent to ``answer``, else 0.0;
-    ``score(response, **example)`` works. Never raises."""
+    """The paper's reward (never raises); ``score(response, **example)`` works."""
     pred = last_boxed(response)
     if answer is None or pred is None:
         return 0.0
     return float(is_equivalent(pred, str(answer), use_math_verify=use_math_verify, timeout_s=timeout_s))
-
-
-# ---- data ----
 
 
 def _example_from_row(row: dict[str, Any], source: str) -> dict[str, Any] | None:
@@ -521,9 +464,7 @@ def load(
     "test" of ``"math500"``), a seeded random subset of ``n`` of them (``None``: all, in order). ``hub_id``
     overrides the dataset id or gives a local path; on a loading failure, with ``offline_ok``: the bundled sample."""
     check_options("math", {"dataset": dataset}, prefix="")
-    if split not in SPLIT_SIZES[dataset]:
-        allowed = ", ".join(SPLIT_SIZES[dataset])
-        raise ValueError(f"split must be one of {allowed} for dataset={dataset!r}; got {split!r}")
+    check_choice("split", split, SPLIT_SIZES[dataset], f" for dataset={dataset!r}")
     hub = hub_id or DATASETS[dataset]
     ds, source = load_or_fallback(
         f"MATH data {hub!r} split {split!r}",
@@ -538,18 +479,13 @@ def load(
     return subsample(rows, n, seed)
 
 
-# ---- task ----
-
-
 @dataclass(eq=False)
 class MathTask(Task):
-    """MATH with the paper's prompt and the boxed-answer 0/1 reward.
+    """MATH with the paper's prompt and the boxed-answer 0/1 reward (``dataset``, ``hub_id``: see :func:`load`).
 
-    ``dataset``: ``"lighteval"`` (train / test, the paper's) or ``"math500"`` (test); ``hub_id``: another dataset id
-    or a local path; ``use_math_verify=False``: the string / rational rules only (faster, stricter); ``timeout_s``,
-    ``batch_timeout_s``, ``workers``: bounds of the symbolic check per answer and per :meth:`reward` batch, and its
-    worker processes. After each batch, ``last_reward_stats`` holds ``reward/grader_timeouts`` and ``_skipped``.
-    """
+    ``use_math_verify=False``: the string / rational rules only (faster, stricter); ``timeout_s``, ``batch_timeout_s``,
+    ``workers``: bounds of the symbolic check per answer and per :meth:`reward` batch, and its worker processes.
+    After each batch, ``last_reward_stats`` holds ``reward/grader_timeouts`` and ``_skipped``."""
 
     dataset: str = "lighteval"
     hub_id: str | None = None
@@ -583,9 +519,8 @@ class MathTask(Task):
         check_batch(responses, examples)
         answers = [e.get("answer") if isinstance(e, dict) else None for e in examples]
         bounds = dict(timeout_s=self.timeout_s, budget_s=self.batch_timeout_s, workers=self.workers)
-        verdicts, self.last_reward_stats = _grade(
-            list(map(last_boxed, responses)), answers, self.use_math_verify, **bounds
-        )
+        boxed = [last_boxed(r) for r in responses]
+        verdicts, self.last_reward_stats = _grade(boxed, answers, self.use_math_verify, **bounds)
         return [float(v) for v in verdicts]
 
     def describe(self) -> str:
@@ -595,21 +530,4 @@ class MathTask(Task):
         )
 
 
-make_task = MathTask  # tre_edu.tasks.get_task(name, **options) calls tre_edu.tasks.<name>.make_task(**options)
-
-
-__all__ = [
-    "PROMPT",
-    "DATASETS",
-    "GraderPool",
-    "MathTask",
-    "is_equivalent",
-    "last_boxed",
-    "load",
-    "make_task",
-    "denotes_no_value",
-    "normalize_answer",
-    "score",
-    "symbolic_check",
-    "well_formed",
-]
+make_task = MathTask  # what tre_edu.tasks.get_task("math", **options) calls

@@ -21,16 +21,14 @@ def equal(answer: str, reference: str, timeout_s: int) -> bool:
 
 
 def serve(stdin=sys.stdin, stdout=sys.stdout) -> None:
-    stdout.write("ready\n")
-    stdout.flush()
+    print("ready", file=stdout, flush=True)
     for line in stdin:
         try:
             answer, reference, timeout_s = json.loads(line)
             ok = equal(answer, reference, max(1, int(timeout_s)))
         except Exception:  # malformed request, sympy errors, math-verify's TimeoutException, RecursionError ...
             ok = False
-        stdout.write("1\n" if ok else "0\n")
-        stdout.flush()
+        print("1" if ok else "0", file=stdout, flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from tre_edu.viz.records import RecordedRun, finite, group_runs, is_single_run, last_value, normalize_run, series
-from tre_edu.viz.style import TEMPLATE, run_color
+from tre_edu.viz.style import finish, run_color
 
 Members = list[tuple[list[dict], list[dict]]]  # (history, eval_history) per seed
 
@@ -65,11 +65,9 @@ def comparison_figure(
     width: int | None = None,
     as_widget: bool = False,
 ) -> go.Figure:
-    """Several methods side by side, in three panels (means over seeds).
-
-    1. Final ``accuracy_key``: bars = mean, error bars = std over seeds (n >= 2), dots = seeds, grey dash = start.
-    2. ``accuracy_key`` over PPO steps.
-    3. ``tail_key`` over PPO steps (log y), with the min-max band over seeds; ``smooth`` > 1: a trailing mean.
+    """Several methods side by side, means over seeds: the final ``accuracy_key`` (bars = mean, error bars = std
+    over seeds (n >= 2), dots = seeds, grey dash = start), ``accuracy_key`` over PPO steps, and ``tail_key`` over
+    PPO steps (log y) with the min-max band over seeds (``smooth`` > 1: a trailing mean).
 
     ``runs``: ``name -> run`` or ``name -> [run, ...]`` (seeds), a run being anything :func:`normalize_run` reads;
     :class:`RecordedRun` values are grouped by :func:`group_runs` when ``group`` is True.
@@ -77,51 +75,26 @@ def comparison_figure(
     if not isinstance(smooth, int) or smooth < 1:
         raise ValueError(f"smooth must be an integer >= 1; got {smooth!r}")
     groups = _groups(runs, group)
-    fig = make_subplots(
-        rows=1,
-        cols=3,
-        column_widths=[0.3, 0.35, 0.35],
-        horizontal_spacing=0.08,
-        subplot_titles=(
-            f"final {accuracy_key.split('/')[-1].replace('_', ' ')}",
-            "held-out accuracy during PPO",
-            f"{tail_key.split('/')[-1].replace('_', ' ')} (log)",
-        ),
-    )
+    acc_name, tail_name = (key.split("/")[-1].replace("_", " ") for key in (accuracy_key, tail_key))
+    titles = (f"final {acc_name}", "held-out accuracy during PPO", f"{tail_name} (log)")
+    fig = make_subplots(rows=1, cols=3, column_widths=[0.3, 0.35, 0.35], horizontal_spacing=0.08, subplot_titles=titles)
     colors: dict[str, str] = {}
     for i, (name, members) in enumerate(groups.items()):
         color = run_color(name, colors)
         line = {"legendgroup": name, "showlegend": False, "line": {"color": color}, "name": name}
         finals, starts = _finals_and_starts(members, accuracy_key)
         mean, std = _mean_std(finals)
-        fig.add_bar(
-            x=[name],
-            y=[mean],
-            marker_color=color,
-            name=name,
-            legendgroup=name,
-            error_y={"type": "data", "array": [std], "visible": std is not None},
-            text=[f"{mean:.3f}" if mean is not None else "n/a"],
-            textposition="outside",
-            hovertemplate=f"{name}<br>mean %{{y:.3f}} over {len(finals)} seed(s)<extra></extra>",
-            row=1,
-            col=1,
-        )
+        hover = f"{name}<br>mean %{{y:.3f}} over {len(finals)} seed(s)<extra></extra>"
+        error = {"type": "data", "array": [std], "visible": std is not None}
+        text = [f"{mean:.3f}" if mean is not None else "n/a"]
+        bar = {"name": name, "legendgroup": name, "marker_color": color, "hovertemplate": hover}
+        fig.add_bar(x=[name], y=[mean], error_y=error, text=text, textposition="outside", row=1, col=1, **bar)
         seeds = {"color": "black", "size": 6, "symbol": "circle-open"}
         fig.add_scatter(x=[name] * len(finals), y=finals, mode="markers", marker=seeds, row=1, col=1, **line)
         if starts:
             dash = {"color": "#888888", "size": 22, "symbol": "line-ew", "line": {"width": 3}}
-            fig.add_scatter(
-                x=[name],
-                y=[float(np.mean(starts))],
-                mode="markers",
-                marker=dash,
-                name="start (warm start)",
-                legendgroup="start",
-                showlegend=i == 0,
-                row=1,
-                col=1,
-            )
+            start = {"name": "start (warm start)", "legendgroup": "start", "showlegend": i == 0}
+            fig.add_scatter(x=[name], y=[float(np.mean(starts))], mode="markers", marker=dash, row=1, col=1, **start)
         steps, acc, _ = _mean_curve([e for _, e in members], accuracy_key, 1)
         fig.add_scatter(x=steps, y=acc, mode="lines+markers", row=1, col=2, **line)
         steps, tail, (lo, hi) = _mean_curve([h for h, _ in members], tail_key, smooth)
@@ -140,16 +113,8 @@ def comparison_figure(
     fig.update_yaxes(type="log", exponentformat="power", col=3)
     fig.update_xaxes(title_text="PPO step", col=2)
     fig.update_xaxes(title_text="PPO step", col=3)
-    fig.update_layout(
-        template=TEMPLATE,
-        height=height,
-        width=width,
-        title=title,
-        barmode="overlay",
-        legend={"orientation": "h", "y": -0.2},
-        margin={"l": 60, "r": 20, "t": 70, "b": 60},
-    )
-    return go.FigureWidget(fig) if as_widget else fig
+    layout = {"height": height, "width": width, "title": title, "legend": {"orientation": "h", "y": -0.2}}
+    return finish(fig, as_widget, {"t": 70, "b": 60}, barmode="overlay", **layout)
 
 
 def comparison_table(runs: Mapping[str, Any], *, accuracy_key: str = "eval/greedy_accuracy", group=True) -> str:
@@ -162,13 +127,10 @@ def comparison_table(runs: Mapping[str, Any], *, accuracy_key: str = "eval/greed
     ]
     for name, members in groups.items():
         finals, starts = _finals_and_starts(members, accuracy_key)
-        tails0, tails1 = [], []
-        for h, _ in members:
-            _, ys = series(h, "tail/mass_outside_top10")
-            if ys:
-                n = max(1, math.ceil(len(ys) / 10))
-                tails0.append(float(np.mean(ys[:n])))
-                tails1.append(float(np.mean(ys[-n:])))
+        tails = [ys for _, ys in (series(h, "tail/mass_outside_top10") for h, _ in members) if ys]
+        cuts = [math.ceil(len(ys) / 10) for ys in tails]  # the first and the last 10 % of the steps
+        tails0 = [float(np.mean(ys[:n])) for ys, n in zip(tails, cuts)]
+        tails1 = [float(np.mean(ys[-n:])) for ys, n in zip(tails, cuts)]
         mean, std = _mean_std(finals)
         fin = "n/a" if mean is None else f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
         st = f"{np.mean(starts):.3f}" if starts else "n/a"

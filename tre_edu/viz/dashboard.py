@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from tre_edu.viz.records import finite, series
-from tre_edu.viz.style import TEMPLATE, run_color
+from tre_edu.viz.style import finish, run_color
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,9 @@ class LiveDashboard:
 
     Pass it to ``run_training(cfg, callbacks=[dash])`` (or a trainer) and display it *before* training: every
     ``every`` PPO steps, and at every evaluation, the new points go into the ``FigureWidget`` in one
-    ``batch_update``. A colour per run (by method), a line style per metric (see the panel's subtitle).
-
-    A run starts at ``on_train_begin``, named by an earlier ``start_run(name)``, else after the trainer's
-    regulariser kind (a new run of an existing name replaces it; the same trainer training again continues its
-    run). ``live=False`` draws into a plain ``go.Figure`` (headless); everything is recorded in :attr:`runs`.
+    ``batch_update``. A run starts at ``on_train_begin``, named by an earlier ``start_run(name)``, else after the
+    trainer's regulariser kind (a new run of an existing name replaces it; the same trainer training again continues
+    its run). ``live=False`` draws into a plain ``go.Figure`` (headless); everything is recorded in :attr:`runs`.
     """
 
     def __init__(
@@ -101,17 +99,14 @@ class LiveDashboard:
         if not panels:
             raise ValueError("panels must hold at least one Panel")
         self.every, self.panels, self.live = every, tuple(panels), live
-        self._records: dict[str, list[dict]] = {}
-        self._evals: dict[str, list[dict]] = {}
-        self._traces: dict[str, list[int]] = {}
+        self._records: dict[str, list[dict]] = {}  # run name -> training records
+        self._evals: dict[str, list[dict]] = {}  # run name -> evaluation records
+        self._traces: dict[str, list[int]] = {}  # run name -> the indices of its traces
         self._colors: dict[str, str] = {}
-        self._pending: str | None = None
-        self._trainer: Any = None
-        self._total: int | None = None
-        self.current: str | None = None
-        self.n_refresh = 0
-        self._widget = None
-        self._status_text = ""
+        self.current: str | None = None  # the run that records go to
+        self._pending: str | None = None  # a name given to start_run that no trainer has claimed yet
+        self._trainer = self._total = self._widget = None
+        self.n_refresh, self._status_text = 0, ""
         self.figure = self._build(title, height, width)
 
     # ---- figure --------------------------------------------------------------------------------------------
@@ -123,13 +118,9 @@ class LiveDashboard:
         secondary = [any(s.secondary for s in panel.series) for panel in self.panels]
         cells = [{"secondary_y": sec} for sec in secondary] + [None] * (2 * rows - len(self.panels))
         specs = [cells[i : i + 2] for i in range(0, 2 * rows, 2)]
+        titles, spacing = [p.title for p in self.panels], 0.16 if rows > 1 else 0.1
         fig = make_subplots(
-            rows=rows,
-            cols=2,
-            specs=specs,
-            subplot_titles=[p.title for p in self.panels],
-            vertical_spacing=0.16 if rows > 1 else 0.1,
-            horizontal_spacing=0.1,
+            rows=rows, cols=2, specs=specs, subplot_titles=titles, vertical_spacing=spacing, horizontal_spacing=0.1
         )
         for i, panel in enumerate(self.panels):
             fig.update_xaxes(title_text="PPO step", **self._cell(i))
@@ -138,33 +129,18 @@ class LiveDashboard:
             if secondary[i]:
                 fig.update_yaxes(range=[0, 1.02], secondary_y=True, **self._cell(i))
         fig.update_annotations(font_size=12)
-        fig.update_layout(
-            template=TEMPLATE,
-            height=height,
-            width=width,
-            title=title,
-            legend={"orientation": "h", "y": -0.08},
-            margin={"l": 60, "r": 40, "t": 90, "b": 60},
-            hovermode="closest",
-        )
-        return go.FigureWidget(fig) if self.live else fig
+        layout = {"height": height, "width": width, "title": title, "legend": {"orientation": "h", "y": -0.08}}
+        return finish(fig, self.live, {"r": 40, "t": 90, "b": 60}, hovermode="closest", **layout)
 
     def _add_run_traces(self, name: str) -> None:
         color = run_color(name, self._colors)
         self._traces[name] = []
         for i, panel in enumerate(self.panels):
             for s in panel.series:
-                trace = go.Scatter(
-                    x=[],
-                    y=[],
-                    mode="lines+markers" if s.eval else "lines",
-                    name=name,
-                    legendgroup=name,
-                    showlegend=not self._traces[name],  # one legend entry per run
-                    line={"color": color, "dash": s.dash, "width": 2},
-                    marker={"size": 7},
-                    hovertemplate=f"{name} · {s.label}<br>step %{{x}}<br>%{{y:.4g}}<extra></extra>",
-                )
+                hover = f"{name} · {s.label}<br>step %{{x}}<br>%{{y:.4g}}<extra></extra>"
+                line, mode = {"color": color, "dash": s.dash, "width": 2}, "lines+markers" if s.eval else "lines"
+                trace = go.Scatter(x=[], y=[], mode=mode, line=line, marker={"size": 7}, hovertemplate=hover)
+                trace.update(name=name, legendgroup=name, showlegend=not self._traces[name])  # one legend entry per run
                 self.figure.add_trace(trace, secondary_y=True if s.secondary else None, **self._cell(i))
                 self._traces[name].append(len(self.figure.data) - 1)
 
@@ -197,8 +173,7 @@ class LiveDashboard:
         if self._pending is None and (trainer is not self._trainer or self.current is None):
             self.start_run(str(trainer.config.regularizer.kind))
         self._pending = None  # a name given with start_run: this trainer claims it
-        self._trainer = trainer
-        self._total = int(trainer.config.ppo.steps)
+        self._trainer, self._total = trainer, int(trainer.config.ppo.steps)
 
     def on_step_end(self, trainer: Any, step: int, metrics: Mapping[str, float]) -> None:
         self._record(self._records, step, metrics)
@@ -215,9 +190,8 @@ class LiveDashboard:
     # ---- drawing ---------------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Write every run's points into the figure (one ``batch_update``) and update the status line."""
-        live = isinstance(self.figure, go.FigureWidget)
         pairs = [(p, s) for p in self.panels for s in p.series]  # the order of each run's traces
-        with self.figure.batch_update() if live else contextlib.nullcontext():
+        with self.figure.batch_update() if self.live else contextlib.nullcontext():
             for name, idx in self._traces.items():
                 for (panel, s), j in zip(pairs, idx):
                     xs, ys = series(self._evals[name] if s.eval else self._records[name], s.key)
@@ -250,11 +224,8 @@ class LiveDashboard:
         """An ``ipywidgets.VBox``: the status line and the live figure (built on first use)."""
         if self._widget is None:
             status = widgets.HTML(value=self._status_text)
-            live = isinstance(self.figure, go.FigureWidget)
-            self._widget = widgets.VBox([status, self.figure] if live else [status])
+            self._widget = widgets.VBox([status, self.figure] if self.live else [status])
         return self._widget
 
     def _repr_mimebundle_(self, **kwargs):
-        if isinstance(self.figure, go.FigureWidget):
-            return self.widget._repr_mimebundle_(**kwargs)
-        return self.figure._repr_mimebundle_(**kwargs)
+        return (self.widget if self.live else self.figure)._repr_mimebundle_(**kwargs)

@@ -1,9 +1,9 @@
 """Plotly figure builders: numbers in, ``go.Figure`` out (``as_widget=True`` gives a ``go.FigureWidget``).
 
-Every builder makes the *same traces in the same order* whatever its arguments (a region of K tokens is a
-trace with K bars, never a trace that appears or disappears), so a panel can rebuild the figure for new slider
-values and copy the traces into a live ``FigureWidget`` (:func:`tre_edu.viz.panels.sync_figure`).
-All computation is delegated to :mod:`tre_edu.entropy` and :mod:`tre_edu.dynamics`.
+Every builder makes the *same traces in the same order* whatever its arguments (a region of K tokens is a trace
+with K bars, never a trace that appears or disappears), so a panel can rebuild the figure for new slider values and
+copy the traces into a live ``FigureWidget`` (:func:`tre_edu.viz.panels.sync_figure`). The numbers come from
+:mod:`tre_edu.entropy` and :mod:`tre_edu.dynamics`.
 """
 
 from __future__ import annotations
@@ -19,16 +19,9 @@ from torch import Tensor
 
 from tre_edu import dynamics as dyn
 from tre_edu import entropy as ent
-from tre_edu.viz.style import COLORS, TEMPLATE, method_label
+from tre_edu.viz.style import COLORS, finish, method_label
 
 LOG = {"type": "log", "exponentformat": "power"}
-RANK_X = {**LOG, "title": "rank"}
-
-
-def _finish(fig: go.Figure, as_widget: bool, margin: tuple[int, int] = (60, 50), **layout) -> go.Figure:
-    """Apply the template, the (left, top) ``margin`` and ``layout``; a ``FigureWidget`` with ``as_widget``."""
-    fig.update_layout(template=TEMPLATE, margin={"l": margin[0], "r": 20, "t": margin[1], "b": 40}, **layout)
-    return go.FigureWidget(fig) if as_widget else fig
 
 
 def _rank_curve(logits: Tensor, n_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,6 +29,13 @@ def _rank_curve(logits: Tensor, n_points: int) -> tuple[np.ndarray, np.ndarray]:
     probs = dyn.sorted_probs(logits)
     grid = dyn.log_rank_grid(probs.size, n=n_points)
     return grid, probs[grid - 1]
+
+
+def _three_panels(fig: go.Figure, as_widget: bool, title: str, title_size: int, legend_y: float, **layout):
+    """The layout of the three-panel figures: a small title on the left, the legend below."""
+    title = {"text": title, "font": {"size": title_size}, "x": 0.01}
+    legend = {"orientation": "h", "y": legend_y, "x": 0.0, "font": {"size": 11}}
+    return finish(fig, as_widget, {"l": 55, "t": 80}, title=title, legend=legend, **layout)
 
 
 # ---- notebook 01: the trust region of one distribution ---------------------------------------------------
@@ -54,11 +54,9 @@ def trust_region_figure(
     width: int | None = None,
     as_widget: bool = False,
 ) -> go.Figure:
-    """Three panels for one next-token distribution ``logits`` of shape ``(V,)``.
-
-    1. The ``n_bars`` most likely tokens; the TRE-K region (the top K) highlighted, the TRE-P region marked.
-    2. Probability against rank on log-log axes with both trust regions shaded.
-    3. Global entropy, TRE-K and TRE-P: raw ``H_TR`` and rescaled ``H_TRE = H_TR log V / log|A_TR|``.
+    """Three panels for one next-token distribution ``logits`` ``(V,)``: the ``n_bars`` most likely tokens (the
+    TRE-K region highlighted, the TRE-P region marked), probability by rank (log-log) with both regions shaded, and
+    the global, TRE-K and TRE-P entropies, raw ``H_TR`` and rescaled ``H_TRE = H_TR log V / log|A_TR|``.
 
     Traces, in order: 0 "TRE-K region" (bars, exactly K of them when K <= n_bars), 1 "outside TRE-K" (bars),
     2 "TRE-P region" (markers), 3 "p(rank)" (line), 4 "TRE-K region" (shading), 5 "TRE-P region" (shading),
@@ -83,37 +81,21 @@ def trust_region_figure(
     ):
         hover = f"rank %{{x}}<br>p = %{{y:.3g}}<extra>{where}</extra>"
         fig.add_bar(x=ranks[sel], y=top[sel], name=name, marker_color=color, hovertemplate=hover, row=1, col=1)
+    marker = {"symbol": "triangle-down", "size": 8, "color": COLORS["tre-p"]}
+    name, hover = f"TRE-P region (p = {p:.3g}, |A_TR| = {n_p})", "rank %{x}<extra>in TRE-P region</extra>"
     fig.add_scatter(
-        x=ranks[in_p],
-        y=top[in_p] * 1.6,
-        mode="markers",
-        marker={"symbol": "triangle-down", "size": 8, "color": COLORS["tre-p"]},
-        name=f"TRE-P region (p = {p:.3g}, |A_TR| = {n_p})",
-        hovertemplate="rank %{x}<extra>in TRE-P region</extra>",
-        row=1,
-        col=1,
+        x=ranks[in_p], y=top[in_p] * 1.6, mode="markers", marker=marker, name=name, hovertemplate=hover, row=1, col=1
     )
 
-    grid = dyn.log_rank_grid(v, n=n_points)
-    y = probs[grid - 1]
+    grid, y = _rank_curve(logits, n_points)
     y_min = max(float(y.min()) / 3, 1e-300)
     line = {"color": COLORS["start"], "width": 2}
     hover = "rank %{x}<br>p = %{y:.3g}<extra></extra>"
     fig.add_scatter(x=grid, y=y, mode="lines", line=line, name="p(rank)", hovertemplate=hover, row=1, col=2)
     for name, size, color in (("TRE-K region", k, COLORS["tre-k"]), ("TRE-P region", n_p, COLORS["tre-p"])):
-        fig.add_scatter(
-            x=[0.8, size + 0.4, size + 0.4, 0.8, 0.8],
-            y=[y_min, y_min, 1.5, 1.5, y_min],
-            fill="toself",
-            mode="lines",
-            line={"width": 0},
-            fillcolor=color,
-            opacity=0.22,
-            name=f"{name} (shaded, {size} tokens)",
-            hoverinfo="skip",
-            row=1,
-            col=2,
-        )
+        x, box = [0.8, size + 0.4, size + 0.4, 0.8, 0.8], [y_min, y_min, 1.5, 1.5, y_min]
+        shade = {"fill": "toself", "fillcolor": color, "opacity": 0.22, "line": {"width": 0}, "hoverinfo": "skip"}
+        fig.add_scatter(x=x, y=box, mode="lines", name=f"{name} (shaded, {size} tokens)", row=1, col=2, **shade)
 
     cell = {"row": 1, "col": 3}
     cats = ["global H", f"TRE-K (K={k})", f"TRE-P (p={p:.3g})"]
@@ -121,15 +103,11 @@ def trust_region_figure(
         ("raw: H, H_TR", raw, ["#f4a3a3", "#9ec5e8", "#a8dba8"], {"size": 10}),
         ("rescaled: H_TRE = H_TR·log V / log|A_TR|", rescaled, [COLORS[m] for m in dyn.METHODS], None),
     ):
-        text = [f"{h:.3f}" for h in hs]
-        fig.add_bar(
-            x=cats, y=hs, name=name, marker_color=colors, text=text, textposition="outside", textfont=font, **cell
-        )
-    log_v = math.log(v)
-    dash = {"dash": "dash", "color": "#777"}
-    fig.add_scatter(
-        x=[cats[0], cats[-1]], y=[log_v] * 2, mode="lines", line=dash, name=f"log V = {log_v:.2f} (max)", **cell
-    )
+        text = {"text": [f"{h:.3f}" for h in hs], "textposition": "outside", "textfont": font}
+        fig.add_bar(x=cats, y=hs, name=name, marker_color=colors, **text, **cell)
+    log_v, dash = math.log(v), {"dash": "dash", "color": "#777"}
+    name = f"log V = {log_v:.2f} (max)"
+    fig.add_scatter(x=[cats[0], cats[-1]], y=[log_v] * 2, mode="lines", line=dash, name=name, **cell)
 
     f_k, f_p = dyn.rescale_factor(v, k), dyn.rescale_factor(v, n_p)
     if k == 1:  # the official code's special case: min-entropy -log max pi, unscaled
@@ -143,16 +121,7 @@ def trust_region_figure(
     fig.update_xaxes(title_text="rank", row=1, col=2, **LOG)
     fig.update_yaxes(dtick=2, range=[math.log10(y_min), math.log10(1.5)], row=1, col=2, **LOG)
     fig.update_yaxes(range=[0, log_v * 1.15], row=1, col=3)
-    return _finish(
-        fig,
-        as_widget,
-        (55, 80),
-        height=height,
-        width=width,
-        barmode="group",
-        title={"text": title, "font": {"size": 13}, "x": 0.01},
-        legend={"orientation": "h", "y": -0.18, "x": 0.0, "font": {"size": 11}},
-    )
+    return _three_panels(fig, as_widget, title, 13, -0.18, height=height, width=width, barmode="group")
 
 
 def gradient_figure(
@@ -183,7 +152,7 @@ def gradient_figure(
         for m in dyn.METHODS
     }
     grid = dyn.log_rank_grid(v, n=n_points, dense_head=32)
-    idx = grid - 1
+    at = {m: g[grid - 1] for m, g in grads.items()}  # the gradients at the plotted ranks
     h = -dyn.sign_threshold(logits)
     below = np.nonzero(torch.log_softmax(logits.detach().double(), -1)[order].numpy() < -h)[0]
     thr_rank = int(below[0]) + 1 if below.size else v
@@ -192,43 +161,32 @@ def gradient_figure(
     fig = make_subplots(
         rows=2, cols=1, shared_xaxes=True, row_heights=[0.68, 0.32], vertical_spacing=0.06, subplot_titles=titles
     )
-    g, top = grads["entropy"][idx], {"row": 1, "col": 1}
+    g, top = at["entropy"], {"row": 1, "col": 1}
     for sel, y, size, symbol, how in ((g > 0, g, 5, None, "> 0 (raised)"), (g < 0, -g, 7, "x", "< 0 (lowered)")):
-        marker = {"color": COLORS["entropy"], "size": size, "symbol": symbol}
-        fig.add_scatter(
-            x=grid[sel], y=y[sel], mode="markers", marker=marker, name=f"global entropy: dH/dz {how}", **top
-        )
+        marker, name = {"color": COLORS["entropy"], "size": size, "symbol": symbol}, f"global entropy: dH/dz {how}"
+        fig.add_scatter(x=grid[sel], y=y[sel], mode="markers", marker=marker, name=name, **top)
     for m, symbol in (("tre-k", "diamond"), ("tre-p", "square")):
-        gm = grads[m][idx]
-        nz = gm != 0
+        nz = at[m] != 0
         marker = {"color": COLORS[m], "size": 9, "symbol": symbol, "line": {"width": 1, "color": "white"}}
         name = f"{method_label(m)}: |dH/dz| (exactly 0 for the other {int((grads[m] == 0).sum()):,} tokens)"
-        fig.add_scatter(x=grid[nz], y=np.abs(gm[nz]), mode="markers", marker=marker, name=name, **top)
+        fig.add_scatter(x=grid[nz], y=np.abs(at[m][nz]), mode="markers", marker=marker, name=name, **top)
     labels = [method_label(m) for m in dyn.METHODS]
     ys, xs = np.repeat(np.array(labels, dtype=object), grid.size), np.tile(grid, len(labels))
-    signs = np.sign(np.concatenate([grads[m][idx] for m in dyn.METHODS]))
+    signs = np.sign(np.concatenate([at[m] for m in dyn.METHODS]))
     for sign, color, label in ((1, COLORS["entropy"], "+"), (0, COLORS["outside"], "0"), (-1, COLORS["down"], "−")):
         sel, marker = signs == sign, {"color": color, "size": 7, "symbol": "square"}
         fig.add_scatter(x=xs[sel], y=ys[sel], mode="markers", marker=marker, name=f"sign {label}", row=2, col=1)
-    pos = np.abs(np.concatenate([g[g != 0], grads["tre-k"][idx], grads["tre-p"][idx]]))
+    pos = np.abs(np.concatenate([g[g != 0], at["tre-k"], at["tre-p"]]))
     pos = pos[pos > 0]
     lo, hi = (float(pos.min()) / 3, float(pos.max()) * 3) if pos.size else (1e-12, 1.0)
-    for row, ys_line in ((1, [lo, hi]), (2, [labels[0], labels[-1]])):
-        fig.add_scatter(
-            x=[thr_rank, thr_rank],
-            y=ys_line,
-            mode="lines",
-            line={"dash": "dot", "color": "#555"},
-            name=f"log π = −H (H = {h:.3f}): rank {thr_rank}",
-            showlegend=row == 1,
-            row=row,
-            col=1,
-        )
+    name, line = f"log π = −H (H = {h:.3f}): rank {thr_rank}", {"dash": "dot", "color": "#555"}
+    for row, y in ((1, [lo, hi]), (2, [labels[0], labels[-1]])):
+        fig.add_scatter(x=[thr_rank] * 2, y=y, mode="lines", line=line, name=name, showlegend=row == 1, row=row, col=1)
     fig.update_xaxes(dtick=1, **LOG)
     fig.update_xaxes(title_text="rank", row=2, col=1)
     fig.update_yaxes(range=[math.log10(lo), math.log10(hi)], title_text="|dH/dz_a|", row=1, col=1, **LOG)
     fig.update_yaxes(categoryorder="array", categoryarray=labels[::-1], title_text="method", row=2, col=1)
-    return _finish(fig, as_widget, (60, 40), height=height, width=width, legend={"font": {"size": 11}})
+    return finish(fig, as_widget, {"t": 40}, height=height, width=width, legend={"font": {"size": 11}})
 
 
 def effective_coef_figure(
@@ -246,14 +204,9 @@ def effective_coef_figure(
         y = [coef * dyn.rescale_factor(int(v), k) for v in vs]
         fig.add_scatter(x=vs, y=y, mode="lines+markers", name=f"K = {k}")
     fig.add_hline(y=coef, line_dash="dash", annotation_text=f"global entropy: {coef:g} (no rescaling)")
-    return _finish(
-        fig,
-        as_widget,
-        height=height,
-        title=f"effective weight of the TRE-K term, coef = {coef:g}",
-        xaxis={**LOG, "title": "vocabulary size V"},
-        yaxis={"title": "coef · log V / log K", "rangemode": "tozero"},
-    )
+    title = f"effective weight of the TRE-K term, coef = {coef:g}"
+    yaxis = {"title": "coef · log V / log K", "rangemode": "tozero"}
+    return finish(fig, as_widget, height=height, title=title, xaxis={**LOG, "title": "vocabulary size V"}, yaxis=yaxis)
 
 
 # ---- notebook 02: tail dilution under an entropy bonus ---------------------------------------------------
@@ -275,8 +228,8 @@ def rank_curves_figure(
         x, y = _rank_curve(logits, n_points)
         color = (colors or {}).get(label)
         fig.add_scatter(x=x, y=y, mode="lines", name=label, line={"color": color} if color else None)
-    yaxis = {**LOG, "title": "probability"}
-    return _finish(fig, as_widget, height=height, title=title, xaxis=RANK_X, yaxis=yaxis)
+    axes = {"xaxis": {**LOG, "title": "rank"}, "yaxis": {**LOG, "title": "probability"}}
+    return finish(fig, as_widget, height=height, title=title, **axes)
 
 
 def tail_mass_figure(
@@ -295,19 +248,12 @@ def tail_mass_figure(
     style = {v: dashes[max(len(dashes) - len(vs) + i, 0)] for i, v in enumerate(vs)}
     fig = go.Figure()
     for (method, v), res in results.items():
-        line = {"color": COLORS.get(method), "dash": style[v], "width": 2}
-        fig.add_scatter(
-            x=res.steps, y=res.tail_mass, mode="lines", name=f"{method_label(method)}, V = {v:,}", line=line
-        )
+        line, name = {"color": COLORS.get(method), "dash": style[v], "width": 2}, f"{method_label(method)}, V = {v:,}"
+        fig.add_scatter(x=res.steps, y=res.tail_mass, mode="lines", name=name, line=line)
     k = next(iter(results.values())).tail_k if results else 0
-    return _finish(
-        fig,
-        as_widget,
-        height=height,
-        title=f"mass outside the top {k} tokens during entropy ascent",
-        xaxis={"title": "ascent step"},
-        yaxis={**LOG, "title": "tail mass", "type": "log" if log_y else "linear"},
-    )
+    title = f"mass outside the top {k} tokens during entropy ascent"
+    yaxis = {**LOG, "title": "tail mass", "type": "log" if log_y else "linear"}
+    return finish(fig, as_widget, height=height, title=title, xaxis={"title": "ascent step"}, yaxis=yaxis)
 
 
 def _clean_traces(eps: Mapping[str, float], t_max: int, t_mark: int, colors, show_mark: bool, text: bool = True):
@@ -321,20 +267,10 @@ def _clean_traces(eps: Mapping[str, float], t_max: int, t_mark: int, colors, sho
         line = {"color": color, "dash": "dot" if label == "start" else "solid"}
         y = dyn.clean_response_probability(e, ts)
         lines.append(go.Scatter(x=ts, y=y, mode="lines", name=f"{name} (ε = {e:.2g})", line=line))
-        marks.append(
-            go.Scatter(
-                x=[t_mark],
-                y=[val],
-                mode="markers+text" if text else "markers",
-                text=[f"{val:.3g}"],
-                textposition="middle right",
-                marker={"size": 9, "color": color},
-                name=f"{name}: P(clean, T={t_mark}) = {val:.3g}",
-                hovertemplate=f"{name}<br>ε = {e:.3g}<br>P = %{{y:.4g}}<extra></extra>",
-                showlegend=False,
-                visible=show_mark,
-            )
-        )
+        hover = f"{name}<br>ε = {e:.3g}<br>P = %{{y:.4g}}<extra></extra>"
+        value = {"mode": "markers+text" if text else "markers", "text": [f"{val:.3g}"], "textposition": "middle right"}
+        mark = go.Scatter(x=[t_mark], y=[val], marker={"size": 9, "color": color}, hovertemplate=hover, **value)
+        marks.append(mark.update(name=f"{name}: P(clean, T={t_mark}) = {val:.3g}", showlegend=False, visible=show_mark))
     line = {"dash": "dot", "color": "#555"}
     rule = go.Scatter(x=[t_mark] * 2, y=[0, 1.05], mode="lines", line=line, name=f"T = {t_mark}", visible=show_mark)
     return [*lines, *marks, rule]
@@ -358,14 +294,9 @@ def clean_response_figure(
         raise ValueError(f"t_max must be >= 1; got {t_max}")
     t_mark = t_max if mark_t is None else int(mark_t)
     fig = go.Figure(_clean_traces(eps, t_max, t_mark, colors or {}, show_mark=mark_t is not None))
-    return _finish(
-        fig,
-        as_widget,
-        height=height,
-        title="chance that a T-token response never samples a tail token: ∏(1 − ε_t)",
-        xaxis={**LOG, "title": "response length T (tokens)"},
-        yaxis={"title": "P(clean response)", "range": [0, 1.05]},
-    )
+    title = "chance that a T-token response never samples a tail token: ∏(1 − ε_t)"
+    xaxis, yaxis = {**LOG, "title": "response length T (tokens)"}, {"title": "P(clean response)", "range": [0, 1.05]}
+    return finish(fig, as_widget, height=height, title=title, xaxis=xaxis, yaxis=yaxis)
 
 
 def tail_dilution_figure(
@@ -379,12 +310,9 @@ def tail_dilution_figure(
     width: int | None = None,
     as_widget: bool = False,
 ) -> go.Figure:
-    """Three panels for ``{method: AscentResult}`` runs that all start from the same logits ``(V,)``.
-
-    1. Probability by rank (log-log): the start and the end of each run.
-    2. Tail mass (outside the top ``tail_k``) over the ascent steps.
-    3. ``P(clean) = (1 - eps)^T`` against T, with ``eps`` = the tail mass at the end of each run (and at the
-       start); markers at ``T = horizon``.
+    """Three panels for ``{method: AscentResult}`` runs from the same logits ``(V,)``: probability by rank at the
+    start and the end of each run, the tail mass (outside the top ``tail_k``) over the steps, and
+    ``P(clean) = (1 - eps)^T`` against T with ``eps`` = the final (and the start's) tail mass, marked at ``horizon``.
 
     Traces, in order: rank curves (start, then one per method), tail-mass lines (one per method),
     clean-response lines (start, then one per method), clean-response markers at ``horizon`` (same order),
@@ -396,11 +324,8 @@ def tail_dilution_figure(
         raise ValueError(f"horizon must be in [1, t_max={t_max}]; got {horizon}")
     first = next(iter(results.values()))
     v, tail_k, n_steps = first.vocab_size, first.tail_k, int(first.steps[-1])
-    titles = (
-        f"probability by rank, V = {v:,}",
-        f"mass outside the top {tail_k}",
-        f"P(clean response of T tokens), T = {horizon:,}",
-    )
+    titles = [f"probability by rank, V = {v:,}", f"mass outside the top {tail_k}"]
+    titles.append(f"P(clean response of T tokens), T = {horizon:,}")
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08, subplot_titles=titles)
     x, y = _rank_curve(first.initial_logits, n_points)
     fig.add_scatter(x=x, y=y, mode="lines", name="start", line={"color": COLORS["start"], "width": 3}, row=1, col=1)
@@ -426,12 +351,5 @@ def tail_dilution_figure(
     fig.update_yaxes(col=1, **LOG)
     fig.update_yaxes(col=2, **LOG)
     fig.update_yaxes(range=[0, 1.05], col=3)
-    return _finish(
-        fig,
-        as_widget,
-        (55, 80),
-        height=height,
-        width=width,
-        title={"text": f"{coef_txt}T = {horizon:,}<br>{summary}", "font": {"size": 12}, "x": 0.01},
-        legend={"orientation": "h", "y": -0.2, "x": 0.0, "font": {"size": 11}},
-    )
+    title = f"{coef_txt}T = {horizon:,}<br>{summary}"
+    return _three_panels(fig, as_widget, title, 12, -0.2, height=height, width=width)

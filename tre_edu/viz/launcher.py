@@ -31,12 +31,10 @@ _NOTES = {
 class RunLauncher:
     """Widgets for a short PPO run from ``base_config`` and a "Train" button; drawn live into ``dashboard``.
 
-    ``method`` (dropdown of :data:`METHODS`), ``coef`` (the paper's units), ``k_slider`` ("K"), ``p_slider``
-    ("p"), ``tail_slider`` ("tail": the tiny model's tail tokens, choices ``tails`` plus the warm starts'),
-    ``steps_slider`` (up to ``max_steps``); the info line shows the effective coefficient. "Train" runs
-    :func:`tre_edu.pipeline.run_training` (blocking) from the tail size's warm start (``warm_starts``: tail ->
-    directory; a missing one is made first by :func:`tre_edu.pipeline.run_warm_start` and cached), writing under
-    ``output_root`` (default: a new temporary directory). ``results[label]``: summary, history, eval_history.
+    ``coef`` is in the paper's units (the info line shows the effective coefficient); ``tail_slider``: the tiny
+    model's tail tokens, choices ``tails`` plus the warm starts'. "Train" runs :func:`tre_edu.pipeline.run_training`
+    (blocking) from the tail size's warm start (``warm_starts``: tail -> directory; a missing one is made first and
+    cached), under ``output_root`` (default: a new temporary directory). ``results[label]``: its outputs.
     """
 
     def __init__(
@@ -77,32 +75,21 @@ class RunLauncher:
         self.button = widgets.Button(description="Train", button_style="primary", icon="play")
         self.info = widgets.HTML()
         self.status = widgets.HTML(value="ready")
+        self._settings = {"coef": self.coef, "k": self.k_slider, "p": self.p_slider}  # regularizer.<name>
         for w in (self.method, self.coef, self.k_slider, self.p_slider, self.tail_slider):
             w.observe(self._on_change, names="value")
         self.button.on_click(self._on_click)
         self._on_change()
-        self.widget = widgets.VBox(
-            [
-                widgets.HBox([self.method, self.coef, self.k_slider]),
-                widgets.HBox([self.p_slider, self.tail_slider, self.steps_slider]),
-                widgets.HBox([self.button, self.status]),
-                self.info,
-                self.dashboard.widget,
-            ]
-        )
+        rows = [[self.method, self.coef, self.k_slider], [self.p_slider, self.tail_slider, self.steps_slider]]
+        rows = [widgets.HBox(r) for r in (*rows, [self.button, self.status])]
+        self.widget = widgets.VBox([*rows, self.info, self.dashboard.widget])
 
     # ---- settings ------------------------------------------------------------------------------------------
     def regularizer_overrides(self) -> dict[str, Any]:
         """The ``regularizer.*`` overrides of the current widget values."""
         kind = self.method.value
-        out: dict[str, Any] = {"regularizer.kind": kind}
-        for name, widget in self._setting_widgets().items():
-            if name in KIND_SETTINGS[kind]:
-                out[f"regularizer.{name}"] = widget.value
-        return out
-
-    def _setting_widgets(self) -> dict[str, Any]:
-        return {"coef": self.coef, "k": self.k_slider, "p": self.p_slider}
+        chosen = {f"regularizer.{n}": w.value for n, w in self._settings.items() if n in KIND_SETTINGS[kind]}
+        return {"regularizer.kind": kind, **chosen}
 
     def label(self) -> str:
         """A run name from the settings, e.g. ``"tre-k α=1.0e-03 K=2 tail=2000"``."""
@@ -113,12 +100,10 @@ class RunLauncher:
 
     def _on_change(self, _change=None) -> None:
         kind, k, tail = self.method.value, int(self.k_slider.value), int(self.tail_slider.value)
-        for name, widget in self._setting_widgets().items():
+        for name, widget in self._settings.items():
             widget.disabled = name not in KIND_SETTINGS[kind]
-        text = ""
         V = len(alphabet()) + tail if self.base_config.model.name == "tiny" else None
-        if V:
-            text = f"V = {V:,} tokens ({len(alphabet())} useful + {tail:,} tail). "
+        text = f"V = {V:,} tokens ({len(alphabet())} useful + {tail:,} tail). " if V else ""
         if kind in ENTROPY_KINDS and V:
             eff = Regularizer(kind=kind, coef=float(self.coef.value), k=k).effective_coef(V)
             how = {
@@ -136,14 +121,10 @@ class RunLauncher:
     def config(self) -> Any:
         """The :class:`~tre_edu.config.TrainConfig` of the next run (without ``init_from``)."""
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label())
+        run_dir = self.output_root / f"run{len(self.results) + 1:02d}_{slug}"
+        sizes = {"model.tail_tokens": int(self.tail_slider.value), "ppo.steps": int(self.steps_slider.value)}
         return self.base_config.replace(
-            {
-                **self.regularizer_overrides(),
-                "model.tail_tokens": int(self.tail_slider.value),
-                "ppo.steps": int(self.steps_slider.value),
-                "output_dir": str(self.output_root / f"run{len(self.results) + 1:02d}_{slug}"),
-                "sft.enabled": False,
-            }
+            {**self.regularizer_overrides(), **sizes, "output_dir": str(run_dir), "sft.enabled": False}
         )
 
     def _warm_start(self, tail: int) -> str:

@@ -1,21 +1,13 @@
 """A real LLM trained for a few PPO steps with each regulariser: the cells that ``scripts/record_smollm2_leak.py``
-writes (one JSON-lines file per method and seed, under ``data/smollm2_leak/``), read back and drawn.
-
-A cell is a header (``{"kind": "header", "method", "seed", "coef", "effective_coef", "probe", ...}``) and one
-record per PPO step (``{"kind": "step", "step", "metrics", "probe", "responses"}``):
-
-- ``probe``: the tail metrics of the weights *after* that many updates on fixed contexts (held-out prompts with
-  one response each, sampled once from the pretrained weights; the header's probe is the pretrained model), so
-  the curves have no sampling noise and start at update 0;
-- ``metrics``: the trainer's metrics of that step (``trainer.history``), measured on the responses it sampled at
-  the weights the step started from (step 1: the pretrained model), among them ``tail/sampled_outside_top2``, the
-  fraction of sampled tokens outside TRE-K's trust region.
+writes (one JSON-lines file per method and seed, a header and one record per PPO step; the format is in
+``data/smollm2_leak/README.md``), read back and drawn. ``probe`` metrics are measured on fixed contexts after n
+updates (no sampling noise, update 0 = the pretrained model); ``metrics`` are the trainer's, on the responses each
+step sampled at the weights it started from, among them ``tail/sampled_outside_top2`` (outside TRE-K's region).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +17,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from tre_edu.viz.records import _resolve
-from tre_edu.viz.style import COLORS, TEMPLATE, method_label
+from tre_edu.viz.records import _resolve, finite
+from tre_edu.viz.style import COLORS, finish, method_label
 
 # (panel title, source, metric key): source "probe" = fixed contexts after n updates, "rollout" = the step's samples
 PANELS = (
@@ -51,12 +43,12 @@ class LeakCell:
     def probe(self, key: str) -> tuple[list[int], list[float]]:
         """(updates, values) of a fixed-context metric: update 0 is the pretrained model (the header)."""
         recs = [(0, self.header.get("probe", {}))] + [(int(s["step"]), s.get("probe", {})) for s in self.steps]
-        pairs = [(n, float(p[key])) for n, p in recs if _finite(p.get(key))]
+        pairs = [(n, float(p[key])) for n, p in recs if finite(p.get(key))]
         return [n for n, _ in pairs], [v for _, v in pairs]
 
     def rollout(self, key: str) -> tuple[list[int], list[float]]:
         """(updates before the step, values) of a training metric: step i sampled after i - 1 updates."""
-        pairs = [(int(s["step"]) - 1, float(s["metrics"][key])) for s in self.steps if _finite(s["metrics"].get(key))]
+        pairs = [(int(s["step"]) - 1, float(s["metrics"][key])) for s in self.steps if finite(s["metrics"].get(key))]
         return [n for n, _ in pairs], [v for _, v in pairs]
 
     def series(self, source: str, key: str) -> tuple[list[int], list[float]]:
@@ -65,12 +57,8 @@ class LeakCell:
     @property
     def label(self) -> str:
         eff = self.header.get("effective_coef")
-        weight = f", effective weight {eff:g}" if self.method != "none" and _finite(eff) else ""
+        weight = f", effective weight {eff:g}" if self.method != "none" and finite(eff) else ""
         return f"{method_label(self.method)}{weight}"
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def cell_from_lines(lines: Sequence[Mapping[str, Any]], path: Path | None = None) -> LeakCell:
@@ -107,10 +95,9 @@ def leak_figure(
     on the fixed contexts, the fraction of sampled tokens outside the top 2 (TRE-K's trust region), and the global
     entropy with H_TRE-K. With several seeds per method: a thin line per seed and their mean (thick).
 
-    The same traces in the same order for the same ``methods`` and seeds, whatever has been recorded so far (a
-    method without cells gets empty traces), so a live ``FigureWidget`` can be refreshed with
-    :func:`tre_edu.viz.panels.sync_figure`. Traces: for each panel, for each method, its mean line, then (with
-    more than one seed) its per-seed lines; panel 3 adds the dotted H_TRE-K lines after them.
+    Traces (the same for the same ``methods`` and seeds, whatever has been recorded so far, for
+    :func:`~tre_edu.viz.panels.sync_figure`): for each panel, for each method, its mean line, then (with more than
+    one seed) its per-seed lines; panel 3 adds the dotted H_TRE-K lines after them.
     """
     cells = list(cells.values()) if isinstance(cells, Mapping) else list(cells)
     seeds = sorted({c.seed for c in cells}) or [0]
@@ -120,25 +107,15 @@ def leak_figure(
     )
     for i, (_, source, key) in enumerate(PANELS):
         row, col = divmod(i, 2)
-        keys = [(key, "solid")] + ([(SECOND[i], "dot")] if i in SECOND else [])
-        for k, dash in keys:
+        for k, dash in [(key, "solid")] + ([(SECOND[i], "dot")] if i in SECOND else []):
             for m in methods:
-                _method_traces(
-                    fig, by_method[m], m, seeds, source, k, dash, row + 1, col + 1, i == 0 and dash == "solid"
-                )
-    for i in range(len(PANELS)):
-        row, col = divmod(i, 2)
+                legend = i == 0 and dash == "solid"
+                _method_traces(fig, by_method[m], m, seeds, source, k, dash, row + 1, col + 1, legend)
         xtitle = "PPO updates (0: the pretrained model)" if row == 1 else None
         fig.update_xaxes(title_text=xtitle, row=row + 1, col=col + 1, rangemode="tozero", dtick=1)
         fig.update_yaxes(title_text="nats" if i == 3 else "fraction", row=row + 1, col=col + 1, rangemode="tozero")
-    fig.update_layout(
-        template=TEMPLATE,
-        height=height,
-        title=title,
-        margin={"l": 60, "r": 20, "t": 90, "b": 40},
-        legend={"orientation": "h", "y": -0.14, "x": 0},
-    )
-    return go.FigureWidget(fig) if as_widget else fig
+    legend = {"orientation": "h", "y": -0.14, "x": 0}
+    return finish(fig, as_widget, {"t": 90}, height=height, title=title, legend=legend)
 
 
 def _method_traces(fig, cells, method, seeds, source, key, dash, row, col, legend) -> None:
@@ -181,15 +158,12 @@ def leak_table(
             continue
         row: dict[str, Any] = {"method": m, "label": mine[0].label, "seeds": len(mine)}
         for _, source, key in (*PANELS, ("", "probe", "entropy/tre_k")):
-            ends = [c.series(source, key) for c in mine]
-            ends = [(y[0], y[-1], x[-1]) for x, y in ends if y]
-            if ends:
-                row[key] = {
-                    "start": float(np.mean([e[0] for e in ends])),
-                    "end": float(np.mean([e[1] for e in ends])),
-                    "end_min": float(min(e[1] for e in ends)),
-                    "end_max": float(max(e[1] for e in ends)),
-                    "updates": int(min(e[2] for e in ends)),
-                }
+            curves = [(x, y) for x, y in (c.series(source, key) for c in mine) if y]
+            if curves:
+                starts, ends = [y[0] for _, y in curves], [y[-1] for _, y in curves]
+                row[key] = {"start": float(np.mean(starts)), "end": float(np.mean(ends))}
+                row[key].update(
+                    end_min=float(min(ends)), end_max=float(max(ends)), updates=min(x[-1] for x, _ in curves)
+                )
         rows.append(row)
     return rows

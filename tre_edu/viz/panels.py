@@ -1,9 +1,7 @@
 """ipywidgets panels: sliders that recompute with the library and update plotly ``FigureWidget``s in place.
 
-A panel is an ``ipywidgets.VBox`` (display it as the last expression of a cell). When a slider moves, the
-panel rebuilds the figure with the same builder from :mod:`tre_edu.viz.figures` and copies the new traces into
-the live ``FigureWidget`` inside one ``batch_update`` (:func:`sync_figure`): one message to the browser, no
-flicker. Sliders use ``continuous_update=False``: the work runs once, when the handle is released.
+A panel is an ``ipywidgets.VBox`` (display it as the last expression of a cell). Sliders use
+``continuous_update=False``: the work runs once, when the handle is released.
 """
 
 from __future__ import annotations
@@ -20,17 +18,13 @@ from tre_edu.viz import figures
 
 
 def sync_figure(widget: go.FigureWidget, new: go.Figure) -> None:
-    """Copy the traces, titles, annotations, shapes and axis ranges of ``new`` into ``widget`` in one update.
-
-    Both figures must come from the same builder (same number and order of traces).
-    """
+    """Copy the traces, titles, annotations, shapes and axis ranges of ``new`` into ``widget`` in one
+    ``batch_update`` (one message to the browser, no flicker); both must come from the same builder."""
     if len(widget.data) != len(new.data):
         raise ValueError(f"new must have the same traces as widget: {len(new.data)} != {len(widget.data)}")
     with widget.batch_update():
         for old_trace, new_trace in zip(widget.data, new.data):
-            props = new_trace.to_plotly_json()
-            props.pop("type", None)
-            props.pop("uid", None)
+            props = {k: v for k, v in new_trace.to_plotly_json().items() if k not in ("type", "uid")}
             old_trace.update(props, overwrite=True)
         widget.layout.title = new.layout.title
         widget.layout.annotations = new.layout.annotations
@@ -41,13 +35,9 @@ def sync_figure(widget: go.FigureWidget, new: go.Figure) -> None:
 
 
 class TrustRegionPanel(widgets.VBox):
-    """Sliders "K" and "p" over one distribution ``logits`` (shape ``(V,)``): the trust region, the entropies
-    and their per-token gradients (:func:`~tre_edu.viz.figures.trust_region_figure` and
-    :func:`~tre_edu.viz.figures.gradient_figure`), updated in place.
-
-    Attributes: ``k_slider``, ``p_slider``, ``figure`` and ``gradient`` (``FigureWidget``; ``gradient`` is
-    ``None`` with ``show_gradient=False``).
-    """
+    """Sliders "K" and "p" over one distribution ``logits`` (shape ``(V,)``): ``figure`` (the trust region and
+    the entropies, :func:`~tre_edu.viz.figures.trust_region_figure`) and ``gradient`` (the per-token gradients,
+    :func:`~tre_edu.viz.figures.gradient_figure`; None with ``show_gradient=False``), updated in place."""
 
     def __init__(
         self,
@@ -92,12 +82,9 @@ class TrustRegionPanel(widgets.VBox):
 
 
 class TailDilutionPanel(widgets.VBox):
-    """Sliders "V", "T" and "coef": entropy ascent (global vs TRE-K vs TRE-P) on ``realistic_logits(V)`` and
-    the chance of a clean response of T tokens (:func:`~tre_edu.viz.figures.tail_dilution_figure`).
-
-    V and coef rerun :func:`tre_edu.dynamics.entropy_ascent` for every method (results are cached); T only
-    moves the markers. Attributes: ``v_slider``, ``t_slider``, ``coef_slider``, ``figure``, ``status``.
-    """
+    """Sliders "V", "T" and "coef": entropy ascent of each method on ``realistic_logits(V)`` and the chance of a
+    clean response of T tokens (:func:`~tre_edu.viz.figures.tail_dilution_figure`). V and coef rerun
+    :func:`tre_edu.dynamics.entropy_ascent` for every method (cached); T only moves the markers."""
 
     def __init__(
         self,
@@ -128,8 +115,7 @@ class TailDilutionPanel(widgets.VBox):
         self.methods = tuple(dyn._check_method(m) for m in methods)
         kw = {"k": k, "p": p, "optimizer": optimizer, "lr": lr, "record_every": record_every}
         self.ascent_kwargs = {"steps": steps, "tail_k": n_plausible, **kw}
-        self.n_plausible, self.seed, self.width = n_plausible, seed, width
-        self.t_max = max(horizons)
+        self.n_plausible, self.seed, self.width, self.t_max = n_plausible, seed, width, max(horizons)
         self._cache: dict[tuple[int, float], dict[str, dyn.AscentResult]] = {}
         slider = {"continuous_update": False, "style": {"description_width": "3em"}}
         v_options, t_options = [(f"{v:,}", v) for v in vocab_sizes], [(f"{t:,}", t) for t in horizons]

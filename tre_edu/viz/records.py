@@ -40,10 +40,7 @@ def finite(x: Any) -> bool:
 
 def last_value(records: Sequence[Mapping[str, Any]], key: str) -> float | None:
     """The last finite ``key`` of ``records``, or None."""
-    for rec in reversed(records):
-        if finite(rec.get(key)):
-            return float(rec[key])
-    return None
+    return next((float(rec[key]) for rec in reversed(records) if finite(rec.get(key))), None)
 
 
 @dataclass
@@ -71,10 +68,7 @@ class RecordedRun:
 
     def final_eval(self, key: str = "eval/greedy_accuracy") -> float | None:
         """The last evaluation's ``key`` (from ``eval_history``, else ``summary["eval_final"]``)."""
-        value = last_value(self.eval_history, key)
-        if value is None and finite(self.summary.get("eval_final", {}).get(key)):
-            value = float(self.summary["eval_final"][key])
-        return value
+        return last_value([self.summary.get("eval_final", {}), *self.eval_history], key)  # read from the end
 
 
 class RecordedRuns(dict):
@@ -83,8 +77,7 @@ class RecordedRuns(dict):
 
     def __init__(self, runs: Mapping[str, RecordedRun], path: Path, readme: str | None):
         super().__init__(runs)
-        self.path = path
-        self.readme = readme
+        self.path, self.readme = path, readme
         self.commands = re.findall(r"```[a-zA-Z]*\n(.*?)```", readme or "", flags=re.S)
 
 
@@ -181,13 +174,10 @@ def load_recorded_runs(path: str | Path = "data/countdown_runs") -> RecordedRuns
     return RecordedRuns(runs, root, readme)
 
 
-def _get(d: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = d
+def _get(d: Any, dotted: str) -> Any:
     for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
+        d = d.get(part) if isinstance(d, Mapping) else None
+    return d
 
 
 def group_runs(runs: Mapping[str, RecordedRun]) -> dict[str, list[RecordedRun]]:

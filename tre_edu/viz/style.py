@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import plotly.graph_objects as go
+
 TEMPLATE = "plotly_white"
 
 COLORS = {
@@ -38,3 +40,10 @@ def run_color(name: str, used: dict[str, str]) -> str:
             color = free[0] if free else _SPARE[len(used) % len(_SPARE)]
         used[name] = color
     return used[name]
+
+
+def finish(fig: go.Figure, as_widget: bool, margin: dict[str, int] | None = None, **layout) -> go.Figure:
+    """Apply the template, ``margin`` (over l=60, r=20, t=50, b=40) and ``layout``; a ``FigureWidget`` with
+    ``as_widget``."""
+    fig.update_layout(template=TEMPLATE, margin={"l": 60, "r": 20, "t": 50, "b": 40, **(margin or {})}, **layout)
+    return go.FigureWidget(fig) if as_widget else fig
