@@ -368,13 +368,27 @@ class _HeadFunction(torch.autograd.Function):
                 if gb is not None:
                     gb += dz.sum(0).to(gb.dtype)
                 dzm = dz if dz.dtype == mm else bufs["mm"][:r].copy_(dz)
-                if gh is not None and gh.dtype == mm:
-                    torch.mm(dzm, w, out=gh[sl])
-                elif gh is not None:
-                    gh[sl] = torch.mm(dzm, w).to(gh.dtype)
+                if gh is not None:
+                    _hidden_grad(dzm, w, gh[sl])
                 if gw is not None:
                     _addmm_acc(gw, dzm.t(), h)
         return gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype), None, None
+
+
+def _hidden_grad(dz: Tensor, w: Tensor, out: Tensor) -> None:
+    """``out = dz @ w``, the gradient w.r.t. a chunk's hidden states: each element sums V products. On CPU in blocks
+    of ``CPU_MATMUL_COLUMNS`` vocabulary rows whose results are added in float64: a GEMM of a few rows over all V
+    may add the V products one by one (tests/test_head.py's nucleus-boundary rows, 2 threads: 2.8e-3 of the scale
+    off float64 in one GEMM, 2e-5 blocked; its other rows: 3e-7, where the materialised path's GEMM is 8e-6 off)."""
+    if dz.is_cuda or dz.dtype != torch.float32:  # a GPU's GEMM is blocked; bf16 products are rounded anyway
+        out.copy_(torch.mm(dz, w))
+        return
+    acc = torch.zeros(out.shape, dtype=torch.float64, device=out.device)
+    part = torch.empty(out.shape, dtype=dz.dtype, device=out.device)
+    for v0 in range(0, w.shape[0], CPU_MATMUL_COLUMNS):
+        rows = slice(v0, v0 + CPU_MATMUL_COLUMNS)
+        acc += torch.mm(dz[:, rows], w[rows], out=part)
+    out.copy_(acc)
 
 
 def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
